@@ -1,0 +1,34 @@
+# One-command entry points. Each target creates/updates its virtual environment.
+#   make demo   - train a small Llama on the Python standard library (CPU, < 10 min)
+#   make test   - core + peer environments, then the whole test suite
+PY ?= python3
+VENV := .venv
+PEER := .venv-peer
+PYTEST_ARGS ?= -n 2 -q tests
+
+.PHONY: venv peer test demo bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[test]'
+	touch $@
+
+$(PEER)/.installed: requirements/peer.txt
+	$(PY) -m venv $(PEER)
+	$(PEER)/bin/pip install -q --upgrade pip
+	$(PEER)/bin/pip install -q torch==2.13.0
+	$(PEER)/bin/pip install -q -r requirements/peer.txt
+	touch $@
+
+venv: $(VENV)/.installed
+peer: $(PEER)/.installed
+
+test: venv peer
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/python -m experiments.llama_lm --workdir=workdirs/llama_lm
+
+clean:
+	rm -rf $(VENV) $(PEER)
