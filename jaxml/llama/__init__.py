@@ -2,3 +2,4 @@
 from jaxml.llama.config import PRESETS, LlamaConfig, flops_per_token, param_count, preset
 from jaxml.llama.model import (KVCache, apply, check_params, check_tokens, cross_entropy, init, init_cache, loss_fn,
                                param_shapes)
+from jaxml.llama.generate import generate, sample_logits
