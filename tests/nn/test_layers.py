@@ -1,0 +1,99 @@
+"""Invariants of the shared layers against straightforward reference code."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from jaxml.nn import layers as nn
+
+
+def reference_attention(q, k, v, mask):
+  """Multi-head attention written the textbook way: repeat kv heads, loop over heads."""
+  B, T, H, Dh = q.shape
+  n_rep = H // k.shape[2]
+  k = np.repeat(np.asarray(k), n_rep, axis=2)  # torch.repeat_interleave on the head axis
+  v = np.repeat(np.asarray(v), n_rep, axis=2)
+  out = np.zeros((B, T, H, Dh), np.float64)
+  for b in range(B):
+    for h in range(H):
+      s = np.asarray(q[b, :, h], np.float64) @ k[b, :, h].T.astype(np.float64) / np.sqrt(Dh)
+      s = np.where(np.asarray(mask[b, 0]), s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      out[b, :, h] = p @ v[b, :, h]
+  return out
+
+
+class AttentionTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("mha", 4, 4), ("gqa", 4, 2), ("mqa", 4, 1))
+  def test_grouped_attention_matches_repeated_heads(self, n_heads, n_kv):
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 5, n_heads, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 5, n_kv, 8)).astype(np.float32)
+    v = rng.normal(size=(2, 5, n_kv, 8)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(5), (2, 5))
+    mask = nn.causal_mask(jnp.asarray(pos), jnp.asarray(pos))
+    got = self.variant(nn.dot_product_attention)(q, k, v, mask)
+    np.testing.assert_allclose(got, reference_attention(q, k, v, np.asarray(mask)), atol=1e-5)
+
+  def test_causal_mask_over_cache(self):
+    # 2 new tokens at positions 3, 4 against a 6-slot cache: Meta's (seqlen, start_pos + seqlen) mask.
+    q_pos = jnp.array([[3, 4]])
+    k_pos = jnp.arange(6)[None]
+    mask = np.asarray(nn.causal_mask(q_pos, k_pos))[0, 0]
+    expected = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
+    np.testing.assert_array_equal(mask, expected)
+
+
+class RopeTest(chex.TestCase):
+
+  def test_matches_complex_multiplication(self):
+    """Meta's form: consecutive pairs as complex numbers times exp(i t freq)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(1, 6, 2, 8)).astype(np.float32)
+    pos = np.arange(6)[None]
+    got = np.asarray(nn.apply_rope(jnp.asarray(x), jnp.asarray(pos)))
+    freqs = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+    z = x[..., 0::2] + 1j * x[..., 1::2]
+    rot = z * np.exp(1j * pos[0][:, None] * freqs)[None, :, None, :]
+    expected = np.stack([rot.real, rot.imag], -1).reshape(x.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+  def test_scores_depend_only_on_relative_position(self):
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+
+    def score(m, n):
+      qm = nn.apply_rope(q, jnp.array([[m]]))
+      kn = nn.apply_rope(k, jnp.array([[n]]))
+      return float(jnp.sum(qm * kn))
+
+    base = score(7, 3)
+    for shift in (1, 10, 100):
+      self.assertAlmostEqual(score(7 + shift, 3 + shift), base, places=3)
+    self.assertNotAlmostEqual(score(7, 3), score(7, 5), places=3)
+
+
+class NormAndMlpTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_rms_norm(self):
+    x = np.random.default_rng(3).normal(size=(2, 3, 8)).astype(np.float32)
+    w = np.linspace(0.5, 2.0, 8).astype(np.float32)
+    got = self.variant(lambda x, w: nn.rms_norm(x, w, 1e-5))(x, w)
+    expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+  def test_swiglu_hidden_dims_of_published_models(self):
+    # Llama 2 paper / params.json: 7B 11008, 13B 13824, 70B 28672.
+    self.assertEqual(nn.swiglu_hidden_dim(4096, 256), 11008)
+    self.assertEqual(nn.swiglu_hidden_dim(5120, 256), 13824)
+    self.assertEqual(nn.swiglu_hidden_dim(8192, 4096, 1.3), 28672)
+
+
+if __name__ == "__main__":
+  absltest.main()
