@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 PEER := .venv-peer
-PYTEST_ARGS ?= -n 2 -q tests
+PYTEST_ARGS ?= -n 2 --dist loadgroup -q tests
 
 .PHONY: venv peer test demo bench clean
 

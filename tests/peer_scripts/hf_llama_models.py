@@ -4,7 +4,8 @@ One call builds everything the tests compare against, so torch/transformers
 start once:
 
 - `hf`: random tiny `LlamaForCausalLM`s (float32, seeded), saved with
-  `save_pretrained(safe_serialization=True)` (optionally sharded), their logits
+  `save_pretrained` (safetensors, the only format transformers 5 writes;
+  optionally sharded), their logits
   on `inputs["tokens"]`, and greedy `generate` outputs per prompt (no padding).
 - `meta`: a random Meta-layout checkpoint (`params.json` + two
   `consolidated.NN.pth` model-parallel shards) and the Hugging Face model
@@ -12,7 +13,8 @@ start once:
   logits.
 - `torch_file`: a `.pth` state dict with awkward tensors (bfloat16, float16,
   int64, a transposed view, two views sharing a storage) and the values the
-  reader must recover.
+  reader must recover; and one tiny HF model saved twice, as safetensors and
+  as a legacy `pytorch_model.bin` (torch.save of its state dict).
 """
 import json
 import os
@@ -71,7 +73,7 @@ def _hf_models(inputs, workdir, configs, prompts, max_new_tokens, result):
     _randomise(model, c["seed"])
     folder = os.path.join(workdir, c["name"])
     kw = {"max_shard_size": c["max_shard_size"]} if c.get("max_shard_size") else {}
-    model.save_pretrained(folder, safe_serialization=True, **kw)
+    model.save_pretrained(folder, **kw)
     result[f"{c['name']}/folder"] = folder
     result[f"{c['name']}/logits"] = _logits(model, inputs["tokens"])
     if c.get("generate"):
@@ -198,6 +200,15 @@ def _torch_file(workdir, result):
   for k, v in sd.items():
     result[f"torch_file/{k}"] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy().copy()
     result[f"torch_file/{k}/dtype"] = str(v.dtype).replace("torch.", "")
+  c = {"vocab_size": 40, "dim": 32, "intermediate_size": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2}
+  model = LlamaForCausalLM(_hf_config(c))
+  _randomise(model, 5)
+  st_dir, bin_dir = os.path.join(workdir, "hf_st"), os.path.join(workdir, "hf_bin")
+  model.save_pretrained(st_dir)
+  os.makedirs(bin_dir)
+  model.config.to_json_file(os.path.join(bin_dir, "config.json"))
+  torch.save(model.state_dict(), os.path.join(bin_dir, "pytorch_model.bin"))
+  result["torch_file/hf_st"], result["torch_file/hf_bin"] = st_dir, bin_dir
 
 
 def run(inputs, workdir, hf_configs=(), prompts=(), max_new_tokens=8, meta=None, torch_file=False):
