@@ -1,0 +1,7 @@
+"""CTR towers: features, interaction modules (DCN-v2, DLRM, LCE, DHEN, ...), towers, losses, metrics.
+
+Modules: `config` (FeatureConfig, TowerConfig), `features`, `modules`, `towers`,
+`losses`, `metrics`, `simulator`, `criteo`, `train`, `experiment`.
+"""
+from jaxml.recsys import config, criteo, features, losses, metrics, modules, simulator, towers, train  # noqa: F401
+from jaxml.recsys.config import FeatureConfig, TowerConfig, pyramid_widths  # noqa: F401

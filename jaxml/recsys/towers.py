@@ -1,0 +1,164 @@
+"""CTR towers assembled from a `TowerConfig`: MLP, DCN-v2, DLRM, DHEN (± bottlenecks).
+
+    params = towers.init(rng, cfg)
+    logits_B = towers.apply(params, batch, cfg)
+    towers.param_count(params), towers.flops_per_example(cfg)
+
+Every tower embeds the batch into `x0` [B, F, D] (`features.apply`), runs its
+interaction, then a top MLP (`cfg.hidden`, bottlenecked when `cfg.bottleneck`)
+and a final linear layer to one logit.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxml.recsys import features, modules
+from jaxml.recsys.config import TowerConfig, dhen_layer_rows
+
+Array = jax.Array
+
+
+def interaction_width(cfg: TowerConfig) -> int:
+  """Width of the vector the top MLP receives."""
+  f, d = cfg.features.n_slots, cfg.features.embed_dim
+  if cfg.kind == "mlp":
+    return f * d
+  if cfg.kind == "dcnv2":
+    n = f * d
+    if cfg.cross_structure == "parallel":
+      return n + (cfg.hidden[-1] if cfg.hidden else n)
+    return n
+  if cfg.kind == "dlrm":
+    return f * (f - 1) // 2 + (d if cfg.features.n_dense else 0)
+  rows = f
+  for _ in range(cfg.dhen_layers):
+    rows = dhen_layer_rows(cfg, rows)[1]
+  return rows * d
+
+
+def _init(rng: Array, cfg: TowerConfig) -> dict:
+  k_feat, k_int, k_top, k_out = jax.random.split(rng, 4)
+  fc = cfg.features
+  f, d = fc.n_slots, fc.embed_dim
+  p = {"features": features.init(k_feat, fc)}
+  top_in = interaction_width(cfg)
+  if cfg.kind == "dcnv2":
+    p["cross"] = modules.cross_net_init(k_int, f * d, cfg.cross_layers, cfg.cross_rank, cfg.cross_experts)
+    if cfg.cross_structure == "parallel":  # the deep branch reads x0 and is the top MLP; head reads the concat
+      p["deep"] = modules.mlp_init(k_top, f * d, cfg.hidden, cfg.bottleneck)
+      p["out"] = modules.dense_init(k_out, top_in, 1)
+      return p
+  elif cfg.kind == "dhen":
+    layers, rows = [], f
+    for k in jax.random.split(k_int, cfg.dhen_layers):
+      module_rows, rows_out = dhen_layer_rows(cfg, rows)
+      layers.append(modules.dhen_layer_init(k, cfg.dhen_modules, module_rows, rows, rows_out, d, cfg.cross_rank))
+      rows = rows_out
+    p["dhen"] = layers
+  p["top"] = modules.mlp_init(k_top, top_in, cfg.hidden, cfg.bottleneck)
+  p["out"] = modules.dense_init(k_out, cfg.hidden[-1] if cfg.hidden else top_in, 1)
+  return p
+
+
+init = jax.jit(_init, static_argnums=1)
+init.__doc__ = """`init(rng, cfg) -> params`, compiled once per config (`cfg` is static)."""
+
+
+def interact(p: dict, x0_BxFxD: Array, cfg: TowerConfig) -> Array:
+  """The tower's interaction part: `[B, F, D] -> [B, interaction_width]` (before the top MLP)."""
+  b, f, d = x0_BxFxD.shape
+  act = modules.activation(cfg.activation, cfg.smelu_beta)
+  flat = x0_BxFxD.reshape(b, f * d)
+  if cfg.kind == "mlp":
+    return flat
+  if cfg.kind == "dcnv2":
+    crossed = modules.cross_net(p["cross"], flat)
+    if cfg.cross_structure == "parallel":
+      return jnp.concatenate([crossed, modules.mlp(p["deep"], flat, act)], axis=-1)
+    return crossed
+  if cfg.kind == "dlrm":
+    dots = modules.dot_interaction(x0_BxFxD)
+    if cfg.features.n_dense:
+      return jnp.concatenate([x0_BxFxD[:, 0, :], dots], axis=-1)
+    return dots
+  x, rows = x0_BxFxD, f
+  for layer in p["dhen"]:
+    module_rows, rows = dhen_layer_rows(cfg, rows)
+    x = modules.dhen_layer(layer, x, cfg.dhen_modules, module_rows, cfg.dhen_ensemble, cfg.attention_heads, act)
+  return x.reshape(b, -1)
+
+
+def apply(p: dict, batch: dict, cfg: TowerConfig) -> Array:
+  """Logits `[B]` for a batch of raw features (see `features`)."""
+  act = modules.activation(cfg.activation, cfg.smelu_beta)
+  x0 = features.apply(p["features"], batch, cfg.features, act)
+  h = interact(p, x0, cfg)
+  if "top" in p:
+    h = modules.mlp(p["top"], h, act)
+  return modules.linear(p["out"], h)[:, 0]
+
+
+def param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _jaxpr_matmul_flops(jaxpr) -> int:
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+      lhs, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+      contract = math.prod(lhs[i] for i in lc)
+      total += 2 * contract * math.prod(out)
+    mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+    for v in eqn.params.values():
+      subs = v if isinstance(v, (list, tuple)) else [v]
+      for s in subs:
+        inner = getattr(s, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          total += mult * _jaxpr_matmul_flops(inner)
+        elif hasattr(s, "eqns"):
+          total += mult * _jaxpr_matmul_flops(s)
+  return total
+
+
+def matmul_flops(fn, *args) -> int:
+  """FLOPs of every matrix multiply `fn(*args)` traces to (2 per multiply-add), scans unrolled."""
+  return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def example_batch(cfg: TowerConfig, batch_size: int = 1, multi_len: int = 4) -> dict:
+  fc = cfg.features
+  b = {"dense": jnp.zeros((batch_size, fc.n_dense), jnp.float32), "cat": jnp.zeros((batch_size, len(fc.vocab_sizes)), jnp.int32)}
+  if fc.multi_hot_vocab_sizes:
+    b["multi"] = jnp.zeros((batch_size, len(fc.multi_hot_vocab_sizes), multi_len), jnp.int32)
+  return b
+
+
+def flops_per_example(cfg: TowerConfig) -> int:
+  """Forward matrix-multiply FLOPs per example (training costs about 3x this)."""
+  params = jax.eval_shape(lambda: _init(jax.random.PRNGKey(0), cfg))
+  batch = example_batch(cfg, 8)
+  return matmul_flops(lambda p, b: apply(p, b, cfg), params, batch) // 8
+
+
+def dense_flops_per_example(cfg: TowerConfig) -> int:
+  """Forward matmul FLOPs of the part after the embedding lookup (interaction + top MLP)."""
+  params = jax.eval_shape(lambda: _init(jax.random.PRNGKey(0), cfg))
+  fc = cfg.features
+  x0 = jnp.zeros((8, fc.n_slots, fc.embed_dim), jnp.float32)
+
+  def dense_part(p, x):
+    h = interact(p, x, cfg)
+    if "top" in p:
+      h = modules.mlp(p["top"], h)
+    return modules.linear(p["out"], h)
+
+  return matmul_flops(dense_part, params, x0) // 8
