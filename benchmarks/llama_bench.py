@@ -58,10 +58,10 @@ def bench_configs():
   return {
       # 799,616 parameters: vocab 768, width 128, 3 layers, 4 heads of 32, FFN 352.
       "small": LlamaConfig(vocab_size=768, dim=128, n_layers=3, n_heads=4, n_kv_heads=4, multiple_of=32,
-                           max_seq_len=256),
+                           max_seq_len=256, scan_layers=False),
       # 24,648,192 parameters: vocab 4096, width 512, 6 layers, 8 heads of 64, FFN 1536.
       "25m": LlamaConfig(vocab_size=4096, dim=512, n_layers=6, n_heads=8, n_kv_heads=8, multiple_of=256,
-                         max_seq_len=256),
+                         max_seq_len=256, scan_layers=False),
   }
 
 

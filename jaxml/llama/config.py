@@ -30,6 +30,7 @@ class LlamaConfig:
   dtype: str = "float32"  # activation / compute dtype ("bfloat16" on TPU/GPU).
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass.
+  scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls (faster small models on CPU).
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
@@ -93,8 +94,10 @@ PRESETS: dict[str, LlamaConfig] = {
     "70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
                        dtype="bfloat16", remat=True),
     # Small shapes for CPU runs and tests.
-    "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128),
-    "small": LlamaConfig(vocab_size=2048, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, multiple_of=64, max_seq_len=256),
+    "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128,
+                        scan_layers=False),
+    "small": LlamaConfig(vocab_size=2048, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, multiple_of=64, max_seq_len=256,
+                         scan_layers=False),
 }
 
 

@@ -106,32 +106,35 @@ def check_tokens(tokens: Any, cfg: LlamaConfig, *, what: str = "tokens") -> None
                        f"min {arr.min()}, max {arr.max()}")
 
 
-def _block(cfg: LlamaConfig, x_BxTxD, lp, positions_BxT, cache_kv, cache_index):
-  """One pre-norm decoder block. `cache_kv` is `(k, v)` `[B, S, K, Dh]` or None."""
-  B, T, _ = x_BxTxD.shape
+def _linear(x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
+  return x_NxD @ w_DxF
+
+
+def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, mask, update_kv):
+  """One pre-norm decoder block.
+
+  `update_kv(k, v) -> (k_all, v_all)` stores the new keys/values `[B, T, K, Dh]`
+  in a cache and returns what attention should see (identity without a cache).
+  Projections run on `[B*T, D]` matrices: on CPU, XLA sends the weight gradient
+  of a 2-D matmul to its fast GEMM path, while 3-D inputs (two contracting dims
+  in the gradient) get a slow generic dot.
+  """
+  B, T, D = x_BxTxD.shape
   H, K, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
   dt = cfg.compute_dtype
-  h = nn.rms_norm(x_BxTxD, lp["attention_norm"], cfg.norm_eps)
+  x = x_BxTxD.reshape(B * T, D)
+  h = nn.rms_norm(x, lp["attention_norm"], cfg.norm_eps)
   q = (h @ lp["wq"].astype(dt)).reshape(B, T, H, Dh)
   k = (h @ lp["wk"].astype(dt)).reshape(B, T, K, Dh)
   v = (h @ lp["wv"].astype(dt)).reshape(B, T, K, Dh)
-  q = nn.apply_rope(q, positions_BxT, cfg.rope_theta)
-  k = nn.apply_rope(k, positions_BxT, cfg.rope_theta)
-  if cache_kv is None:
-    k_all, v_all, k_pos = k, v, positions_BxT
-    new_cache = None
-  else:
-    k_all = nn.write_cache(cache_kv[0], k, cache_index)
-    v_all = nn.write_cache(cache_kv[1], v, cache_index)
-    S = k_all.shape[1]
-    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    new_cache = (k_all, v_all)
-  mask = nn.causal_mask(positions_BxT, k_pos)
-  attn = nn.dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask)
-  x_BxTxD = x_BxTxD + attn.reshape(B, T, H * Dh) @ lp["wo"].astype(dt)
-  h = nn.rms_norm(x_BxTxD, lp["ffn_norm"], cfg.norm_eps)
-  x_BxTxD = x_BxTxD + nn.swiglu(h, lp["w1"].astype(dt), lp["w3"].astype(dt), lp["w2"].astype(dt))
-  return x_BxTxD, new_cache
+  q = nn.apply_rope_tables(q, cos, sin)
+  k = nn.apply_rope_tables(k, cos, sin)
+  k, v = update_kv(k, v)
+  attn = nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask)
+  x = x + attn.reshape(B * T, H * Dh) @ lp["wo"].astype(dt)
+  h = nn.rms_norm(x, lp["ffn_norm"], cfg.norm_eps)
+  x = x + nn.swiglu(h, lp["w1"].astype(dt), lp["w3"].astype(dt), lp["w2"].astype(dt))
+  return x.reshape(B, T, D), (k, v)
 
 
 def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_BxT: jax.Array | None = None,
@@ -149,28 +152,65 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_
 
   `return_hidden=True` returns the final normed hidden states `[B, T, D]`
   instead of logits (for reward/value heads).
+
+  Layers run under `jax.lax.scan` when `cfg.scan_layers` (one compiled block,
+  fast compiles for deep models) or as an unrolled loop that writes the new
+  keys/values into the stacked cache in place (faster small models on CPU).
   """
   check_tokens(tokens_BxT, cfg)
   B, T = tokens_BxT.shape
   dt = cfg.compute_dtype
   if positions_BxT is None:
     positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + cache_index, (B, T))
+  cos, sin = nn.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+  if cache is None:
+    k_pos = positions_BxT
+  else:
+    S = cache.k.shape[2]
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  mask = nn.causal_mask(positions_BxT, k_pos)
   x = params["tok_embeddings"].astype(dt)[tokens_BxT]
+  no_cache = lambda k, v: (k, v)
 
-  def body(x, layer_in):
-    lp, kv = layer_in
-    y, new_kv = _block(cfg, x, lp, positions_BxT, kv, cache_index)
-    return y, new_kv
+  def block(x, lp, update_kv):
+    return _block(cfg, x, lp, cos, sin, mask, update_kv)
 
-  if cfg.remat:
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-  kv_in = None if cache is None else (cache.k, cache.v)
-  x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in))
+  new_cache = None
+  if cfg.scan_layers:
+
+    def body(x, layer_in):
+      lp, kv = layer_in
+      update = no_cache if kv is None else (
+          lambda k, v: (nn.write_cache(kv[0], k, cache_index), nn.write_cache(kv[1], v, cache_index)))
+      fn = jax.checkpoint(block, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable) \
+          if cfg.remat else block
+      x, kv_new = fn(x, lp, update)
+      return x, (None if kv is None else kv_new)
+
+    x, kv_out = jax.lax.scan(body, x, (params["layers"], None if cache is None else (cache.k, cache.v)))
+    if cache is not None:
+      new_cache = KVCache(k=kv_out[0], v=kv_out[1])
+  else:
+    stacked = [None if cache is None else cache.k, None if cache is None else cache.v]
+    for i in range(cfg.n_layers):
+      lp = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+
+      def update(k, v, i=i):
+        at = (i, 0, cache_index, 0, 0)
+        stacked[0] = jax.lax.dynamic_update_slice(stacked[0], k[None].astype(stacked[0].dtype), at)
+        stacked[1] = jax.lax.dynamic_update_slice(stacked[1], v[None].astype(stacked[1].dtype), at)
+        return stacked[0][i], stacked[1][i]
+
+      fn = jax.checkpoint(block, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable) \
+          if cfg.remat else block
+      x, _ = fn(x, lp, no_cache if cache is None else update)
+    if cache is not None:
+      new_cache = KVCache(k=stacked[0], v=stacked[1])
   x = nn.rms_norm(x, params["norm"], cfg.norm_eps)
   out = x if return_hidden else jnp.dot(x, params["output"].astype(dt), preferred_element_type=jnp.float32)
   if cache is None:
     return out
-  return out, KVCache(k=kv_out[0], v=kv_out[1])
+  return out, new_cache
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None) -> KVCache:

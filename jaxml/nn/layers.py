@@ -57,6 +57,24 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Array:
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
+def rope_tables(positions_BxT: Array, head_dim: int, theta: float = 10000.0) -> tuple[Array, Array]:
+  """`cos` and `sin` of `position * freq`, each `[B, T, 1, head_dim / 2]` (float32).
+
+  Computed once per forward pass and shared by every layer.
+  """
+  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta)
+  return jnp.cos(angles_BxTxF)[:, :, None, :], jnp.sin(angles_BxTxF)[:, :, None, :]
+
+
+def apply_rope_tables(x_BxTxNxDh: Array, cos: Array, sin: Array) -> Array:
+  """Rotates consecutive (even, odd) channel pairs with precomputed tables (see `apply_rope`)."""
+  x32 = x_BxTxNxDh.astype(jnp.float32)
+  x_pairs = x32.reshape(*x32.shape[:-1], x32.shape[-1] // 2, 2)
+  x_re, x_im = x_pairs[..., 0], x_pairs[..., 1]
+  out = jnp.stack([x_re * cos - x_im * sin, x_re * sin + x_im * cos], axis=-1).reshape(x32.shape)
+  return out.astype(x_BxTxNxDh.dtype)
+
+
 def apply_rope(x_BxTxNxDh: Array, positions_BxT: Array, theta: float = 10000.0) -> Array:
   """Rotates consecutive (even, odd) channel pairs by `position * freq`.
 
@@ -66,18 +84,8 @@ def apply_rope(x_BxTxNxDh: Array, positions_BxT: Array, theta: float = 10000.0) 
   after a fixed permutation of the rows of `wq` / `wk`; `jaxml.llama.convert`
   applies that permutation, so the model itself has a single convention.
   """
-  head_dim = x_BxTxNxDh.shape[-1]
-  freqs = rope_frequencies(head_dim, theta)
-  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * freqs
-  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
-  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
-  x32 = x_BxTxNxDh.astype(jnp.float32)
-  x_pairs = x32.reshape(*x32.shape[:-1], head_dim // 2, 2)
-  x_re, x_im = x_pairs[..., 0], x_pairs[..., 1]
-  out_re = x_re * cos - x_im * sin
-  out_im = x_re * sin + x_im * cos
-  out = jnp.stack([out_re, out_im], axis=-1).reshape(x32.shape)
-  return out.astype(x_BxTxNxDh.dtype)
+  cos, sin = rope_tables(positions_BxT, x_BxTxNxDh.shape[-1], theta)
+  return apply_rope_tables(x_BxTxNxDh, cos, sin)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -37,10 +37,12 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
     self.assertTrue(np.all(row_norm[:i + 1] > 0))
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_kv_cache_decode_equals_full_forward(self):
-    full = llama.apply(PARAMS, TOKENS, CFG)
-    step = self.variant(lambda p, t, c, i: llama.apply(p, t, CFG, cache=c, cache_index=i))
-    cache = llama.init_cache(CFG, 2, 16)
+  @parameterized.named_parameters(("scan", True), ("unrolled", False))
+  def test_kv_cache_decode_equals_full_forward(self, scan_layers):
+    cfg = CFG.replace(scan_layers=scan_layers)
+    full = llama.apply(PARAMS, TOKENS, cfg)
+    step = self.variant(lambda p, t, c, i: llama.apply(p, t, cfg, cache=c, cache_index=i))
+    cache = llama.init_cache(cfg, 2, 16)
     logits, cache = step(PARAMS, TOKENS[:, :7], cache, 0)
     pieces = [logits]
     for i in range(7, 12):
@@ -64,13 +66,24 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
                                 wv=expand(PARAMS["layers"]["wv"]))
     np.testing.assert_allclose(llama.apply(mha_params, TOKENS, mha), llama.apply(PARAMS, TOKENS, gqa), atol=1e-5)
 
+  def test_scanned_and_unrolled_layers_agree(self):
+    """Both layer loops give the same logits, gradients and cache contents."""
+    scanned = CFG.replace(scan_layers=True)
+    unrolled = CFG.replace(scan_layers=False)
+    np.testing.assert_allclose(llama.apply(PARAMS, TOKENS, scanned), llama.apply(PARAMS, TOKENS, unrolled), atol=1e-5)
+    grads = [jax.grad(lambda p: llama.loss_fn(p, {"tokens": TOKENS}, c)[0])(PARAMS) for c in (scanned, unrolled)]
+    chex.assert_trees_all_close(grads[0], grads[1], atol=1e-6)
+    caches = [llama.apply(PARAMS, TOKENS[:, :5], c, cache=llama.init_cache(c, 2, 8))[1] for c in (scanned, unrolled)]
+    chex.assert_trees_all_close(caches[0], caches[1], atol=1e-6)
+
   def test_remat_and_bfloat16(self):
     """Rematerialisation changes memory, not values; bfloat16 compute stays close to float32."""
     ref = llama.apply(PARAMS, TOKENS, CFG)
     np.testing.assert_allclose(llama.apply(PARAMS, TOKENS, CFG.replace(remat=True)), ref, atol=1e-6)
     grads = [jax.grad(lambda p: llama.loss_fn(p, {"tokens": TOKENS}, c)[0])(PARAMS)
-             for c in (CFG, CFG.replace(remat=True))]
+             for c in (CFG, CFG.replace(remat=True), CFG.replace(remat=True, scan_layers=True))]
     chex.assert_trees_all_close(grads[0], grads[1], atol=1e-6)
+    chex.assert_trees_all_close(grads[0], grads[2], atol=1e-6)
     bf = llama.apply(PARAMS, TOKENS, CFG.replace(dtype="bfloat16"))
     self.assertLess(float(jnp.max(jnp.abs(bf - ref))), 0.05)
 
