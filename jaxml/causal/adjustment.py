@@ -114,19 +114,28 @@ def _backdoor_formula(t: int, c: int):
   return fn
 
 
-def _prepare_backdoor(y, x, z, treatment, control):
+def _discrete_cells(y, x, w, w_name, treatment, control):
+  """Validates (y, x, w) and returns per-(x level, w stratum) counts and sums of y and y^2.
+
+  Shared by the discrete backdoor (w = z) and frontdoor (w = m) estimators.
+  """
   yv = _vector("y", y)
   n = yv.shape[0]
   xv = _vector("x", x, n)
-  zv, _ = as_matrix("z", z, n, allow_none=False)
-  check_finite("z", zv)
+  wv, _ = as_matrix(w_name, w, n, allow_none=False)
+  check_finite(w_name, wv)
   x_levels, x_codes = _codes("x", xv[:, None])
-  z_levels, z_codes = _codes("z", zv)
+  w_levels, w_codes = _codes(w_name, wv)
   t, c = _level_index("treatment", x_levels, treatment), _level_index("control", x_levels, control)
   with jax.enable_x64(True):
-    stats_ = cell_statistics(jnp.asarray(yv), jnp.asarray(x_codes), jnp.asarray(z_codes),
-                             n_rows=len(x_levels), n_cols=len(z_levels))
-    cnt, s1, s2 = (np.asarray(v, dtype=np.float64) for v in stats_)
+    out = cell_statistics(jnp.asarray(yv), jnp.asarray(x_codes), jnp.asarray(w_codes),
+                          n_rows=len(x_levels), n_cols=len(w_levels))
+    cnt, s1, s2 = (np.asarray(v, dtype=np.float64) for v in out)
+  return cnt, s1, s2, t, c, n, x_levels, w_levels
+
+
+def _prepare_backdoor(y, x, z, treatment, control):
+  cnt, s1, s2, t, c, n, _, z_levels = _discrete_cells(y, x, z, "z", treatment, control)
   for arm, idx in (("treatment", t), ("control", c)):
     empty = np.nonzero(cnt[idx] == 0)[0]
     if empty.size:
@@ -202,18 +211,7 @@ def _frontdoor_formula(t: int, c: int):
 
 
 def _prepare_frontdoor(y, x, m, treatment, control):
-  yv = _vector("y", y)
-  n = yv.shape[0]
-  xv = _vector("x", x, n)
-  mv, _ = as_matrix("m", m, n, allow_none=False)
-  check_finite("m", mv)
-  x_levels, x_codes = _codes("x", xv[:, None])
-  m_levels, m_codes = _codes("m", mv)
-  t, c = _level_index("treatment", x_levels, treatment), _level_index("control", x_levels, control)
-  with jax.enable_x64(True):
-    out = cell_statistics(jnp.asarray(yv), jnp.asarray(x_codes), jnp.asarray(m_codes),
-                          n_rows=len(x_levels), n_cols=len(m_levels))
-    cnt, s1, s2 = (np.asarray(v, dtype=np.float64) for v in out)
+  cnt, s1, s2, t, c, n, x_levels, m_levels = _discrete_cells(y, x, m, "m", treatment, control)
   used = (cnt[t] > 0) | (cnt[c] > 0)
   holes = np.argwhere((cnt == 0) & used[None, :])
   if holes.size:

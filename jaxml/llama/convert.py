@@ -102,6 +102,19 @@ def hf_to_meta_rows(w_out_x_in: np.ndarray, n_heads: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- shared helpers
 
 
+def _check_keys(root, config_name: str, n_layers: int, expected: set[str], tensors) -> None:
+  """Raises ValueError listing (up to 10 of) the missing and unexpected checkpoint keys."""
+  missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+  if missing or unexpected:
+    msg = [f"{root}: checkpoint keys do not match {config_name} ({n_layers} layers)"]
+    if missing:
+      msg.append(f"missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+      msg.append(f"unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    raise ValueError("\n  ".join(msg))
+
+
+
 def _ffn_rounding(dim: int, hidden: int) -> tuple[int, float | None]:
   """`(multiple_of, ffn_dim_multiplier)` such that `swiglu_hidden_dim(dim, ...) == hidden`.
 
@@ -349,14 +362,7 @@ def from_hf(path: PathLike, *, dtype: str | None = None, **config_overrides) -> 
 
   expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
   expected |= {f"model.layers.{i}.{hf_name}" for i in range(cfg.n_layers) for hf_name, _ in _LAYER_KEYS.values()}
-  missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-  if missing or unexpected:
-    msg = [f"{root}: checkpoint keys do not match config.json ({cfg.n_layers} layers)"]
-    if missing:
-      msg.append(f"missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-      msg.append(f"unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    raise ValueError("\n  ".join(msg))
+  _check_keys(root, "config.json", cfg.n_layers, expected, tensors)
 
   top = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
 
@@ -595,14 +601,7 @@ def from_meta(path: PathLike, *, dtype: str | None = None, **config_overrides) -
 
   expected = {"tok_embeddings.weight", "norm.weight", "output.weight"}
   expected |= {f"layers.{i}.{meta_name}" for i in range(cfg.n_layers) for _, meta_name in _LAYER_KEYS.values()}
-  missing, unexpected = sorted(expected - set(states[0])), sorted(set(states[0]) - expected)
-  if missing or unexpected:
-    msg = [f"{root}: checkpoint keys do not match params.json ({cfg.n_layers} layers)"]
-    if missing:
-      msg.append(f"missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    if unexpected:
-      msg.append(f"unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    raise ValueError("\n  ".join(msg))
+  _check_keys(root, "params.json", cfg.n_layers, expected, states[0])
 
   top = {"tok_embeddings": "tok_embeddings.weight", "norm": "norm.weight", "output": "output.weight"}
 
