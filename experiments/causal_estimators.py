@@ -3,12 +3,14 @@
     python -m experiments.causal_estimators --workdir=workdirs/causal
     python -m experiments.causal_estimators --workdir=/tmp/causal --config=experiments/configs/causal_estimators.py:local
 """
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from jaxml.causal.study import StudyConfig, run_study
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/causal_estimators.py",
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "causal_estimators.py"),
                                           "study configuration", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory", required=True)
 

@@ -3,12 +3,14 @@
     python -m experiments.diffusion --workdir=workdirs/diffusion
     python -m experiments.diffusion --workdir=workdirs/diffusion_small --config=experiments/configs/diffusion.py:small
 """
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from jaxml.diffusion.experiment import run_from_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/diffusion.py", "experiment configuration",
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "diffusion.py"), "experiment configuration",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory", required=True)
 

@@ -3,12 +3,14 @@
     python -m experiments.mode_collapse --workdir=workdirs/mode_collapse
     python -m experiments.mode_collapse --workdir=workdirs/mode_collapse_small --config=experiments/configs/mode_collapse.py:small
 """
+import os
+
 from absl import app, flags
 from ml_collections import config_flags
 
 from jaxml.generative.study import run_from_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/mode_collapse.py",
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "mode_collapse.py"),
                                           "study configuration", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory", required=True)
 
