@@ -106,10 +106,6 @@ def check_tokens(tokens: Any, cfg: LlamaConfig, *, what: str = "tokens") -> None
                        f"min {arr.min()}, max {arr.max()}")
 
 
-def _linear(x_NxD: jax.Array, w_DxF: jax.Array) -> jax.Array:
-  return x_NxD @ w_DxF
-
-
 def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, mask, update_kv):
   """One pre-norm decoder block.
 
