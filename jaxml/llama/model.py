@@ -35,6 +35,11 @@ KVCache = nn.KVCache
 
 def param_shapes(cfg: LlamaConfig) -> Params:
   """The parameter tree as `jax.ShapeDtypeStruct`s (no memory allocated)."""
+  return jax.tree.map(lambda s: s, _param_shapes(cfg))  # a fresh tree: the cached one stays intact
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(cfg: LlamaConfig) -> Params:
   return jax.eval_shape(functools.partial(init, cfg=cfg), jax.random.PRNGKey(0))
 
 
@@ -110,7 +115,8 @@ def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, mask, update_kv):
   """One pre-norm decoder block.
 
   `update_kv(k, v) -> (k_all, v_all)` stores the new keys/values `[B, T, K, Dh]`
-  in a cache and returns what attention should see (identity without a cache).
+  in a cache and returns what attention should see, in the layouts of
+  `nn.cached_attention` (without a cache: the new keys/values themselves).
   Projections run on `[B*T, D]` matrices: on CPU, XLA sends the weight gradient
   of a 2-D matmul to its fast GEMM path, while 3-D inputs (two contracting dims
   in the gradient) get a slow generic dot.
@@ -126,7 +132,7 @@ def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, mask, update_kv):
   q = nn.apply_rope_tables(q, cos, sin)
   k = nn.apply_rope_tables(k, cos, sin)
   k, v = update_kv(k, v)
-  attn = nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask)
+  attn = nn.cached_attention(q, k.astype(dt), v.astype(dt), mask)
   x = x + attn.reshape(B * T, H * Dh) @ lp["wo"].astype(dt)
   h = nn.rms_norm(x, lp["ffn_norm"], cfg.norm_eps)
   x = x + nn.swiglu(h, lp["w1"].astype(dt), lp["w3"].astype(dt), lp["w2"].astype(dt))
@@ -151,7 +157,8 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_
 
   Layers run under `jax.lax.scan` when `cfg.scan_layers` (one compiled block,
   fast compiles for deep models) or as an unrolled loop that writes the new
-  keys/values into the stacked cache in place (faster small models on CPU).
+  keys/values into per-layer cache arrays in place (faster small models on
+  CPU). Either loop accepts either cache form and returns the form it was given.
   """
   check_tokens(tokens_BxT, cfg)
   B, T = tokens_BxT.shape
@@ -162,46 +169,48 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_
   if cache is None:
     k_pos = positions_BxT
   else:
-    S = cache.k.shape[2]
+    S = cache.max_len
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   mask = nn.causal_mask(positions_BxT, k_pos)
   x = params["tok_embeddings"].astype(dt)[tokens_BxT]
-  no_cache = lambda k, v: (k, v)
+  no_cache = lambda k, v: (nn.keys_layout(k), nn.values_layout(v))
 
   def block(x, lp, update_kv):
     return _block(cfg, x, lp, cos, sin, mask, update_kv)
 
+  # Rematerialisation only matters for gradients; a cached (inference) pass runs the blocks as they are.
+  remat = lambda f: jax.checkpoint(f, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable) \
+      if cfg.remat and cache is None else f
   new_cache = None
   if cfg.scan_layers:
+    stacked = None if cache is None else cache.as_stacked()
 
     def body(x, layer_in):
       lp, kv = layer_in
       update = no_cache if kv is None else (
-          lambda k, v: (nn.write_cache(kv[0], k, cache_index), nn.write_cache(kv[1], v, cache_index)))
-      fn = jax.checkpoint(block, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable) \
-          if cfg.remat else block
-      x, kv_new = fn(x, lp, update)
+          lambda k, v: nn.write_cache(kv[0], kv[1], k, v, cache_index))
+      x, kv_new = remat(block)(x, lp, update)
       return x, (None if kv is None else kv_new)
 
-    x, kv_out = jax.lax.scan(body, x, (params["layers"], None if cache is None else (cache.k, cache.v)))
+    x, kv_out = jax.lax.scan(body, x, (stack_layers(params)["layers"], None if cache is None else (stacked.k, stacked.v)))
     if cache is not None:
       new_cache = KVCache(k=kv_out[0], v=kv_out[1])
+      new_cache = new_cache if cache.is_stacked else new_cache.as_layers()
   else:
-    stacked = [None if cache is None else cache.k, None if cache is None else cache.v]
+    per_layer = None if cache is None else cache.as_layers()
+    ks, vs = (None, None) if cache is None else (list(per_layer.k), list(per_layer.v))
+    layer_params = unstack_layers(params)["layers"]
     for i in range(cfg.n_layers):
-      lp = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+      lp = layer_params[i]
 
       def update(k, v, i=i):
-        at = (i, 0, cache_index, 0, 0)
-        stacked[0] = jax.lax.dynamic_update_slice(stacked[0], k[None].astype(stacked[0].dtype), at)
-        stacked[1] = jax.lax.dynamic_update_slice(stacked[1], v[None].astype(stacked[1].dtype), at)
-        return stacked[0][i], stacked[1][i]
+        ks[i], vs[i] = nn.write_cache(ks[i], vs[i], k, v, cache_index)
+        return ks[i], vs[i]
 
-      fn = jax.checkpoint(block, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable) \
-          if cfg.remat else block
-      x, _ = fn(x, lp, no_cache if cache is None else update)
+      x, _ = remat(block)(x, lp, no_cache if cache is None else update)
     if cache is not None:
-      new_cache = KVCache(k=stacked[0], v=stacked[1])
+      new_cache = KVCache(k=tuple(ks), v=tuple(vs))
+      new_cache = new_cache.as_stacked() if cache.is_stacked else new_cache
   x = nn.rms_norm(x, params["norm"], cfg.norm_eps)
   out = x if return_hidden else jnp.dot(x, params["output"].astype(dt), preferred_element_type=jnp.float32)
   if cache is None:
@@ -209,12 +218,36 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_
   return out, new_cache
 
 
+def unstack_layers(params: Params) -> Params:
+  """`params` with `layers` as a tuple of per-layer dicts (unstacked weights).
+
+  `apply` takes either form. Unstacking once outside a decode loop keeps XLA
+  from slicing (copying) every layer's weights out of the stacked arrays at
+  each step.
+  """
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return dict(params, layers=tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n)))
+
+
+def stack_layers(params: Params) -> Params:
+  """The inverse of `unstack_layers`: per-layer weights stacked on a leading axis."""
+  layers = params["layers"]
+  if not isinstance(layers, (tuple, list)):
+    return params
+  return dict(params, layers=jax.tree.map(lambda *ws: jnp.stack(ws), *layers))
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None) -> KVCache:
-  """An empty KV cache `[L, B, max_len, K, Dh]` in the compute dtype."""
+  """An empty KV cache (`nn.KVCache`) in the compute dtype: stacked `[L, ...]` arrays for
+  scanned layers, tuples of `L` per-layer arrays for unrolled ones."""
   max_len = cfg.max_seq_len if max_len is None else max_len
   if max_len > cfg.max_seq_len:
     raise ValueError(f"cache length {max_len} exceeds max_seq_len={cfg.max_seq_len}")
-  return KVCache.zeros(cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim, cfg.compute_dtype)
+  return KVCache.zeros(cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim, cfg.compute_dtype,
+                      stacked=cfg.scan_layers)
 
 
 def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax.Array | None = None):

@@ -113,44 +113,100 @@ def dot_product_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Arra
   computed without materialising the repeated keys. Scores are
   `q k^T / sqrt(Dh)`, softmax in float32; masked entries get the dtype's
   minimum so a fully masked row yields a uniform (finite) distribution.
-  Returns `[B, T, H, Dh]`.
+  Returns `[B, T, H, Dh]`. Keys/values laid out as a KV cache stores them go
+  to `cached_attention`.
+  """
+  return cached_attention(q_BxTxHxDh, keys_layout(k_BxSxKxDh), values_layout(v_BxSxKxDh), mask_Bx1xTxS)
+
+
+def keys_layout(k_BxTxKxDh: Array) -> Array:
+  """Keys as a KV cache stores them: `[B, K, T, Dh]`."""
+  return jnp.swapaxes(k_BxTxKxDh, 1, 2)
+
+
+def values_layout(v_BxTxKxDh: Array) -> Array:
+  """Values as a KV cache stores them: `[B, K, Dh, T]`."""
+  return jnp.transpose(v_BxTxKxDh, (0, 2, 3, 1))
+
+
+def cached_attention(q_BxTxHxDh: Array, k_BxKxSxDh: Array, v_BxKxDhxS: Array, mask_Bx1xTxS: Array | None) -> Array:
+  """`dot_product_attention` over keys `[B, K, S, Dh]` and values `[B, K, Dh, S]`.
+
+  A one-token decode step is two matrix-vector products per (batch, kv head):
+  `k @ q` and `v @ p`. XLA runs a matrix-vector product with the contracted
+  axis last in memory, and these layouts put it there (Dh for keys, S for
+  values), so the step reads the cache as it lies instead of transposing
+  (copying) every layer's whole cache for each new token.
   """
   B, T, H, Dh = q_BxTxHxDh.shape
-  K = k_BxSxKxDh.shape[2]
+  K = k_BxKxSxDh.shape[1]
   if H % K:
     raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({K})")
   n_rep = H // K
   q = q_BxTxHxDh.reshape(B, T, K, n_rep, Dh)
-  scores = jnp.einsum("btkrd,bskd->bkrts", q, k_BxSxKxDh, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("btkrd,bksd->bkrts", q, k_BxKxSxDh, preferred_element_type=jnp.float32)
   scores = scores * (1.0 / jnp.sqrt(jnp.float32(Dh)))
   if mask_Bx1xTxS is not None:
     mask = mask_Bx1xTxS[:, :, None, :, :]  # [B, 1, 1, T, S]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxDh.dtype)
-  out = jnp.einsum("bkrts,bskd->btkrd", probs, v_BxSxKxDh)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxDhxS.dtype)
+  out = jnp.einsum("bkrts,bkds->btkrd", probs, v_BxKxDhxS)
   return out.reshape(B, T, H, Dh)
 
 
 class KVCache(NamedTuple):
-  """Key/value cache for a stack of layers.
+  """Key/value cache for a stack of layers, in the layouts of `cached_attention`.
 
-  k, v: `[L, B, S_max, K, Dh]`, stacked over layers so a scanned decoder can
-  carry it. Slot `s` holds the token at absolute position `s`, so the causal
-  mask on positions also hides slots that were not written yet.
+  k: `[L, B, K, S_max, Dh]`, v: `[L, B, K, Dh, S_max]`, stacked over layers
+  (what a scanned decoder carries); or k and v as tuples of `L` per-layer
+  arrays `[B, K, S_max, Dh]` / `[B, K, Dh, S_max]` (for an unrolled layer loop:
+  a decode step then writes and reads each layer's cache in place, without
+  slicing a copy out of a stacked array). Slot `s` holds the token at absolute
+  position `s`, so the causal mask on positions also hides slots that were not
+  written yet.
   """
 
-  k: Array
-  v: Array
+  k: Array | tuple[Array, ...]
+  v: Array | tuple[Array, ...]
 
   @classmethod
-  def zeros(cls, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
-    shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+  def zeros(cls, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32, *,
+            stacked: bool = True) -> "KVCache":
+    k_shape, v_shape = (batch, n_kv_heads, max_len, head_dim), (batch, n_kv_heads, head_dim, max_len)
+    if stacked:
+      return cls(k=jnp.zeros((n_layers, *k_shape), dtype), v=jnp.zeros((n_layers, *v_shape), dtype))
+    return cls(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(n_layers)),
+               v=tuple(jnp.zeros(v_shape, dtype) for _ in range(n_layers)))
+
+  @property
+  def is_stacked(self) -> bool:
+    return not isinstance(self.k, (tuple, list))
+
+  @property
+  def max_len(self) -> int:
+    return (self.v if self.is_stacked else self.v[0]).shape[-1]
+
+  def as_stacked(self) -> "KVCache":
+    """The same cache with `[L, ...]` arrays."""
+    return self if self.is_stacked else KVCache(k=jnp.stack(self.k), v=jnp.stack(self.v))
+
+  def as_layers(self) -> "KVCache":
+    """The same cache as tuples of per-layer arrays."""
+    if not self.is_stacked:
+      return self
+    n = self.k.shape[0]
+    return KVCache(k=tuple(self.k[i] for i in range(n)), v=tuple(self.v[i] for i in range(n)))
 
 
-def write_cache(cache_k_BxSxKxDh: Array, new_BxTxKxDh: Array, start: Array) -> Array:
-  """Writes `new` into the cache at slots `[start, start + T)` (same start for all rows)."""
-  return jax.lax.dynamic_update_slice_in_dim(cache_k_BxSxKxDh, new_BxTxKxDh.astype(cache_k_BxSxKxDh.dtype), start, axis=1)
+def write_cache(cache_k: Array, cache_v: Array, k_BxTxKxDh: Array, v_BxTxKxDh: Array,
+                start: Array) -> tuple[Array, Array]:
+  """Writes one layer's new keys/values into its cache at slots `[start, start + T)` (same start for all rows).
+
+  `cache_k` is `[B, K, S, Dh]`, `cache_v` is `[B, K, Dh, S]`; returns the updated pair.
+  """
+  k = jax.lax.dynamic_update_slice_in_dim(cache_k, keys_layout(k_BxTxKxDh).astype(cache_k.dtype), start, axis=2)
+  v = jax.lax.dynamic_update_slice_in_dim(cache_v, values_layout(v_BxTxKxDh).astype(cache_v.dtype), start, axis=3)
+  return k, v
 
 
 def cross_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, k_valid_BxS: Array | None = None) -> Array:

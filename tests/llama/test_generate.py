@@ -7,6 +7,7 @@ from absl.testing import absltest
 
 from jaxml import llama
 
+
 CFG = llama.preset("tiny").replace(max_seq_len=32)
 PARAMS = llama.init(jax.random.PRNGKey(0), CFG)
 PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 5, 6, 7, 8]]
@@ -40,6 +41,16 @@ class GenerateTest(chex.TestCase):
   def test_greedy_batch_of_different_lengths_equals_full_forward_loop(self):
     for prompt, got in zip(PROMPTS, self.greedy):
       self.assertEqual(got, naive_greedy(prompt, 8))
+
+  def test_scanned_layers_generate_the_same_tokens(self):
+    """The scanned model (stacked cache and weights) decodes exactly as the unrolled one."""
+    self.assertEqual(llama.generate(PARAMS, CFG.replace(scan_layers=True), PROMPTS, 8), self.greedy)
+
+  def test_greedy_token_is_first_argmax(self):
+    logits = jnp.array([[0.0, 2.0, 2.0, 1.0], [3.0, -1.0, 3.0, 3.0], [-5.0, -4.0, -6.0, -4.0]])
+    np.testing.assert_array_equal(llama.greedy_token(logits), [1, 0, 1])
+    rand = jax.random.normal(jax.random.PRNGKey(3), (16, 1000))
+    np.testing.assert_array_equal(llama.greedy_token(rand), jnp.argmax(rand, axis=-1))
 
   def test_eos_stops_and_is_excluded(self):
     eos = self.greedy[0][3]  # the 4th greedy token of prompt 0 becomes EOS

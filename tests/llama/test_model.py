@@ -73,8 +73,24 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(llama.apply(PARAMS, TOKENS, scanned), llama.apply(PARAMS, TOKENS, unrolled), atol=1e-5)
     grads = [jax.grad(lambda p: llama.loss_fn(p, {"tokens": TOKENS}, c)[0])(PARAMS) for c in (scanned, unrolled)]
     chex.assert_trees_all_close(grads[0], grads[1], atol=1e-6)
-    caches = [llama.apply(PARAMS, TOKENS[:, :5], c, cache=llama.init_cache(c, 2, 8))[1] for c in (scanned, unrolled)]
+    caches = [llama.apply(PARAMS, TOKENS[:, :5], c, cache=llama.init_cache(c, 2, 8))[1].as_stacked()
+              for c in (scanned, unrolled)]
     chex.assert_trees_all_close(caches[0], caches[1], atol=1e-6)
+
+  def test_unstacked_weights_and_either_cache_form(self):
+    """`apply` takes stacked or per-layer weights and caches, and returns the cache form it was given."""
+    ref = llama.apply(PARAMS, TOKENS, CFG)
+    unstacked = llama.unstack_layers(PARAMS)
+    self.assertIsInstance(unstacked["layers"], tuple)
+    np.testing.assert_allclose(llama.apply(unstacked, TOKENS, CFG), ref, atol=1e-6)
+    chex.assert_trees_all_equal(llama.stack_layers(unstacked), PARAMS)
+    for cfg in (CFG.replace(scan_layers=True), CFG.replace(scan_layers=False)):
+      for stacked in (True, False):
+        cache = llama.init_cache(cfg, 2, 16)
+        cache = cache.as_stacked() if stacked else cache.as_layers()
+        logits, new = llama.apply(unstacked, TOKENS[:, :6], cfg, cache=cache, cache_index=0)
+        self.assertEqual(new.is_stacked, stacked)
+        np.testing.assert_allclose(logits, ref[:, :6], atol=1e-5)
 
   def test_remat_and_bfloat16(self):
     """Rematerialisation changes memory, not values; bfloat16 compute stays close to float32."""

@@ -39,6 +39,34 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     got = self.variant(nn.dot_product_attention)(q, k, v, mask)
     np.testing.assert_allclose(got, reference_attention(q, k, v, np.asarray(mask)), atol=1e-5)
 
+  @parameterized.named_parameters(("gqa_decode", 2, 1), ("mqa_prefill", 1, 3))
+  def test_cache_layouts_and_writes(self, n_kv, new):
+    """Writing into a cache and attending over it equals attention over the plain key/value arrays."""
+    rng = np.random.default_rng(1)
+    S, Dh = 6, 8
+    k_all = rng.normal(size=(2, S, n_kv, Dh)).astype(np.float32)
+    v_all = rng.normal(size=(2, S, n_kv, Dh)).astype(np.float32)
+    q = rng.normal(size=(2, new, 4, Dh)).astype(np.float32)
+    start = 2
+    cache = nn.KVCache.zeros(1, 2, S, n_kv, Dh, stacked=False)
+    ck, cv = nn.write_cache(cache.k[0], cache.v[0], k_all[:, :start], v_all[:, :start], 0)
+    ck, cv = nn.write_cache(ck, cv, k_all[:, start:start + new], v_all[:, start:start + new], start)
+    np.testing.assert_array_equal(ck, nn.keys_layout(jnp.asarray(k_all)).at[:, :, start + new:].set(0))
+    np.testing.assert_array_equal(cv, nn.values_layout(jnp.asarray(v_all)).at[:, :, :, start + new:].set(0))
+    q_pos = jnp.broadcast_to(jnp.arange(start, start + new), (2, new))
+    mask = nn.causal_mask(q_pos, jnp.broadcast_to(jnp.arange(S), (2, S)))
+    np.testing.assert_allclose(nn.cached_attention(q, ck, cv, mask),
+                               reference_attention(q, k_all, v_all, np.asarray(mask)), atol=1e-5)
+
+  def test_cache_forms_round_trip(self):
+    cache = nn.KVCache.zeros(3, 2, 5, 2, 4)
+    cache = nn.KVCache(k=cache.k + jnp.arange(3.0)[:, None, None, None, None], v=cache.v - 1.0)
+    layers = cache.as_layers()
+    self.assertFalse(layers.is_stacked)
+    self.assertLen(layers.k, 3)
+    self.assertEqual((layers.max_len, cache.max_len), (5, 5))
+    chex.assert_trees_all_equal(layers.as_stacked(), cache)
+
   def test_causal_mask_over_cache(self):
     # 2 new tokens at positions 3, 4 against a 6-slot cache: Meta's (seqlen, start_pos + seqlen) mask.
     q_pos = jnp.array([[3, 4]])
