@@ -1,22 +1,31 @@
 """Sampler loop overhead and training throughput of `jaxml.diffusion` (CPU by default).
 
-    python -m benchmarks.diffusion_bench [--repeats=5] [--steps=1000]
+    python -m benchmarks.diffusion_bench [--repeats=5] [--steps=1000] [--batches=16,64,256,2500]
 
-Measures, each as the median of `--repeats` timed runs after a compile run
-(sampler timings interleaved round by round so all see the same machine load):
-- `sampler_overhead_vs_net_evals`: a compiled `--steps`-step Euler-Maruyama
-  sampler divided by `--steps` score-network evaluations in one compiled loop
-  (`x <- x - h * score(x, t)`): what the sampler adds beyond the network;
-- `compiled_vs_python_loop_speedup`: the same sampler stepped from Python
-  (one jitted step per call, as a loop outside jit would) divided by the compiled
-  loop, at a small batch (64) where per-step dispatch matters, and at 2500;
-- training steps/s of the 2D score MLP and of the digits U-Net (scanned steps).
-Ends with `name: value` lines.
+Runs with JAX's default XLA:CPU configuration (no XLA_FLAGS set here; the run
+prints `XLA_FLAGS` and the device). Measures, each as the median of
+`--repeats` timed runs after a compile run (sampler timings interleaved round by
+round, so that all see the same machine load), for the 2-D score MLP (hidden 128,
+depth 3) at each batch size:
+- `net_evals`: `--steps` score-network evaluations in one compiled loop
+  (`x <- x - h * score(x, t)`): what any `--steps`-step sampler must spend;
+- `compiled`: `jaxml.diffusion.sample` (Euler-Maruyama, `--steps` steps);
+- `python_loop`: the same sampler stepped from Python, `sampler_parts(...)`'s
+  `step` jitted once and called once per step, as a user would write it.
+Lines: `sampler_overhead_vs_net_evals` = compiled / net_evals (batch 2500 and,
+suffixed, the others); `compiled_vs_python_loop_speedup` = python_loop /
+compiled (batch 64 and, suffixed, the others); `python_loop_vs_net_evals` =
+python_loop / net_evals, the ceiling of that speedup for any sampler that calls
+the network `--steps` times (what the compiled loop could reach with zero
+overhead). Also the predictor-corrector sampler (two network calls per step) at
+batch 64, and training steps/s of the 2D score MLP and of the digits U-Net
+(scanned steps). Ends with `name: value` lines.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 
@@ -36,23 +45,28 @@ def _timed(fn, repeats):
   return statistics.median(out)
 
 
-def sampler_costs(batch: int, steps: int, repeats: int, hidden: int = 128, depth: int = 3) -> dict:
+def sampler_costs(batch: int, steps: int, repeats: int, hidden: int = 128, depth: int = 3,
+                  method: str = "euler_maruyama") -> dict:
+  """Seconds (median over `repeats` interleaved rounds) of `net_evals`, `compiled` and `python_loop`."""
   sde = jd.VPSDE()
   cfg = jd.ScoreMLPConfig(data_dim=2, hidden=hidden, depth=depth)
   params = jd.mlp_init(jax.random.PRNGKey(0), cfg)
   score_fn = jd.score_fn_from_net(sde, lambda p, x, t: jd.mlp_apply(p, x, t, cfg), params)
   rng = jax.random.PRNGKey(1)
+  evals_per_step = 2 if method == "pc" else 1
 
   @jax.jit
   def net_evals(x):
     def body(i, x):
       t = jnp.full((batch,), 1.0 - i / steps)
-      return x - 1e-3 * score_fn(x, t)
+      for _ in range(evals_per_step):
+        x = x - 1e-3 * score_fn(x, t)
+      return x
     return jax.lax.fori_loop(0, steps, body, x)
 
   x0 = jax.random.normal(rng, (batch, 2))
-  compiled = lambda: jd.sample(rng, sde, score_fn, (batch, 2), method="euler_maruyama", num_steps=steps)  # noqa: E731
-  parts = jd.sampler_parts(sde, score_fn, (batch, 2), method="euler_maruyama", num_steps=steps)
+  compiled = lambda: jd.sample(rng, sde, score_fn, (batch, 2), method=method, num_steps=steps)  # noqa: E731
+  parts = jd.sampler_parts(sde, score_fn, (batch, 2), method=method, num_steps=steps)
   step = jax.jit(parts.step)
   init = jax.jit(parts.init)
   finish = jax.jit(parts.finish)
@@ -64,7 +78,7 @@ def sampler_costs(batch: int, steps: int, repeats: int, hidden: int = 128, depth
     return finish(state)
 
   # Interleaved rounds, so that all three see the same load on a shared machine.
-  fns = {"net_evals_s": lambda: net_evals(x0), "compiled_s": compiled, "python_loop_s": python_loop}
+  fns = {"net_evals": lambda: net_evals(x0), "compiled": compiled, "python_loop": python_loop}
   times = {k: [] for k in fns}
   for fn in fns.values():
     jax.block_until_ready(fn())  # compile
@@ -107,16 +121,30 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--steps", type=int, default=1000)
+  ap.add_argument("--batches", default="16,64,256,2500")
   args = ap.parse_args()
-  print(f"devices: {jax.devices()}")
+  batches = [int(b) for b in args.batches.split(",")]
+  print(f"devices: {jax.devices()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, jax {jax.__version__}")
+  ratios = {}
+  cases = [(b, "euler_maruyama") for b in batches] + [(64, "pc")]
+  for batch, method in cases:
+    c = sampler_costs(batch, args.steps, args.repeats, method=method)
+    us = {k: v / args.steps * 1e6 for k, v in c.items()}
+    print(f"{method} batch {batch}: per step {us['net_evals']:.1f} us net evals, {us['compiled']:.1f} us compiled "
+          f"sampler, {us['python_loop']:.1f} us python-stepped sampler")
+    ratios[(batch, method)] = {"sampler_overhead_vs_net_evals": c["compiled"] / c["net_evals"],
+                               "compiled_vs_python_loop_speedup": c["python_loop"] / c["compiled"],
+                               "python_loop_vs_net_evals": c["python_loop"] / c["net_evals"]}
   lines = {}
-  for batch in (64, 2500):
-    c = sampler_costs(batch, args.steps, args.repeats)
-    print(f"batch {batch}: {args.steps} net evals {c['net_evals_s'] * 1e3:.1f} ms, compiled sampler "
-          f"{c['compiled_s'] * 1e3:.1f} ms, python-stepped sampler {c['python_loop_s'] * 1e3:.1f} ms")
-    suffix = "" if batch == 64 else f"_b{batch}"
-    lines[f"sampler_overhead_vs_net_evals{suffix}"] = c["compiled_s"] / c["net_evals_s"]
-    lines[f"compiled_vs_python_loop_speedup{suffix}"] = c["python_loop_s"] / c["compiled_s"]
+  headline = {"sampler_overhead_vs_net_evals": 2500, "compiled_vs_python_loop_speedup": 64,
+              "python_loop_vs_net_evals": 64}
+  for name, head in headline.items():
+    for (batch, method), r in ratios.items():
+      if method == "euler_maruyama":
+        suffix = "" if batch == head else f"_b{batch}"
+      else:
+        suffix = f"_{method}_b{batch}"
+      lines[name + suffix] = r[name]
   lines.update(train_steps_per_s(args.repeats))
   for k, v in lines.items():
     print(f"{k}: {v:.3f}")

@@ -1,4 +1,4 @@
-"""Samplers for score-based models, each one compiled loop (`lax.fori_loop`) under `jax.jit`.
+"""Samplers for score-based models, each one compiled program (`lax.fori_loop`s) under `jax.jit`.
 
 Time runs backwards on the grid `t_0 = 1 > t_1 > ... > t_n = eps`
 (`n = num_steps`, `eps = 1e-3` as in the paper's sampling); step `i` moves from
@@ -18,10 +18,20 @@ Time runs backwards on the grid `t_0 = 1 > t_1 > ... > t_n = eps`
 Last-step denoising (`denoise=True`): the SDE samplers return the noise-free mean
 of their final step; the ODE sampler applies Tweedie's formula at `eps`,
 `x_0 = (x + s(eps)^2 score) / m(eps)`.
+
+Noise: step `i` splits the carried key into the next key and its own key, and
+draws its Gaussian noise from that key (`sampler_parts(...).step`). The compiled
+`sample` makes the same draws but takes them off the per-step path: per chunk of
+steps (`noise_chunk_steps`, at most `NOISE_CHUNK_BYTES` of noise) it splits the
+key chain, draws all the chunk's noise in one vectorised call, then loops over
+the updates. The draws are bitwise the per-step ones; results agree with stepping
+`step` from Python to float rounding. Per-step cost is then the score network's
+plus a few fused element-wise ops (`benchmarks/diffusion_bench.py`).
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -76,10 +86,29 @@ def check_sampler_args(sde, score_fn, shape, method, num_steps, snr, eps, n_corr
   return shape
 
 
+class _Pieces(NamedTuple):
+  """`SamplerParts` plus the split of `step` into `draw` (its noise) and `advance` (the update)."""
+
+  parts: SamplerParts
+  draw: Callable[[Array], tuple[Array, ...]]
+  advance: Callable[[Array, Array, tuple[Array, ...]], tuple[Array, Array]]
+  noisy: bool  # False for the ODE sampler, which draws no noise
+
+
 def sampler_parts(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, method: str = "euler_maruyama",
                   num_steps: int = 1000, snr: float = 0.16, denoise: bool = True, eps: float = 1e-3,
                   n_corrector: int = 1) -> SamplerParts:
-  """Builds the pure pieces of a sampler (used by `sample`, and by benchmarks to step from Python)."""
+  """Builds the pure pieces of a sampler (used by benchmarks and tests to step from Python).
+
+  `step(i, state)` splits `state.rng` into the next key and this step's key, draws
+  the step's noise from it and applies the update. `sample` runs the same update on
+  the same noise (bitwise the same draws), drawing each chunk's noise in one call.
+  """
+  return _pieces(sde, score_fn, shape, method=method, num_steps=num_steps, snr=snr, denoise=denoise, eps=eps,
+                 n_corrector=n_corrector).parts
+
+
+def _pieces(sde, score_fn, shape, *, method, num_steps, snr, denoise, eps, n_corrector) -> _Pieces:
   shape = check_sampler_args(sde, score_fn, shape, method, num_steps, snr, eps, n_corrector)
   batch = shape[0]
   ts = jnp.linspace(1.0, eps, num_steps + 1, dtype=jnp.float32)
@@ -88,24 +117,23 @@ def sampler_parts(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, method
     t, t_next = ts[i], ts[i + 1]
     return jnp.full((batch,), t), t - t_next
 
-  def langevin(x, t_B, dt, rng):
+  def langevin(x, t_B, dt, z):
     grad = score_fn(x, t_B)
-    z = jax.random.normal(rng, x.shape, x.dtype)
     ratio = snr * jnp.mean(_per_sample_norm(z)) / jnp.maximum(jnp.mean(_per_sample_norm(grad)), 1e-12)
     step = 2.0 * sde.langevin_alpha(t_B, dt) * ratio**2
     x_mean = x + _bcast(step, x) * grad
     return x_mean + _bcast(jnp.sqrt(2.0 * step), x) * z, x_mean
 
-  def reverse_diffusion(x, t_B, dt, rng):
+  def reverse_diffusion(x, t_B, dt, z):
     rev_f, G = sde.reverse_discretize(x, t_B, dt, score_fn(x, t_B))
     x_mean = x - rev_f
-    return x_mean + _bcast(G, x) * jax.random.normal(rng, x.shape, x.dtype), x_mean
+    return x_mean + _bcast(G, x) * z, x_mean
 
-  def euler_maruyama(x, t_B, dt, rng):
+  def euler_maruyama(x, t_B, dt, z):
     drift = sde.reverse_drift(x, t_B, score_fn(x, t_B))
     _, g = sde.sde(x, t_B)
     x_mean = x - drift * dt
-    return x_mean + _bcast(g * jnp.sqrt(dt), x) * jax.random.normal(rng, x.shape, x.dtype), x_mean
+    return x_mean + _bcast(g * jnp.sqrt(dt), x) * z, x_mean
 
   def ode_rk4(x, t_B, dt):
     def v(y, t):
@@ -123,22 +151,34 @@ def sampler_parts(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, method
     x = sde.prior_sample(prior_rng, shape).astype(jnp.float32)
     return SamplerState(x, x, rng)
 
-  def step(i, state):
+  def draw(step_rng):
+    """All the Gaussian noise one step uses, as a tuple drawn from that step's key."""
+    if method == "ode":
+      return ()
+    if method == "pc":
+      return tuple(jax.random.normal(k, shape, jnp.float32) for k in jax.random.split(step_rng, n_corrector + 1))
+    return (jax.random.normal(step_rng, shape, jnp.float32),)
+
+  def advance(i, x, zs):
+    """Step `i` from `x` given its noise `zs = draw(step_rng)`: returns `(x, x_mean)`."""
     t_B, dt = times(i)
-    x, rng = state.x, state.rng
     if method == "ode":
       x = ode_rk4(x, t_B, dt)
-      return SamplerState(x, x, rng)
-    rng, step_rng = jax.random.split(rng)
+      return x, x
     if method == "euler_maruyama":
-      x, x_mean = euler_maruyama(x, t_B, dt, step_rng)
-    elif method == "reverse_diffusion":
-      x, x_mean = reverse_diffusion(x, t_B, dt, step_rng)
-    else:  # pc
-      c_rngs = jax.random.split(step_rng, n_corrector + 1)
-      for j in range(n_corrector):
-        x, _ = langevin(x, t_B, dt, c_rngs[j])
-      x, x_mean = reverse_diffusion(x, t_B, dt, c_rngs[-1])
+      return euler_maruyama(x, t_B, dt, zs[0])
+    if method == "reverse_diffusion":
+      return reverse_diffusion(x, t_B, dt, zs[0])
+    for j in range(n_corrector):  # pc
+      x, _ = langevin(x, t_B, dt, zs[j])
+    return reverse_diffusion(x, t_B, dt, zs[-1])
+
+  def step(i, state):
+    if method == "ode":
+      x, _ = advance(i, state.x, ())
+      return SamplerState(x, x, state.rng)
+    rng, step_rng = jax.random.split(state.rng)
+    x, x_mean = advance(i, state.x, draw(step_rng))
     return SamplerState(x, x_mean, rng)
 
   def finish(state):
@@ -150,16 +190,64 @@ def sampler_parts(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, method
       return (state.x + _bcast(s**2, state.x) * score_fn(state.x, t_B)) / _bcast(m, state.x)
     return state.x_mean
 
-  return SamplerParts(init, step, finish, num_steps)
+  return _Pieces(SamplerParts(init, step, finish, num_steps), draw, advance, method != "ode")
+
+
+# Noise of at most this many bytes is drawn ahead of the steps that use it.
+NOISE_CHUNK_BYTES = 1 << 22
+
+
+def noise_chunk_steps(shape: tuple[int, ...], method: str, num_steps: int, n_corrector: int = 1) -> int:
+  """Steps whose noise the compiled sampler draws in one call (`NOISE_CHUNK_BYTES` of float32 at most)."""
+  per_step = 4 * math.prod(shape) * (n_corrector + 1 if method == "pc" else 1)
+  return max(1, min(num_steps, NOISE_CHUNK_BYTES // per_step))
+
+
+def run_steps(pieces: _Pieces, state: SamplerState, chunk: int) -> SamplerState:
+  """All `num_steps` steps, as `lax.fori_loop` over `pieces.parts.step` would, but with the noise drawn per chunk.
+
+  Per chunk of `chunk` steps: the key chain `rng -> (rng', step_rng)` is split
+  exactly as `step` does (a `lax.scan` of splits), then one vectorised call draws
+  every step's noise from those keys (threefry is elementwise, so the draws are
+  bitwise the ones `step` makes), and a `fori_loop` applies `advance`. On CPU each
+  `jax.random` call is a small rolled loop of its own, so drawing per step costs
+  more than the draw itself; batching it takes it off the per-step path.
+  """
+  parts, num_steps = pieces.parts, pieces.parts.num_steps
+  if not pieces.noisy:
+    return jax.lax.fori_loop(0, num_steps, parts.step, state)
+
+  def split(rng, _):
+    rng, step_rng = jax.random.split(rng)
+    return rng, step_rng
+
+  def run_chunk(start, state, length):
+    rng, keys = jax.lax.scan(split, state.rng, None, length=length)
+    noise = jax.vmap(pieces.draw)(keys)
+
+    def body(j, carry):
+      return pieces.advance(start + j, carry[0], tuple(z[j] for z in noise))
+
+    x, x_mean = jax.lax.fori_loop(0, length, body, (state.x, state.x_mean))
+    return SamplerState(x, x_mean, rng)
+
+  n_full, rest = divmod(num_steps, chunk)
+  if n_full == 1:
+    state = run_chunk(0, state, chunk)
+  elif n_full > 1:
+    state = jax.lax.fori_loop(0, n_full, lambda c, st: run_chunk(c * chunk, st, chunk), state)
+  if rest:
+    state = run_chunk(n_full * chunk, state, rest)
+  return state
 
 
 @functools.partial(jax.jit, static_argnames=("sde", "score_fn", "shape", "method", "num_steps", "snr", "denoise",
                                              "eps", "n_corrector"))
 def _sample_compiled(rng, *, sde, score_fn, shape, method, num_steps, snr, denoise, eps, n_corrector):
-  parts = sampler_parts(sde, score_fn, shape, method=method, num_steps=num_steps, snr=snr, denoise=denoise, eps=eps,
-                        n_corrector=n_corrector)
-  state = jax.lax.fori_loop(0, num_steps, parts.step, parts.init(rng))
-  return parts.finish(state)
+  pieces = _pieces(sde, score_fn, shape, method=method, num_steps=num_steps, snr=snr, denoise=denoise, eps=eps,
+                   n_corrector=n_corrector)
+  state = run_steps(pieces, pieces.parts.init(rng), noise_chunk_steps(shape, method, num_steps, n_corrector))
+  return pieces.parts.finish(state)
 
 
 def sample(rng: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, method: str = "euler_maruyama",

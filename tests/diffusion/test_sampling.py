@@ -45,6 +45,48 @@ class SamplerTest(chex.TestCase, parameterized.TestCase):
       state = step(jnp.int32(i), state)
     np.testing.assert_allclose(np.asarray(parts.finish(state)), np.asarray(compiled), rtol=1e-4, atol=1e-4)
 
+  @parameterized.parameters(*jd.METHODS)
+  def test_chunked_noise_matches_python_steps(self, method):
+    # `sample` draws each chunk's noise in one vectorised call; it must be the noise that `step` draws per
+    # step, so the compiled sampler and the Python-stepped one agree to float rounding, for every chunking
+    # (a single chunk, several chunks and a remainder, one step per chunk).
+    from jaxml.diffusion import sampling  # pylint: disable=import-outside-toplevel
+    sde, score = SDES["vp"], SCORES["vp"]
+    rng = jax.random.PRNGKey(8)
+    n, shape = 23, (16, 1)
+    kw = dict(method=method, num_steps=n, snr=0.16, denoise=True, eps=1e-3, n_corrector=2 if method == "pc" else 1)
+    pieces = sampling._pieces(sde, score, shape, **kw)  # pylint: disable=protected-access
+    parts = pieces.parts
+    step = jax.jit(parts.step)
+    state = parts.init(rng)
+    for i in range(n):
+      state = step(jnp.int32(i), state)
+    want = np.asarray(parts.finish(state))
+    for chunk in (n, 5, 1):
+      run = jax.jit(lambda r, chunk=chunk: parts.finish(sampling.run_steps(pieces, parts.init(r), chunk)))
+      np.testing.assert_allclose(np.asarray(run(rng)), want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
+    got = jd.sample(rng, sde, score, shape, **kw)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+  def test_batched_draws_are_the_per_step_draws(self):
+    from jaxml.diffusion import sampling  # pylint: disable=import-outside-toplevel
+    pieces = sampling._pieces(SDES["ve"], SCORES["ve"], (8, 3), method="pc", num_steps=4, snr=0.16,  # pylint: disable=protected-access
+                              denoise=True, eps=1e-3, n_corrector=2)
+    keys = jax.random.split(jax.random.PRNGKey(9), 6)
+    batched = jax.jit(jax.vmap(pieces.draw))(keys)
+    self.assertLen(batched, 3)
+    for j, key in enumerate(keys):
+      for z_all, z in zip(batched, jax.jit(pieces.draw)(key)):
+        np.testing.assert_array_equal(np.asarray(z_all[j]), np.asarray(z))
+
+  def test_noise_chunk_steps(self):
+    from jaxml.diffusion import sampling  # pylint: disable=import-outside-toplevel
+    self.assertEqual(sampling.noise_chunk_steps((64, 2), "euler_maruyama", 1000), 1000)
+    big = sampling.noise_chunk_steps((2500, 2), "pc", 1000, n_corrector=1)
+    self.assertLessEqual(big * 2500 * 2 * 4 * 2, sampling.NOISE_CHUNK_BYTES)
+    self.assertGreater(big, 1)
+    self.assertEqual(sampling.noise_chunk_steps((1 << 22, 2), "euler_maruyama", 10), 1)
+
   def test_denoise_removes_last_noise(self):
     kw = dict(method="euler_maruyama", num_steps=STEPS["euler_maruyama"])
     rng = jax.random.PRNGKey(6)
