@@ -14,8 +14,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxml.nn.layers import dot_product_attention, layer_norm
+from jaxml.nn.layers import layer_norm
 
 Array = jax.Array
 
@@ -185,13 +186,69 @@ def attention_init(rng: Array, dim: int) -> dict:
   return {n: _normal(k, (dim, dim), dim) for n, k in zip(("wq", "wk", "wv", "wo"), ks)}
 
 
+def _attention_fwd(q_BxHxFxDh: Array, k_BxHxFxDh: Array, v_BxHxFxDh: Array):
+  s_BxHxFxF = jnp.einsum("bhtd,bhsd->bhts", q_BxHxFxDh, k_BxHxFxDh)
+  p_BxHxFxF = jax.nn.softmax(s_BxHxFxF, axis=-1)
+  o = jnp.einsum("bhts,bhsd->bhtd", p_BxHxFxF, v_BxHxFxDh)
+  return o, (q_BxHxFxDh, k_BxHxFxDh, v_BxHxFxDh, p_BxHxFxF, o)
+
+
+def _attention_bwd(res, do: Array):
+  """Backward of softmax attention with every batched matmul in the `[.., m, k] @ [.., k, n]`
+  or `[.., m, k] @ [.., n, k]^T` form (contracted axis last in memory on the left operand).
+
+  Autodiff writes `dK = dS^T Q` and `dV = P^T dO` as batched dots that contract the
+  second-to-last axis of both operands; XLA:CPU leaves such dots out of its fast
+  (YNNPACK) dot fusions and runs them on a much slower path. Here `Q^T` and `dO^T` (the
+  small `[.., Dh, F]` operands) are transposed explicitly and `dK^T = Q^T dS`,
+  `dV^T = dO^T P` computed instead; `optimization_barrier` keeps XLA from folding the
+  transposes back into the dots. `rowsum(dP * P) = rowsum(dO * O)` (the
+  FlashAttention identity) avoids one pass over the `[B, H, F, F]` tensor.
+  """
+  q, k, v, p, o = res
+  dp_BxHxFxF = jnp.einsum("bhtd,bhsd->bhts", do, v)
+  ds_BxHxFxF = p * (dp_BxHxFxF - jnp.sum(do * o, axis=-1, keepdims=True))  # dL/d(scores)
+  dq = jnp.einsum("bhts,bhsd->bhtd", ds_BxHxFxF, k)
+  qT, doT = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)))
+  dkT = jnp.einsum("bhdt,bhts->bhds", qT, ds_BxHxFxF)
+  dvT = jnp.einsum("bhdt,bhts->bhds", doT, p)
+  dkT, dvT = jax.lax.optimization_barrier((dkT, dvT))
+  return dq, jnp.swapaxes(dkT, 2, 3), jnp.swapaxes(dvT, 2, 3)
+
+
+@jax.custom_vjp
+def attention_core(q_BxHxFxDh: Array, k_BxHxFxDh: Array, v_BxHxFxDh: Array) -> Array:
+  """`softmax(q k^T) v` per (example, head), heads-major `[B, H, F, Dh]`; the caller
+  scales q (`feature_attention` folds `1 / sqrt(Dh)` into the query weights).
+
+  Same function as autodiff of `_attention_fwd`; the custom backward only
+  changes how the gradient matmuls are laid out (see `_attention_bwd`). Only the
+  probabilities `[B, H, F, F]` are kept for the backward pass, as autodiff keeps them.
+  """
+  return _attention_fwd(q_BxHxFxDh, k_BxHxFxDh, v_BxHxFxDh)[0]
+
+
+attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
 def feature_attention(p: dict, x_BxFxD: Array, n_heads: int) -> Array:
-  """Multi-head self-attention across the F feature embeddings (no mask): `[B, F, D]`."""
+  """Multi-head self-attention across the F feature embeddings (no mask): `[B, F, D]`.
+
+  The q/k/v projections run as one `[B F, D] @ [D, 3 D]` matmul (weights concatenated
+  on the fly, parameters stay `wq`, `wk`, `wv`) and the output projection as
+  `[B F, D] @ [D, D]`: 2-D matmuls whose weight gradients are 2-D too. The
+  `1 / sqrt(Dh)` score scale is folded into the `[D, D]` query weights (scaling the
+  `[B, H, F, F]` scores or the `[B, H, F, Dh]` queries costs a pass over them).
+  """
   b, f, d = x_BxFxD.shape
-  split = lambda t: t.reshape(b, f, n_heads, d // n_heads)
-  q, k, v = (split(x_BxFxD @ p[n]) for n in ("wq", "wk", "wv"))
-  out = dot_product_attention(q, k, v, None).reshape(b, f, d)
-  return out @ p["wo"]
+  dh = d // n_heads
+  scale = 1.0 / jnp.sqrt(jnp.float32(dh))
+  w_Dx3D = jnp.concatenate([p["wq"] * scale, p["wk"], p["wv"]], axis=1)
+  qkv = (x_BxFxD.reshape(b * f, d) @ w_Dx3D).reshape(b, f, 3, n_heads, dh)
+  q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each [B, H, F, Dh]
+  o_BxHxFxDh = attention_core(q, k, v)
+  o_BFxD = jnp.transpose(o_BxHxFxDh, (0, 2, 1, 3)).reshape(b * f, d)
+  return (o_BFxD @ p["wo"]).reshape(b, f, d)
 
 
 # ----------------------------------------------------------------------------- inception
@@ -267,8 +324,22 @@ def dhen_layer(p: dict, x_BxFxD: Array, modules: tuple[str, ...], module_rows: t
   Ensemble "concat" stacks module outputs along the rows, "sum" adds them.
   ShortCut is the identity when the output has the input's rows, else an LCE
   projection. LayerNorm normalises each row over D.
+
+  Every LCE of the layer (the "linear" modules and the shortcut projection) reads
+  the same X, so they run as one LCE with their weights stacked along the output
+  rows (`[sum M_i, K]`) and the result is split: the same multiply-adds, one
+  matmul and one pair of layout transposes instead of one per LCE.
   """
-  outs = [dhen_module(m, q, x_BxFxD, r, n_heads, act) for m, q, r in zip(modules, p["modules"], module_rows)]
+  lces = [i for i, m in enumerate(modules) if m == "linear"]
+  lce_ws = [p["modules"][i]["w"] for i in lces] + ([p["shortcut"]["w"]] if "shortcut" in p else [])
+  lce_outs = {}
+  if len(lce_ws) > 1:
+    stacked_BxMxD = lce({"w": jnp.concatenate(lce_ws, axis=0)}, x_BxFxD)
+    splits = np.cumsum([w.shape[0] for w in lce_ws])[:-1]
+    parts = jnp.split(stacked_BxMxD, splits, axis=1)
+    lce_outs = dict(zip(lces + ["shortcut"], parts))
+  outs = [lce_outs[i] if i in lce_outs else dhen_module(m, q, x_BxFxD, r, n_heads, act)
+          for i, (m, q, r) in enumerate(zip(modules, p["modules"], module_rows))]
   if ensemble == "concat":
     y = jnp.concatenate(outs, axis=1)
   elif ensemble == "sum":
@@ -278,5 +349,8 @@ def dhen_layer(p: dict, x_BxFxD: Array, modules: tuple[str, ...], module_rows: t
     y = sum(outs[1:], outs[0])
   else:
     raise ValueError(f"ensemble must be 'concat' or 'sum', got {ensemble!r}")
-  shortcut = lce(p["shortcut"], x_BxFxD) if "shortcut" in p else x_BxFxD
+  if "shortcut" in p:
+    shortcut = lce_outs["shortcut"] if "shortcut" in lce_outs else lce(p["shortcut"], x_BxFxD)
+  else:
+    shortcut = x_BxFxD
   return layer_norm(y + shortcut, p["ln_scale"], p["ln_bias"])

@@ -131,6 +131,78 @@ class DhenTest(chex.TestCase):
                          dhen_ensemble="sum", attention_heads=2)
 
 
+def _unfused_attention(p, x, n_heads):
+  """Textbook multi-head attention: separate q/k/v projections, scores scaled by 1/sqrt(Dh)."""
+  b, f, d = x.shape
+  dh = d // n_heads
+  q, k, v = ((x @ p[n]).reshape(b, f, n_heads, dh) for n in ("wq", "wk", "wv"))
+  s = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.float32(dh))
+  out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v).reshape(b, f, d)
+  return out @ p["wo"]
+
+
+def _unfused_dhen_layer(p, x, mods, module_rows, ensemble, n_heads):
+  """DHEN layer with every module and the shortcut computed on its own (no stacked LCE)."""
+  outs = [modules.dhen_module(m, q, x, r, n_heads) for m, q, r in zip(mods, p["modules"], module_rows)]
+  y = jnp.concatenate(outs, axis=1) if ensemble == "concat" else sum(outs[1:], outs[0])
+  shortcut = modules.lce(p["shortcut"], x) if "shortcut" in p else x
+  return layer_norm(y + shortcut, p["ln_scale"], p["ln_bias"])
+
+
+class FusedAttentionAndLceTest(chex.TestCase):
+  """The fused layouts (q/k/v in one matmul, custom attention backward, stacked LCEs)
+  compute the same function, gradients and matmul FLOPs as the unfused forms."""
+
+  @parameterized.parameters(1, 2, 3)
+  def test_feature_attention_equals_unfused_attention_values_and_grads(self, n_heads):
+    p = modules.attention_init(jax.random.PRNGKey(40), D)
+    x = _x(41, (B, 7, D))
+    np.testing.assert_allclose(modules.feature_attention(p, x, n_heads), _unfused_attention(p, x, n_heads),
+                               rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x, n_heads)))
+    got = jax.grad(loss(modules.feature_attention), argnums=(0, 1))(p, x)
+    want = jax.grad(loss(_unfused_attention), argnums=(0, 1))(p, x)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+
+  def test_feature_attention_counts_the_same_matmul_flops_as_unfused(self):
+    p = modules.attention_init(jax.random.PRNGKey(42), D)
+    x = _x(43, (B, 7, D))
+    fused = lambda p, x: modules.feature_attention(p, x, 2)
+    unfused = lambda p, x: _unfused_attention(p, x, 2)
+    self.assertEqual(towers.matmul_flops(fused, p, x), towers.matmul_flops(unfused, p, x))
+    grad = lambda f: jax.grad(lambda p, x: jnp.sum(f(p, x)), argnums=(0, 1))
+    self.assertEqual(towers.matmul_flops(grad(fused), p, x), towers.matmul_flops(grad(unfused), p, x))
+
+  def test_attention_core_backward_equals_autodiff(self):
+    q, k, v, do = (_x(44 + i, (B, 2, 7, 3)) for i in range(4))
+    plain = lambda q, k, v: modules._attention_fwd(q, k, v)[0]  # no custom rule
+    _, vjp = jax.vjp(plain, q, k, v)
+    _, vjp_custom = jax.vjp(modules.attention_core, q, k, v)
+    chex.assert_trees_all_close(vjp_custom(do), vjp(do), rtol=1e-5, atol=1e-5)
+
+  @parameterized.named_parameters(
+      ("attention_linear_projected_shortcut", ("attention", "linear"), (None, 3), "concat"),
+      ("two_linear_projected_shortcut", ("linear", "attention", "linear"), (2, None, 4), "concat"),
+      ("attention_linear_identity_shortcut_sum", ("attention", "linear"), (None, None), "sum"),
+      ("single_linear_projected_shortcut", ("linear",), (3,), "concat"),
+  )
+  def test_stacked_lce_layer_equals_unfused_layer(self, mods, rows, ensemble):
+    cfg = config.TowerConfig(features=config.FeatureConfig(n_dense=2, vocab_sizes=(9,) * 4, embed_dim=D),
+                             kind="dhen", dhen_modules=mods, dhen_rows=rows, dhen_ensemble=ensemble,
+                             attention_heads=2, dhen_layers=1)
+    module_rows, rows_out = config.dhen_layer_rows(cfg, F)
+    p = modules.dhen_layer_init(jax.random.PRNGKey(48), mods, module_rows, F, rows_out, D)
+    p["ln_scale"], p["ln_bias"] = _x(49, (D,)), _x(50, (D,))
+    x = _x(51, (B, F, D))
+    fused = lambda p, x: modules.dhen_layer(p, x, mods, module_rows, ensemble, n_heads=2)
+    unfused = lambda p, x: _unfused_dhen_layer(p, x, mods, module_rows, ensemble, 2)
+    np.testing.assert_allclose(fused(p, x), unfused(p, x), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+    chex.assert_trees_all_close(jax.grad(loss(fused), argnums=(0, 1))(p, x),
+                                jax.grad(loss(unfused), argnums=(0, 1))(p, x), rtol=1e-4, atol=1e-5)
+    self.assertEqual(towers.matmul_flops(fused, p, x), towers.matmul_flops(unfused, p, x))
+
+
 class ActivationAndBottleneckTest(chex.TestCase):
 
   @parameterized.parameters(0.5, 1.0, 2.0)
