@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxml import nn
 from jaxml.llama import model
 from jaxml.llama.config import LlamaConfig
 
@@ -48,14 +49,10 @@ def sample_logits(rng: jax.Array, logits_BxV: jax.Array, *, temperature: float =
 
 
 def greedy_token(logits_BxV: jax.Array) -> jax.Array:
-  """`argmax` over the vocabulary (first index on ties), as two plain reductions.
-
-  Same result as `jnp.argmax`, whose (value, index) pair reduction XLA:CPU runs
-  several times slower; at one decode step per token that shows.
-  """
-  best = jnp.max(logits_BxV, axis=-1, keepdims=True)
-  ids = jax.lax.broadcasted_iota(jnp.int32, logits_BxV.shape, logits_BxV.ndim - 1)
-  return jnp.min(jnp.where(logits_BxV == best, ids, logits_BxV.shape[-1]), axis=-1)
+  """`argmax` over the vocabulary (first index on ties): `nn.first_argmax`, whose two plain
+  reductions XLA:CPU runs several times faster than `jnp.argmax`; at one decode step per
+  token that shows."""
+  return nn.first_argmax(logits_BxV)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "temperature", "top_k", "top_p", "eos_id"))

@@ -8,6 +8,7 @@ Dh head width, F hidden width.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -232,6 +233,55 @@ def swiglu_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | No
 
 
 def swiglu(x_BxTxD: Array, w1_DxF: Array, w3_DxF: Array, w2_FxD: Array) -> Array:
-  """`w2(silu(x w1) * (x w3))`, no biases."""
-  gate = jax.nn.silu(x_BxTxD @ w1_DxF)
-  return (gate * (x_BxTxD @ w3_DxF)) @ w2_FxD
+  """`w2(silu(x w1) * (x w3))`, no biases (projections through `linear`)."""
+  gate = jax.nn.silu(linear(x_BxTxD, w1_DxF))
+  return linear(gate * linear(x_BxTxD, w3_DxF), w2_FxD)
+
+
+def linear(x_NxD: Array, w_DxF: Array, out_dtype=None) -> Array:
+  """`x @ w` over the last axis of `x` (any leading axes), in `out_dtype` (default `x`'s).
+
+  The same function as `jnp.matmul`, with a hand-written backward pass:
+  `dw = x^T dy` is computed from an explicitly transposed copy of the
+  activations `x` (`[D, N]`, usually the smaller operand), held apart by
+  `optimization_barrier` so XLA does not fold the transpose back into the dot.
+  Left to autodiff, the weight gradient contracts the leading (token) axis of
+  both operands; XLA:CPU then transposes whichever operand it picks, often the
+  large `dy` (for the output layer the `[tokens, vocab]` logit gradient), or
+  runs the dot on a slower path. Matmul FLOPs are unchanged.
+  """
+  lead = x_NxD.shape[:-1]
+  out_dtype = jnp.dtype(x_NxD.dtype if out_dtype is None else out_dtype)
+  y = _linear_2d(x_NxD.reshape(-1, x_NxD.shape[-1]), w_DxF, out_dtype)
+  return y.reshape(*lead, w_DxF.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear_2d(x_NxD: Array, w_DxF: Array, out_dtype) -> Array:
+  return jnp.dot(x_NxD, w_DxF, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _linear_2d_fwd(x_NxD, w_DxF, out_dtype):
+  return _linear_2d(x_NxD, w_DxF, out_dtype), (x_NxD, w_DxF)
+
+
+def _linear_2d_bwd(out_dtype, res, dy_NxF):
+  x_NxD, w_DxF = res
+  xT_DxN = jax.lax.optimization_barrier(x_NxD.T)
+  dw_DxF = jnp.dot(xT_DxN, dy_NxF.astype(w_DxF.dtype), preferred_element_type=jnp.float32)
+  dx_NxD = jnp.dot(dy_NxF.astype(w_DxF.dtype), w_DxF.T, preferred_element_type=jnp.float32)
+  return dx_NxD.astype(x_NxD.dtype), dw_DxF.astype(w_DxF.dtype)
+
+
+_linear_2d.defvjp(_linear_2d_fwd, _linear_2d_bwd)
+
+
+def first_argmax(x: Array) -> Array:
+  """`jnp.argmax(x, axis=-1)` (the first index on ties), as two plain reductions.
+
+  XLA:CPU runs argmax's (value, index) pair reduction several times slower than
+  a max followed by a min over the matching indices.
+  """
+  best = jnp.max(x, axis=-1, keepdims=True)
+  ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return jnp.min(jnp.where(x == best, ids, x.shape[-1]), axis=-1)

@@ -112,6 +112,18 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
     self.assertEqual(float(m["tokens"]), 4 * 5)
     self.assertEqual(float(metrics["tokens"]), 4 * 32)
 
+  def test_cross_entropy_equals_log_softmax_gather(self):
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(scale=3.0, size=(2, 6, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, size=(2, 6)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, size=(2, 6)), jnp.float32)
+    x = np.asarray(logits, np.float64) - np.asarray(logits, np.float64).max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))  # log_softmax in float64
+    nll = -np.take_along_axis(np.asarray(logp), np.asarray(targets)[..., None], axis=-1)[..., 0]
+    loss, n = llama.cross_entropy(logits, targets, mask)
+    np.testing.assert_allclose(loss, (nll * mask).sum() / mask.sum(), rtol=1e-5)
+    self.assertEqual(float(n), float(mask.sum()))
+
 
 class PresetTest(chex.TestCase):
 

@@ -116,6 +116,34 @@ class NormAndMlpTest(chex.TestCase):
     expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + 1e-5) * w
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_linear_value_and_gradients_equal_matmul(self):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    w = rng.normal(size=(8, 6)).astype(np.float32)
+    ct = rng.normal(size=(2, 5, 6)).astype(np.float32)  # a cotangent that weights every output
+    loss = lambda mm: (lambda x, w: jnp.sum(mm(x, w) * ct))
+    got, got_grads = self.variant(jax.value_and_grad(loss(nn.linear), argnums=(0, 1)))(x, w)
+    want, want_grads = jax.value_and_grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, e in zip(got_grads, want_grads):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+  def test_linear_dtypes(self):
+    x = jnp.ones((3, 4), jnp.bfloat16)
+    w = jnp.ones((4, 2), jnp.bfloat16)
+    self.assertEqual(nn.linear(x, w).dtype, jnp.bfloat16)
+    self.assertEqual(nn.linear(x, w, out_dtype=jnp.float32).dtype, jnp.float32)
+    gx, gw = jax.grad(lambda x, w: nn.linear(x, w, out_dtype=jnp.float32).sum(), argnums=(0, 1))(x, w)
+    self.assertEqual((gx.dtype, gw.dtype), (jnp.bfloat16, jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(gw, np.float32), np.full((4, 2), 3.0))
+
+  def test_first_argmax_equals_argmax_and_takes_first_tie(self):
+    x = jnp.asarray([[0.0, 2.0, 2.0], [5.0, 1.0, 5.0]])
+    np.testing.assert_array_equal(nn.first_argmax(x), [1, 0])
+    r = jax.random.normal(jax.random.PRNGKey(0), (4, 7, 33))
+    np.testing.assert_array_equal(nn.first_argmax(r), jnp.argmax(r, axis=-1))
+
   def test_swiglu_hidden_dims_of_published_models(self):
     # Llama 2 paper / params.json: 7B 11008, 13B 13824, 70B 28672.
     self.assertEqual(nn.swiglu_hidden_dim(4096, 256), 11008)
