@@ -9,6 +9,7 @@ Dh head width, F hidden width.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -138,21 +139,67 @@ def cached_attention(q_BxTxHxDh: Array, k_BxKxSxDh: Array, v_BxKxDhxS: Array, ma
   axis last in memory, and these layouts put it there (Dh for keys, S for
   values), so the step reads the cache as it lies instead of transposing
   (copying) every layer's whole cache for each new token.
+
+  Queries are scaled by `1 / sqrt(Dh)` before the score product (`[T, Dh]` per
+  head rather than the `[T, S]` scores) and arranged heads-major, the `n_rep`
+  query heads that share a kv head stacked as `n_rep * T` rows. The gradient is
+  hand-written (`_grouped_attention`).
   """
   B, T, H, Dh = q_BxTxHxDh.shape
   K = k_BxKxSxDh.shape[1]
   if H % K:
     raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({K})")
   n_rep = H // K
-  q = q_BxTxHxDh.reshape(B, T, K, n_rep, Dh)
-  scores = jnp.einsum("btkrd,bksd->bkrts", q, k_BxKxSxDh, preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / jnp.sqrt(jnp.float32(Dh)))
-  if mask_Bx1xTxS is not None:
-    mask = mask_Bx1xTxS[:, :, None, :, :]  # [B, 1, 1, T, S]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxDhxS.dtype)
-  out = jnp.einsum("bkrts,bkds->btkrd", probs, v_BxKxDhxS)
-  return out.reshape(B, T, H, Dh)
+  S = k_BxKxSxDh.shape[2]
+  q = q_BxTxHxDh * jnp.asarray(1.0 / math.sqrt(Dh), q_BxTxHxDh.dtype)
+  q_BxKxMxDh = jnp.transpose(q.reshape(B, T, K, n_rep, Dh), (0, 2, 3, 1, 4)).reshape(B, K, n_rep * T, Dh)
+  if mask_Bx1xTxS is None:
+    mask_Bx1xMxS = jnp.ones((B, 1, n_rep * T, S), bool)
+  else:
+    mask_Bx1xMxS = jnp.broadcast_to(mask_Bx1xTxS[:, :, None], (B, 1, n_rep, T, S)).reshape(B, 1, n_rep * T, S)
+  out = _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS)
+  return jnp.transpose(out.reshape(B, K, n_rep, T, Dh), (0, 3, 1, 2, 4)).reshape(B, T, H, Dh)
+
+
+def _grouped_attention_fwd(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS):
+  scores = jnp.einsum("bkmd,bksd->bkms", q_BxKxMxDh, k_BxKxSxDh, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask_Bx1xMxS, scores, jnp.finfo(jnp.float32).min)
+  probs_BxKxMxS = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkms,bkds->bkmd", probs_BxKxMxS.astype(v_BxKxDhxS.dtype), v_BxKxDhxS)
+  return out, (q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS, probs_BxKxMxS, out)
+
+
+@jax.custom_vjp
+def _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS):
+  """Masked softmax attention per (batch, kv head), rows `M` = query heads x positions."""
+  return _grouped_attention_fwd(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS)[0]
+
+
+def _grouped_attention_bwd(res, dout_BxKxMxDh):
+  """The attention gradient with every batched product in a form XLA:CPU's library path takes.
+
+  Autodiff writes `dK = dS^T Q` and `dV = P^T dO`, batched products that
+  contract the second-to-last axis of both operands, which XLA:CPU runs on a
+  slow path or after transposing the `[M, S]` operand. Here the small `Q` and
+  `dO` (`[M, Dh]`) are transposed instead (held by `optimization_barrier`) and
+  `dK^T = Q^T dS`, `dV = dO^T P` computed; `dV` comes out in the `[Dh, S]`
+  values layout. The softmax backward uses `rowsum(P * dP) = rowsum(O * dO)`,
+  a reduction over `Dh` instead of over `S`. Masked scores get no gradient
+  (as autodiff through `where` gives them), also in rows with no visible key.
+  """
+  q, k, v, mask, probs, out = res
+  dout = dout_BxKxMxDh.astype(v.dtype)
+  dprobs = jnp.einsum("bkmd,bkds->bkms", dout, v, preferred_element_type=jnp.float32)
+  row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  dscores = jnp.where(mask, probs * (dprobs - row), 0.0).astype(q.dtype)
+  dq = jnp.einsum("bkms,bksd->bkmd", dscores, k)
+  qT, doutT = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3), jnp.swapaxes(dout, 2, 3)))
+  dkT = jnp.einsum("bkdm,bkms->bkds", qT, dscores)
+  dv = jnp.einsum("bkdm,bkms->bkds", doutT, probs.astype(v.dtype))
+  return dq, jnp.swapaxes(dkT, 2, 3), dv, None
+
+
+_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
 
 
 class KVCache(NamedTuple):

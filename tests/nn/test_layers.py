@@ -58,6 +58,29 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(nn.cached_attention(q, ck, cv, mask),
                                reference_attention(q, k_all, v_all, np.asarray(mask)), atol=1e-5)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("mha", 4, 4), ("gqa", 4, 2), ("mqa", 4, 1))
+  def test_attention_gradients_equal_autodiff_of_textbook_form(self, n_heads, n_kv):
+    """The hand-written backward of `cached_attention` against autodiff of plain attention."""
+    rng = np.random.default_rng(7)
+    B, T, Dh = 2, 6, 8
+    q, k, v, ct = (jnp.asarray(rng.normal(size=(B, T, h, Dh)), jnp.float32) for h in (n_heads, n_kv, n_kv, n_heads))
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    mask = nn.causal_mask(pos, pos) & (jnp.arange(T) >= jnp.asarray([[0], [2]]))[:, None, None, :]  # row 1: 2 pad slots
+
+    def textbook(q, k, v):
+      kr, vr = jnp.repeat(k, n_heads // n_kv, axis=2), jnp.repeat(v, n_heads // n_kv, axis=2)
+      s = jnp.einsum("bthd,bshd->bhts", q, kr) / jnp.sqrt(Dh)
+      p = jax.nn.softmax(jnp.where(mask, s, jnp.finfo(jnp.float32).min), axis=-1)
+      return jnp.sum(jnp.einsum("bhts,bshd->bthd", p, vr) * ct)
+
+    def ours(q, k, v):
+      return jnp.sum(nn.cached_attention(q, nn.keys_layout(k), nn.values_layout(v), mask) * ct)
+
+    got = self.variant(jax.value_and_grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.value_and_grad(textbook, argnums=(0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+
   def test_cache_forms_round_trip(self):
     cache = nn.KVCache.zeros(3, 2, 5, 2, 4)
     cache = nn.KVCache(k=cache.k + jnp.arange(3.0)[:, None, None, None, None], v=cache.v - 1.0)
