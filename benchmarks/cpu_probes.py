@@ -1,0 +1,97 @@
+"""Small XLA:CPU measurements behind the README's notes on what bounds the benchmarks.
+
+    python -m benchmarks.cpu_probes                 # all CPUs this process may use
+    python -m benchmarks.cpu_probes --threads=1     # pinned to one core (XLA sizes its pool then)
+
+Each figure is the median over `--repeats` (default 5) calls of a compiled loop, divided by
+its trip count (microseconds per iteration):
+  * `matmul_us_<M>x<K>x<N>`: `x @ w` (plus a `tanh` to carry the loop) for the
+    shapes of a Llama decode step at batch 1 and 8 and of the diffusion score
+    MLP's hidden layer at batch 64;
+  * `matmul_us_64x128x128_two_halves`: the same batch-64 product as two
+    independent batch-32 products in one program (do they run concurrently?);
+  * `llama_decode_us_per_token_b<B>`: `jaxml.llama.generate`, 128 greedy tokens
+    after an 8-token prompt, on the benchmark's `small` config, prefill included;
+  * `diffusion_net_us_per_call_b64`: the 2-D score MLP (hidden 128 x 3) at batch 64.
+Ends with `name: value` lines.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+# The Llama benchmark's module defines the `--threads` and `--repeats` flags used here too.
+from benchmarks.llama_bench import bench_configs
+from jaxml import llama
+import jaxml.diffusion as jd
+
+FLAGS = flags.FLAGS
+
+
+def _per_iter_us(fn, args, iters: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e6 * statistics.median(times) / iters
+
+
+def matmul_us(m: int, k: int, n: int, halves: bool = False, iters: int = 1000) -> float:
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (m, k))
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, n)) / k**0.5
+
+  def body(_, x):
+    if halves:
+      top, bottom = jnp.split(x, 2)
+      y = jnp.concatenate([top @ w, bottom @ w])
+    else:
+      y = x @ w
+    return jnp.tanh(y[:, :k])
+
+  return _per_iter_us(jax.jit(lambda x: jax.lax.fori_loop(0, iters, body, x)), (x0,), iters)
+
+
+def llama_decode_us(batch: int, new_tokens: int = 128) -> float:
+  cfg = bench_configs()["small"]
+  params = llama.init(jax.random.PRNGKey(0), cfg)
+  prompts = [list(range(1, 9)) for _ in range(batch)]
+  return _per_iter_us(lambda: llama.generate(params, cfg, prompts, new_tokens), (), new_tokens)
+
+
+def diffusion_net_us(batch: int = 64, iters: int = 1000) -> float:
+  cfg = jd.ScoreMLPConfig(data_dim=2, hidden=128, depth=3)
+  params = jd.mlp_init(jax.random.PRNGKey(0), cfg)
+
+  def body(i, x):
+    t = jnp.full((batch,), 1.0 - i / iters)
+    return x - 1e-3 * jd.mlp_apply(params, x, t, cfg)
+
+  x0 = jax.random.normal(jax.random.PRNGKey(1), (batch, 2))
+  return _per_iter_us(jax.jit(lambda x: jax.lax.fori_loop(0, iters, body, x)), (x0,), iters)
+
+
+def main(argv):
+  del argv
+  allowed = sorted(os.sched_getaffinity(0))
+  if FLAGS.threads and FLAGS.threads < len(allowed):
+    os.sched_setaffinity(0, allowed[:FLAGS.threads])  # before XLA's CPU backend starts
+  res = {"threads": len(os.sched_getaffinity(0))}
+  for m, k, n in ((1, 128, 768), (8, 128, 128), (8, 128, 768), (64, 128, 128)):
+    res[f"matmul_us_{m}x{k}x{n}"] = matmul_us(m, k, n)
+  res["matmul_us_64x128x128_two_halves"] = matmul_us(64, 128, 128, halves=True)
+  for b in (1, 8):
+    res[f"llama_decode_us_per_token_b{b}"] = llama_decode_us(b)
+  res["diffusion_net_us_per_call_b64"] = diffusion_net_us()
+  for name, value in res.items():
+    print(f"{name}: {value:.1f}" if isinstance(value, float) else f"{name}: {value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
