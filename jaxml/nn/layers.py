@@ -153,17 +153,16 @@ def cached_attention(q_BxTxHxDh: Array, k_BxKxSxDh: Array, v_BxKxDhxS: Array, ma
   S = k_BxKxSxDh.shape[2]
   q = q_BxTxHxDh * jnp.asarray(1.0 / math.sqrt(Dh), q_BxTxHxDh.dtype)
   q_BxKxMxDh = jnp.transpose(q.reshape(B, T, K, n_rep, Dh), (0, 2, 3, 1, 4)).reshape(B, K, n_rep * T, Dh)
-  if mask_Bx1xTxS is None:
-    mask_Bx1xMxS = jnp.ones((B, 1, n_rep * T, S), bool)
-  else:
-    mask_Bx1xMxS = jnp.broadcast_to(mask_Bx1xTxS[:, :, None], (B, 1, n_rep, T, S)).reshape(B, 1, n_rep * T, S)
+  mask_Bx1xMxS = None if mask_Bx1xTxS is None else (
+      jnp.broadcast_to(mask_Bx1xTxS[:, :, None], (B, 1, n_rep, T, S)).reshape(B, 1, n_rep * T, S))
   out = _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS)
   return jnp.transpose(out.reshape(B, K, n_rep, T, Dh), (0, 3, 1, 2, 4)).reshape(B, T, H, Dh)
 
 
 def _grouped_attention_fwd(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS):
   scores = jnp.einsum("bkmd,bksd->bkms", q_BxKxMxDh, k_BxKxSxDh, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask_Bx1xMxS, scores, jnp.finfo(jnp.float32).min)
+  if mask_Bx1xMxS is not None:
+    scores = jnp.where(mask_Bx1xMxS, scores, jnp.finfo(jnp.float32).min)
   probs_BxKxMxS = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bkms,bkds->bkmd", probs_BxKxMxS.astype(v_BxKxDhxS.dtype), v_BxKxDhxS)
   return out, (q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS, probs_BxKxMxS, out)
@@ -171,7 +170,7 @@ def _grouped_attention_fwd(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS):
 
 @jax.custom_vjp
 def _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS):
-  """Masked softmax attention per (batch, kv head), rows `M` = query heads x positions."""
+  """Softmax attention per (batch, kv head), rows `M` = query heads x positions; mask optional."""
   return _grouped_attention_fwd(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS)[0]
 
 
@@ -191,7 +190,10 @@ def _grouped_attention_bwd(res, dout_BxKxMxDh):
   dout = dout_BxKxMxDh.astype(v.dtype)
   dprobs = jnp.einsum("bkmd,bkds->bkms", dout, v, preferred_element_type=jnp.float32)
   row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  dscores = jnp.where(mask, probs * (dprobs - row), 0.0).astype(q.dtype)
+  dscores = probs * (dprobs - row)
+  if mask is not None:
+    dscores = jnp.where(mask, dscores, 0.0)
+  dscores = dscores.astype(q.dtype)
   dq = jnp.einsum("bkms,bksd->bkmd", dscores, k)
   qT, doutT = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3), jnp.swapaxes(dout, 2, 3)))
   dkT = jnp.einsum("bkdm,bkms->bkds", qT, dscores)

@@ -81,6 +81,15 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     want = jax.value_and_grad(textbook, argnums=(0, 1, 2))(q, k, v)
     chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
 
+  def test_attention_without_mask_equals_all_visible_mask(self):
+    rng = np.random.default_rng(8)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 5, h, 4)), jnp.float32) for h in (4, 2, 2))
+    full = jnp.ones((2, 1, 5, 5), bool)
+    f = lambda mask: lambda q, k, v: jnp.sum(jnp.sin(nn.dot_product_attention(q, k, v, mask)))
+    got = jax.value_and_grad(f(None), argnums=(0, 1, 2))(q, k, v)
+    want = jax.value_and_grad(f(full), argnums=(0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+
   def test_cache_forms_round_trip(self):
     cache = nn.KVCache.zeros(3, 2, 5, 2, 4)
     cache = nn.KVCache(k=cache.k + jnp.arange(3.0)[:, None, None, None, None], v=cache.v - 1.0)
