@@ -1,4 +1,8 @@
-"""Autoregressive generation: prefill and KV-cache decode in one compiled loop.
+"""Autoregressive generation: prefill and KV-cache decode in one compiled program.
+
+The decode loop runs in a few segments over position ranges; each reads the
+cache only up to its segment's end (a cache held as a read-only past plus the
+segment's recent piece, `model.apply_split_cache`).
 
 Follows Meta's Llama 2 `generate`: prompts of different lengths share one token
 buffer; decoding starts after the shortest prompt; at a position that still
@@ -55,24 +59,50 @@ def greedy_token(logits_BxV: jax.Array) -> jax.Array:
   return nn.first_argmax(logits_BxV)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "temperature", "top_k", "top_p", "eos_id"))
+# Small vocabularies: the output product runs as column chunks on CPU (`model.split_output_columns`).
+_CPU_SPLIT_VOCAB = 2048
+
+
+# Decode-loop segments (see `_segment_ends`): at most this many, each at least this long.
+_SEGMENTS, _SEGMENT_MIN_LEN = 4, 32
+
+
+def _segment_ends(start: int, end: int, segments: int, min_len: int) -> list[int]:
+  """Ends of the decode loop's segments over positions `[start, end)`.
+
+  The step at position `p` of a segment `[a, e)` reads the cache slots
+  `[0, e)` (see `model.apply_split_cache`), not the whole buffer; four
+  segments read about a third less than one, at the price of compiling the
+  step once per segment. Loops shorter than `2 * min_len` run as one segment.
+  """
+  n = max(1, min(segments, (end - start) // min_len))
+  return [start + (end - start) * (i + 1) // n for i in range(n)]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "temperature", "top_k", "top_p", "eos_id",
+                                             "segments"))
 def _generate_buffer(params, tokens_BxN, prompt_mask_BxN, rng, *, cfg: LlamaConfig, min_prompt_len: int,
-                     temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None):
+                     temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None,
+                     segments: tuple[int, int]):
   """Fills `tokens_BxN` after the prompts; returns the filled buffer."""
   B, N = tokens_BxN.shape
   if not cfg.scan_layers:
     params = model.unstack_layers(params)  # sliced once, not at every step of the loop
-  cache = model.init_cache(cfg, B, N)
-  logits, cache = model.apply(params, tokens_BxN[:, :min_prompt_len], cfg, cache=cache, cache_index=0)
+  if jax.default_backend() == "cpu" and cfg.vocab_size <= _CPU_SPLIT_VOCAB:
+    params = model.split_output_columns(params, 256)
+  # Prefill the shortest prompt length into the past cache, then decode in segments:
+  # each segment writes a fresh recent piece, which joins the past when it ends.
+  past = model.init_cache(cfg, B, min_prompt_len)
+  logits, past = model.apply(params, tokens_BxN[:, :min_prompt_len], cfg, cache=past, cache_index=0)
   last_logits = logits[:, -1, :]
   done = jnp.zeros((B,), bool)
 
-  def cond(carry):
+  def cond(end, carry):
     cur, _, _, _, done, _ = carry
-    return (cur < N) & ~jnp.all(done)
+    return (cur < end) & ~jnp.all(done)
 
-  def body(carry):
-    cur, tokens, cache, last_logits, done, rng = carry
+  def body(past, end, carry):
+    cur, tokens, recent, last_logits, done, rng = carry
     rng, step_rng = jax.random.split(rng)
     nxt = sample_logits(step_rng, last_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     in_prompt = jax.lax.dynamic_index_in_dim(prompt_mask_BxN, cur, axis=1, keepdims=False)
@@ -81,11 +111,19 @@ def _generate_buffer(params, tokens_BxN, prompt_mask_BxN, rng, *, cfg: LlamaConf
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, cur, axis=1)
     if eos_id is not None:
       done = done | (~in_prompt & (nxt == eos_id))
-    logits, cache = model.apply(params, nxt[:, None], cfg, cache=cache, cache_index=cur)
-    return cur + 1, tokens, cache, logits[:, -1, :], done, rng
+    logits, recent = model.apply_split_cache(params, nxt[:, None], cfg, past, recent, cur)
+    return cur + 1, tokens, recent, logits[:, -1, :], done, rng
 
-  carry = (jnp.int32(min_prompt_len), tokens_BxN, cache, last_logits, done, rng)
-  _, tokens_BxN, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
+  cur = jnp.int32(min_prompt_len)
+  start = min_prompt_len
+  for end in _segment_ends(min_prompt_len, N, *segments):
+    recent = model.init_cache(cfg, B, end - start)
+    carry = (cur, tokens_BxN, recent, last_logits, done, rng)
+    cur, tokens_BxN, recent, last_logits, done, rng = jax.lax.while_loop(
+        functools.partial(cond, end), functools.partial(body, past, end), carry)
+    past = nn.KVCache(*(jax.tree.map(lambda a, b, axis=axis: jnp.concatenate([a, b], axis=axis), getattr(past, f),
+                                     getattr(recent, f)) for f, axis in (("k", -2), ("v", -1))))
+    start = end
   return tokens_BxN
 
 
@@ -141,7 +179,7 @@ def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[
   rng = jax.random.PRNGKey(0) if rng is None else rng
   out = _generate_buffer(params, jnp.asarray(buf), jnp.asarray(mask), rng, cfg=cfg, min_prompt_len=min(lengths),
                          temperature=float(temperature), top_k=top_k, top_p=None if top_p is None else float(top_p),
-                         eos_id=eos_id)
+                         eos_id=eos_id, segments=(_SEGMENTS, _SEGMENT_MIN_LEN))
   out = np.asarray(out)
   results = []
   for i, n in enumerate(lengths):

@@ -111,15 +111,15 @@ def check_tokens(tokens: Any, cfg: LlamaConfig, *, what: str = "tokens") -> None
                        f"min {arr.min()}, max {arr.max()}")
 
 
-def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, mask, update_kv):
+def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, attend):
   """One pre-norm decoder block.
 
-  `update_kv(k, v) -> (k_all, v_all)` stores the new keys/values `[B, T, K, Dh]`
-  in a cache and returns what attention should see, in the layouts of
-  `nn.cached_attention` (without a cache: the new keys/values themselves).
-  Projections run on `[B*T, D]` matrices: on CPU, XLA sends the weight gradient
-  of a 2-D matmul to its fast GEMM path, while 3-D inputs (two contracting dims
-  in the gradient) get a slow generic dot.
+  `attend(q, k, v) -> (out, kv)` takes the new rotated queries/keys/values
+  `[B, T, *, Dh]`, stores keys/values in a cache if there is one, and returns
+  the attention output `[B, T, H, Dh]` and what the block hands back (the
+  updated cache arrays). Projections run on `[B*T, D]` matrices: on CPU, XLA
+  sends the weight gradient of a 2-D matmul to its fast GEMM path, while 3-D
+  inputs (two contracting dims in the gradient) get a slow generic dot.
   """
   B, T, D = x_BxTxD.shape
   H, K, Dh = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -131,12 +131,11 @@ def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, mask, update_kv):
   v = nn.linear(h, lp["wv"].astype(dt)).reshape(B, T, K, Dh)
   q = nn.apply_rope_tables(q, cos, sin)
   k = nn.apply_rope_tables(k, cos, sin)
-  k, v = update_kv(k, v)
-  attn = nn.cached_attention(q, k.astype(dt), v.astype(dt), mask)
+  attn, kv = attend(q, k.astype(dt), v.astype(dt))
   x = x + nn.linear(attn.reshape(B * T, H * Dh), lp["wo"].astype(dt))
   h = nn.rms_norm(x, lp["ffn_norm"], cfg.norm_eps)
   x = x + nn.swiglu(h, lp["w1"].astype(dt), lp["w3"].astype(dt), lp["w2"].astype(dt))
-  return x.reshape(B, T, D), (k, v)
+  return x.reshape(B, T, D), kv
 
 
 def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_BxT: jax.Array | None = None,
@@ -173,49 +172,118 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   mask = nn.causal_mask(positions_BxT, k_pos)
   x = params["tok_embeddings"].astype(dt)[tokens_BxT]
-  no_cache = lambda k, v: (nn.keys_layout(k), nn.values_layout(v))
 
-  def block(x, lp, update_kv):
-    return _block(cfg, x, lp, cos, sin, mask, update_kv)
+  def attend(kv, _):
+    """The block's attention: over the new keys alone, or written into the cache `kv` and over all of it."""
+    def fn(q, k, v):
+      if kv is None:
+        return nn.cached_attention(q, nn.keys_layout(k), nn.values_layout(v), mask), None
+      k_all, v_all = nn.write_cache(kv[0], kv[1], k, v, cache_index)
+      return nn.cached_attention(q, k_all, v_all, mask), (k_all, v_all)
+    return fn
 
-  # Rematerialisation only matters for gradients; a cached (inference) pass runs the blocks as they are.
-  remat = lambda f: jax.checkpoint(f, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable) \
-      if cfg.remat and cache is None else f
-  new_cache = None
-  if cfg.scan_layers:
-    stacked = None if cache is None else cache.as_stacked()
-
-    def body(x, layer_in):
-      lp, kv = layer_in
-      update = no_cache if kv is None else (
-          lambda k, v: nn.write_cache(kv[0], kv[1], k, v, cache_index))
-      x, kv_new = remat(block)(x, lp, update)
-      return x, (None if kv is None else kv_new)
-
-    x, kv_out = jax.lax.scan(body, x, (stack_layers(params)["layers"], None if cache is None else (stacked.k, stacked.v)))
-    if cache is not None:
-      new_cache = KVCache(k=kv_out[0], v=kv_out[1])
-      new_cache = new_cache if cache.is_stacked else new_cache.as_layers()
-  else:
-    per_layer = None if cache is None else cache.as_layers()
-    ks, vs = (None, None) if cache is None else (list(per_layer.k), list(per_layer.v))
-    layer_params = unstack_layers(params)["layers"]
-    for i in range(cfg.n_layers):
-      lp = layer_params[i]
-
-      def update(k, v, i=i):
-        ks[i], vs[i] = nn.write_cache(ks[i], vs[i], k, v, cache_index)
-        return ks[i], vs[i]
-
-      x, _ = remat(block)(x, lp, no_cache if cache is None else update)
-    if cache is not None:
-      new_cache = KVCache(k=tuple(ks), v=tuple(vs))
-      new_cache = new_cache.as_stacked() if cache.is_stacked else new_cache
+  x, new_cache = _run_layers(cfg, params, x, cos, sin, attend, cache, remat=cfg.remat and cache is None)
   x = nn.rms_norm(x, params["norm"], cfg.norm_eps)
-  out = x if return_hidden else nn.linear(x, params["output"].astype(dt), out_dtype=jnp.float32)
+  out = x if return_hidden else _logits(x, params["output"], dt)
   if cache is None:
     return out
   return out, new_cache
+
+
+def _run_layers(cfg: LlamaConfig, params: Params, x, cos, sin, attend, cache: KVCache | None,
+                read_only: KVCache | None = None, remat: bool = False):
+  """The decoder blocks over `x`. Returns `(x, new cache)` (None without a cache).
+
+  `attend(kv, ro)` makes a block's attention (see `_block`) for its layer's
+  pair of `cache` arrays `kv` (written) and of `read_only` arrays `ro` (None
+  where that cache is None). Layers run under `jax.lax.scan` when
+  `cfg.scan_layers` (one compiled block, fast compiles for deep models) or as an
+  unrolled loop that writes each layer's cache arrays in place (faster small
+  models on CPU). Either loop takes either cache form and returns the written
+  cache in the form it was given.
+  """
+  wrap = (lambda f: jax.checkpoint(f, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)) \
+      if remat else (lambda f: f)
+  block = wrap(lambda x, lp, fn: _block(cfg, x, lp, cos, sin, fn))
+  pairs = lambda c, f: None if c is None else (lambda c2: (c2.k, c2.v))(f(c))  # noqa: E731
+  if cfg.scan_layers:
+    def body(x, layer_in):
+      lp, kv, ro = layer_in
+      return block(x, lp, attend(kv, ro))
+
+    xs = (stack_layers(params)["layers"], pairs(cache, KVCache.as_stacked), pairs(read_only, KVCache.as_stacked))
+    x, kv_out = jax.lax.scan(body, x, xs)
+    if cache is None:
+      return x, None
+    out = KVCache(*kv_out)
+    return x, (out if cache.is_stacked else out.as_layers())
+  kv_layers, ro_layers = pairs(cache, KVCache.as_layers), pairs(read_only, KVCache.as_layers)
+  ks, vs = [], []
+  for i, lp in enumerate(unstack_layers(params)["layers"]):
+    kv = None if kv_layers is None else (kv_layers[0][i], kv_layers[1][i])
+    ro = None if ro_layers is None else (ro_layers[0][i], ro_layers[1][i])
+    x, kv_new = block(x, lp, attend(kv, ro))
+    if cache is not None:
+      ks.append(kv_new[0])
+      vs.append(kv_new[1])
+  if cache is None:
+    return x, None
+  out = KVCache(k=tuple(ks), v=tuple(vs))
+  return x, (out.as_stacked() if cache.is_stacked else out)
+
+
+def apply_split_cache(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, past: KVCache, recent: KVCache,
+                      cache_index: jax.Array):
+  """Decoding against a cache held in two pieces: `past` (slots `[0, P)`, read only) and
+  `recent` (slots `[P, P + R)`), where `P` and `R` are the pieces' lengths.
+
+  The tokens (positions `cache_index + arange(T)`, all inside the recent
+  piece) are written into `recent` and attend to all of `past` and to the
+  written part of `recent`. Returns `(logits [B, T, V] float32, new recent)`.
+  A decode loop over positions `[P, P + R)` thus reads `P + R` cache slots per
+  step instead of the whole cache and writes only the small recent piece, in
+  place; between such loops the caller appends the recent piece to the past.
+  Same numbers as `apply` with one cache holding both pieces.
+  """
+  check_tokens(tokens_BxT, cfg)
+  B, T = tokens_BxT.shape
+  dt = cfg.compute_dtype
+  P, R = past.max_len, recent.max_len
+  positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + cache_index, (B, T))
+  cos, sin = nn.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+  recent_mask = nn.causal_mask(positions_BxT, jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32) + P, (B, R)))
+  x = params["tok_embeddings"].astype(dt)[tokens_BxT]
+
+  def attend(kv, ro):
+    def fn(q, k, v):
+      k_rec, v_rec = nn.write_cache(kv[0], kv[1], k, v, cache_index - P)
+      return nn.split_cached_attention(q, [(ro[0], ro[1], None), (k_rec, v_rec, recent_mask)]), (k_rec, v_rec)
+    return fn
+
+  x, new_recent = _run_layers(cfg, params, x, cos, sin, attend, recent, read_only=past)
+  x = nn.rms_norm(x, params["norm"], cfg.norm_eps)
+  return _logits(x, params["output"], dt), new_recent
+
+
+def _logits(x, w_DxV, dt):
+  """Float32 logits `x @ w`; `w` may be a tuple of column chunks (see `split_output_columns`)."""
+  if isinstance(w_DxV, (tuple, list)):
+    return jnp.concatenate([nn.linear(x, w.astype(dt), out_dtype=jnp.float32) for w in w_DxV], axis=-1)
+  return nn.linear(x, w_DxV.astype(dt), out_dtype=jnp.float32)
+
+
+def split_output_columns(params: Params, width: int) -> Params:
+  """`params` with the output projection as a tuple of `[D, <= width]` column chunks.
+
+  `apply_split_cache` takes either form (same logits). On XLA:CPU a decode
+  step's `[B, D] x [D, V]` product with a few hundred columns or more is split
+  across two threads, and waking the second one (about 55 us on the 2-core
+  machine of the README's figures) costs more than the whole product; products
+  of at most 256 columns run on the calling thread. Split once, outside the
+  decode loop (slicing inside it would copy the weight at every step).
+  """
+  w = params["output"]
+  return dict(params, output=tuple(w[:, i:i + width] for i in range(0, w.shape[1], width)))
 
 
 def unstack_layers(params: Params) -> Params:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -146,17 +146,54 @@ def cached_attention(q_BxTxHxDh: Array, k_BxKxSxDh: Array, v_BxKxDhxS: Array, ma
   hand-written (`_grouped_attention`).
   """
   B, T, H, Dh = q_BxTxHxDh.shape
-  K = k_BxKxSxDh.shape[1]
+  K, S = k_BxKxSxDh.shape[1], k_BxKxSxDh.shape[2]
+  q_BxKxMxDh, mask_Bx1xMxS = _heads_major(q_BxTxHxDh, K, mask_Bx1xTxS, S)
+  out = _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS)
+  return _heads_minor(out, T, H)
+
+
+def _heads_major(q_BxTxHxDh: Array, K: int, mask_Bx1xTxS: Array | None, S: int):
+  """Scaled queries as `[B, K, n_rep * T, Dh]` rows per kv head, and the mask to match."""
+  B, T, H, Dh = q_BxTxHxDh.shape
   if H % K:
     raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({K})")
   n_rep = H // K
-  S = k_BxKxSxDh.shape[2]
   q = q_BxTxHxDh * jnp.asarray(1.0 / math.sqrt(Dh), q_BxTxHxDh.dtype)
   q_BxKxMxDh = jnp.transpose(q.reshape(B, T, K, n_rep, Dh), (0, 2, 3, 1, 4)).reshape(B, K, n_rep * T, Dh)
   mask_Bx1xMxS = None if mask_Bx1xTxS is None else (
       jnp.broadcast_to(mask_Bx1xTxS[:, :, None], (B, 1, n_rep, T, S)).reshape(B, 1, n_rep * T, S))
-  out = _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS)
-  return jnp.transpose(out.reshape(B, K, n_rep, T, Dh), (0, 3, 1, 2, 4)).reshape(B, T, H, Dh)
+  return q_BxKxMxDh, mask_Bx1xMxS
+
+
+def _heads_minor(out_BxKxMxDh: Array, T: int, H: int) -> Array:
+  """The inverse arrangement of `_heads_major` for the attention output: `[B, T, H, Dh]`."""
+  B, K, _, Dh = out_BxKxMxDh.shape
+  return jnp.transpose(out_BxKxMxDh.reshape(B, K, H // K, T, Dh), (0, 3, 1, 2, 4)).reshape(B, T, H, Dh)
+
+
+def split_cached_attention(q_BxTxHxDh: Array, parts: Sequence[tuple[Array, Array, Array | None]]) -> Array:
+  """`cached_attention` over several key/value sets at once (one softmax over all their keys).
+
+  `parts` holds `(k [B, K, S_i, Dh], v [B, K, Dh, S_i], mask [B, 1, T, S_i] or None)`
+  triples. A decode loop keeps its cache in two pieces, a read-only past and a
+  short recent piece it writes into, and attends to both without joining them
+  (joining would copy the cache at every step). Inference only (autodiff works,
+  without `cached_attention`'s hand-written backward).
+  """
+  B, T, H, _ = q_BxTxHxDh.shape
+  K = parts[0][0].shape[1]
+  scores = []
+  for k, _, mask in parts:
+    q, mask = _heads_major(q_BxTxHxDh, K, mask, k.shape[2])
+    s = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32)
+    scores.append(s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min))
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+  out, start = 0.0, 0
+  for k, v, _ in parts:
+    n = k.shape[2]
+    out = out + jnp.einsum("bkms,bkds->bkmd", probs[..., start:start + n].astype(v.dtype), v)
+    start += n
+  return _heads_minor(out, T, H)
 
 
 def _grouped_attention_fwd(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS):

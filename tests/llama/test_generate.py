@@ -1,4 +1,7 @@
 """Generation: the compiled cache loop against a plain argmax loop, sampling rules, EOS, errors."""
+import importlib
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,6 +9,8 @@ import numpy as np
 from absl.testing import absltest
 
 from jaxml import llama
+
+llama_generate = importlib.import_module("jaxml.llama.generate")  # the module (the package exports the function)
 
 
 CFG = llama.preset("tiny").replace(max_seq_len=32)
@@ -45,6 +50,17 @@ class GenerateTest(chex.TestCase):
   def test_scanned_layers_generate_the_same_tokens(self):
     """The scanned model (stacked cache and weights) decodes exactly as the unrolled one."""
     self.assertEqual(llama.generate(PARAMS, CFG.replace(scan_layers=True), PROMPTS, 8), self.greedy)
+
+  def test_segmented_decode_loop_equals_full_forward_loop(self):
+    """Several decode segments (each with its own cache prefix), teacher forcing across their borders."""
+    ends = llama_generate._segment_ends(2, 24, 4, 5)
+    self.assertEqual(ends, [7, 13, 18, 24])
+    self.assertEqual(llama_generate._segment_ends(8, 40, 4, 32), [40])
+    with mock.patch.object(llama_generate, "_SEGMENT_MIN_LEN", 5):
+      for scan_layers in (False, True):
+        got = llama.generate(PARAMS, CFG.replace(scan_layers=scan_layers), PROMPTS[1:], 16)
+        for prompt, tokens in zip(PROMPTS[1:], got):
+          self.assertEqual(tokens, naive_greedy(prompt, 16))
 
   def test_greedy_token_is_first_argmax(self):
     logits = jnp.array([[0.0, 2.0, 2.0, 1.0], [3.0, -1.0, 3.0, 3.0], [-5.0, -4.0, -6.0, -4.0]])

@@ -50,6 +50,28 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
       pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
 
+  @parameterized.named_parameters(("scan", True), ("unrolled", False))
+  def test_split_cache_decode_equals_one_cache(self, scan_layers):
+    """Past (read only) + recent piece: the logits and cache contents of one cache holding both."""
+    cfg = CFG.replace(scan_layers=scan_layers)
+    P, R = 5, 6
+    _, past = llama.apply(PARAMS, TOKENS[:, :P], cfg, cache=llama.init_cache(cfg, 2, P), cache_index=0)
+    _, whole = llama.apply(PARAMS, TOKENS[:, :P], cfg, cache=llama.init_cache(cfg, 2, P + R), cache_index=0)
+    recent = llama.init_cache(cfg, 2, R)
+    split_step = jax.jit(lambda t, r, i: llama.apply_split_cache(PARAMS, t, cfg, past, r, i))
+    whole_step = jax.jit(lambda t, c, i: llama.apply(PARAMS, t, cfg, cache=c, cache_index=i))
+    chunked = llama.split_output_columns(PARAMS, 100)  # CFG.vocab_size columns in chunks of <= 100
+    self.assertGreater(len(chunked["output"]), 1)
+    for i in range(P, P + 4):
+      got, recent = split_step(TOKENS[:, i:i + 1], recent, i)
+      want, whole = whole_step(TOKENS[:, i:i + 1], whole, i)
+      np.testing.assert_allclose(got, want, atol=1e-5)
+      np.testing.assert_allclose(llama.apply_split_cache(chunked, TOKENS[:, i + 1:i + 2], cfg, past, recent, i + 1)[0],
+                                 split_step(TOKENS[:, i + 1:i + 2], recent, i + 1)[0], atol=1e-6)
+    for got_r, want_w in zip(jax.tree.leaves(recent.as_stacked()), jax.tree.leaves(whole.as_stacked())):
+      axis = -2 if got_r.shape[-1] == cfg.head_dim else -1  # keys [.., S, Dh], values [.., Dh, S]
+      np.testing.assert_allclose(got_r, jax.lax.slice_in_dim(want_w, P, P + R, axis=got_r.ndim + axis), atol=1e-6)
+
   def test_gqa_with_repeated_kv_heads_equals_mha(self):
     """A GQA model equals the MHA model whose k/v heads are the repeat_interleave'd GQA heads."""
     gqa = CFG  # 4 heads, 2 kv heads
