@@ -134,6 +134,20 @@ class RopeTest(chex.TestCase):
     expected = np.stack([rot.real, rot.imag], -1).reshape(x.shape)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
+  def test_constant_tables_from_numpy_positions_equal_traced_tables(self):
+    """Positions known when tracing give NumPy (constant) tables equal to the traced ones."""
+    pos = np.arange(300, dtype=np.int32)[None] + 5
+    got = nn.rope_tables(pos, 64, 10000.0)
+    want = jax.jit(lambda p: nn.rope_tables(p, 64, 10000.0))(jnp.asarray(pos))
+    self.assertIsInstance(got[0], np.ndarray)
+    # Both take cos/sin of the same float32 angles; the implementations differ by rounding. At
+    # angles near 300 rad one float32 ulp of the angle is 3e-5, so 1e-5 is below the angle's own
+    # resolution (positions < 20 keep the two within 1e-6).
+    for g, w in zip(got, want):
+      self.assertEqual(g.dtype, np.float32)
+      np.testing.assert_allclose(g, w, atol=1e-5)
+      np.testing.assert_allclose(g[:, :20], w[:, :20], atol=1e-6)
+
   def test_scores_depend_only_on_relative_position(self):
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
