@@ -255,7 +255,7 @@ def apply_split_cache(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, p
   dt = cfg.compute_dtype
   P, R = past.max_len, recent.max_len
   positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + cache_index, (B, T))
-  cos, sin = nn.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+  cos, sin = nn.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, max_position=P + R)
   recent_mask = nn.causal_mask(positions_BxT, jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32) + P, (B, R)))
   x = params["tok_embeddings"].astype(dt)[tokens_BxT]
 

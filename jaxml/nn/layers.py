@@ -60,18 +60,24 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Array:
   return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def rope_tables(positions_BxT, head_dim: int, theta: float = 10000.0) -> tuple[Array, Array]:
+def rope_tables(positions_BxT, head_dim: int, theta: float = 10000.0,
+                max_position: int | None = None) -> tuple[Array, Array]:
   """`cos` and `sin` of `position * freq`, each `[B, T, 1, head_dim / 2]` (float32).
 
   Computed once per forward pass and shared by every layer. Positions given as
   a NumPy array (known when tracing, as in training) give NumPy tables, which
   XLA sees as constants: otherwise it fuses the `cos`/`sin` into every consumer
-  and recomputes them per element, in each layer's forward and backward.
+  and recomputes them per element, in each layer's forward and backward. With
+  traced positions and `max_position` (positions are below it), the rows are
+  gathered from constant tables of `max_position` rows instead (decode steps).
   """
   if isinstance(positions_BxT, np.ndarray):
     freqs = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
     angles = positions_BxT[..., None].astype(np.float32) * freqs.astype(np.float32)
     return np.cos(angles)[:, :, None, :], np.sin(angles)[:, :, None, :]
+  if max_position is not None:
+    cos, sin = rope_tables(np.arange(max_position, dtype=np.int32)[None], head_dim, theta)
+    return jnp.asarray(cos[0, :, 0])[positions_BxT][:, :, None, :], jnp.asarray(sin[0, :, 0])[positions_BxT][:, :, None, :]
   angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * rope_frequencies(head_dim, theta)
   return jnp.cos(angles_BxTxF)[:, :, None, :], jnp.sin(angles_BxTxF)[:, :, None, :]
 

@@ -147,6 +147,9 @@ class RopeTest(chex.TestCase):
       self.assertEqual(g.dtype, np.float32)
       np.testing.assert_allclose(g, w, atol=1e-5)
       np.testing.assert_allclose(g[:, :20], w[:, :20], atol=1e-6)
+    gathered = jax.jit(lambda p: nn.rope_tables(p, 64, 10000.0, max_position=400))(jnp.asarray(pos))
+    for g, w in zip(got, gathered):
+      np.testing.assert_array_equal(g, w)  # rows of the same constant tables
 
   def test_scores_depend_only_on_relative_position(self):
     rng = np.random.default_rng(2)
