@@ -73,7 +73,10 @@ def _segment_ends(start: int, end: int, segments: int, min_len: int) -> list[int
   The step at position `p` of a segment `[a, e)` reads the cache slots
   `[0, e)` (see `model.apply_split_cache`), not the whole buffer; four
   segments read about a third less than one, at the price of compiling the
-  step once per segment. Loops shorter than `2 * min_len` run as one segment.
+  step once per segment and of joining the past and recent pieces between
+  segments (one copy of the cache each time; at the last join the old past,
+  the recent piece and the joined cache are alive together, about twice the
+  cache). Loops shorter than `2 * min_len` run as one segment.
   """
   n = max(1, min(segments, (end - start) // min_len))
   return [start + (end - start) * (i + 1) // n for i in range(n)]
