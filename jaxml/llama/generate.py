@@ -124,8 +124,7 @@ def _generate_buffer(params, tokens_BxN, prompt_mask_BxN, rng, *, cfg: LlamaConf
     carry = (cur, tokens_BxN, recent, last_logits, done, rng)
     cur, tokens_BxN, recent, last_logits, done, rng = jax.lax.while_loop(
         functools.partial(cond, end), functools.partial(body, past, end), carry)
-    past = nn.KVCache(*(jax.tree.map(lambda a, b, axis=axis: jnp.concatenate([a, b], axis=axis), getattr(past, f),
-                                     getattr(recent, f)) for f, axis in (("k", -2), ("v", -1))))
+    past = past.append(recent)
     start = end
   return tokens_BxN
 

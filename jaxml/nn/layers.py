@@ -291,6 +291,11 @@ class KVCache(NamedTuple):
     """The same cache with `[L, ...]` arrays."""
     return self if self.is_stacked else KVCache(k=jnp.stack(self.k), v=jnp.stack(self.v))
 
+  def append(self, other: "KVCache") -> "KVCache":
+    """This cache's slots followed by `other`'s (same layers and form): a longer cache."""
+    join = lambda axis: lambda a, b: jnp.concatenate([a, b], axis=axis)  # noqa: E731
+    return KVCache(k=jax.tree.map(join(-2), self.k, other.k), v=jax.tree.map(join(-1), self.v, other.v))
+
   def as_layers(self) -> "KVCache":
     """The same cache as tuples of per-layer arrays."""
     if not self.is_stacked:

@@ -110,6 +110,11 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     self.assertLen(layers.k, 3)
     self.assertEqual((layers.max_len, cache.max_len), (5, 5))
     chex.assert_trees_all_equal(layers.as_stacked(), cache)
+    longer = cache.append(nn.KVCache.zeros(3, 2, 4, 2, 4))
+    self.assertEqual(longer.max_len, 9)
+    chex.assert_trees_all_equal(longer.k[:, :, :, :5], cache.k)
+    chex.assert_trees_all_equal(longer.v[..., :5], cache.v)
+    chex.assert_trees_all_equal(layers.append(layers).as_stacked(), cache.append(cache))
 
   def test_causal_mask_over_cache(self):
     # 2 new tokens at positions 3, 4 against a 6-slot cache: Meta's (seqlen, start_pos + seqlen) mask.
