@@ -210,7 +210,9 @@ def _run_layers(cfg: LlamaConfig, params: Params, x, cos, sin, attend, cache: KV
   wrap = (lambda f: jax.checkpoint(f, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)) \
       if remat else (lambda f: f)
   block = wrap(lambda x, lp, fn: _block(cfg, x, lp, cos, sin, fn))
-  pairs = lambda c, f: None if c is None else (lambda c2: (c2.k, c2.v))(f(c))  # noqa: E731
+  def pairs(c: KVCache | None, form):
+    return None if c is None else tuple(form(c))
+
   if cfg.scan_layers:
     def body(x, layer_in):
       lp, kv, ro = layer_in
@@ -251,6 +253,8 @@ def apply_split_cache(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, p
   Same numbers as `apply` with one cache holding both pieces.
   """
   check_tokens(tokens_BxT, cfg)
+  if not (isinstance(past, KVCache) and isinstance(recent, KVCache)):
+    raise TypeError(f"past and recent must be KVCache pieces, got {type(past).__name__}, {type(recent).__name__}")
   B, T = tokens_BxT.shape
   dt = cfg.compute_dtype
   P, R = past.max_len, recent.max_len
@@ -280,7 +284,7 @@ def _logits(x, w_DxV, dt):
 def split_output_columns(params: Params, width: int) -> Params:
   """`params` with the output projection as a tuple of `[D, <= width]` column chunks.
 
-  `apply_split_cache` takes either form (same logits). On XLA:CPU a decode
+  `apply` and `apply_split_cache` take either form (same logits). On XLA:CPU a decode
   step's `[B, D] x [D, V]` product with a few hundred columns or more is split
   across two threads, and waking the second one (about 55 us on the 2-core
   machine of the README's figures) costs more than the whole product; products
