@@ -55,9 +55,14 @@ def layer_norm(x: Array, scale: Array, bias: Array, eps: float = 1e-5) -> Array:
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Array:
   """`freqs_j = theta^(-2j / head_dim)` for `j < head_dim / 2` (float32)."""
+  return jnp.asarray(_rope_frequencies_np(head_dim, theta))
+
+
+def _rope_frequencies_np(head_dim: int, theta: float) -> np.ndarray:
   if head_dim % 2:
     raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  return (np.float32(1.0) / np.float32(theta) ** exponents).astype(np.float32)
 
 
 def rope_tables(positions_BxT, head_dim: int, theta: float = 10000.0,
@@ -72,8 +77,7 @@ def rope_tables(positions_BxT, head_dim: int, theta: float = 10000.0,
   gathered from constant tables of `max_position` rows instead (decode steps).
   """
   if isinstance(positions_BxT, np.ndarray):
-    freqs = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    angles = positions_BxT[..., None].astype(np.float32) * freqs.astype(np.float32)
+    angles = positions_BxT[..., None].astype(np.float32) * _rope_frequencies_np(head_dim, theta)
     return np.cos(angles)[:, :, None, :], np.sin(angles)[:, :, None, :]
   if max_position is not None:
     cos, sin = rope_tables(np.arange(max_position, dtype=np.int32)[None], head_dim, theta)
@@ -160,27 +164,31 @@ def cached_attention(q_BxTxHxDh: Array, k_BxKxSxDh: Array, v_BxKxDhxS: Array, ma
   hand-written (`_grouped_attention`).
   """
   B, T, H, Dh = q_BxTxHxDh.shape
-  K, S = k_BxKxSxDh.shape[1], k_BxKxSxDh.shape[2]
-  q_BxKxMxDh, mask_Bx1xMxS = _heads_major(q_BxTxHxDh, K, mask_Bx1xTxS, S)
-  out = _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS)
+  K = k_BxKxSxDh.shape[1]
+  q_BxKxMxDh = _queries_heads_major(q_BxTxHxDh, K)
+  out = _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, _mask_heads_major(mask_Bx1xTxS, H // K))
   return _heads_minor(out, T, H)
 
 
-def _heads_major(q_BxTxHxDh: Array, K: int, mask_Bx1xTxS: Array | None, S: int):
-  """Scaled queries as `[B, K, n_rep * T, Dh]` rows per kv head, and the mask to match."""
+def _queries_heads_major(q_BxTxHxDh: Array, K: int) -> Array:
+  """Queries scaled by `1 / sqrt(Dh)`, as `[B, K, n_rep * T, Dh]` rows per kv head."""
   B, T, H, Dh = q_BxTxHxDh.shape
   if H % K:
     raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({K})")
-  n_rep = H // K
   q = q_BxTxHxDh * jnp.asarray(1.0 / math.sqrt(Dh), q_BxTxHxDh.dtype)
-  q_BxKxMxDh = jnp.transpose(q.reshape(B, T, K, n_rep, Dh), (0, 2, 3, 1, 4)).reshape(B, K, n_rep * T, Dh)
-  mask_Bx1xMxS = None if mask_Bx1xTxS is None else (
-      jnp.broadcast_to(mask_Bx1xTxS[:, :, None], (B, 1, n_rep, T, S)).reshape(B, 1, n_rep * T, S))
-  return q_BxKxMxDh, mask_Bx1xMxS
+  return jnp.transpose(q.reshape(B, T, K, H // K, Dh), (0, 2, 3, 1, 4)).reshape(B, K, (H // K) * T, Dh)
+
+
+def _mask_heads_major(mask_Bx1xTxS: Array | None, n_rep: int) -> Array | None:
+  """A `[B, 1, T, S]` mask repeated for the `n_rep` query heads of each kv head: `[B, 1, n_rep * T, S]`."""
+  if mask_Bx1xTxS is None:
+    return None
+  B, _, T, S = mask_Bx1xTxS.shape
+  return jnp.broadcast_to(mask_Bx1xTxS[:, :, None], (B, 1, n_rep, T, S)).reshape(B, 1, n_rep * T, S)
 
 
 def _heads_minor(out_BxKxMxDh: Array, T: int, H: int) -> Array:
-  """The inverse arrangement of `_heads_major` for the attention output: `[B, T, H, Dh]`."""
+  """The inverse arrangement of `_queries_heads_major` for the attention output: `[B, T, H, Dh]`."""
   B, K, _, Dh = out_BxKxMxDh.shape
   return jnp.transpose(out_BxKxMxDh.reshape(B, K, H // K, T, Dh), (0, 3, 1, 2, 4)).reshape(B, T, H, Dh)
 
@@ -196,9 +204,10 @@ def split_cached_attention(q_BxTxHxDh: Array, parts: Sequence[tuple[Array, Array
   """
   B, T, H, _ = q_BxTxHxDh.shape
   K = parts[0][0].shape[1]
+  q = _queries_heads_major(q_BxTxHxDh, K)
   scores = []
   for k, _, mask in parts:
-    q, mask = _heads_major(q_BxTxHxDh, K, mask, k.shape[2])
+    mask = _mask_heads_major(mask, H // K)
     s = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32)
     scores.append(s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min))
   probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
