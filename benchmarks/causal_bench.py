@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxml import causal
 from jaxml.causal import scm
+from jaxml.train import hostmem
 from tests import peer
 
 
@@ -132,4 +133,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
   main()

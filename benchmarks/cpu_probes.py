@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from benchmarks.llama_bench import bench_configs
 from jaxml import llama
 import jaxml.diffusion as jd
+from jaxml.train import hostmem
 
 FLAGS = flags.FLAGS
 
@@ -94,4 +95,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
   app.run(main)

@@ -25,6 +25,7 @@ from absl import app, flags
 from benchmarks.common import matmul_peak_flops, median, print_results
 from jaxml.recsys import losses, modules, towers, train
 from jaxml.recsys.config import FeatureConfig, TowerConfig
+from jaxml.train import hostmem
 
 flags.DEFINE_integer("batch", 4096, "training batch size")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
@@ -152,4 +153,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
   app.run(main)

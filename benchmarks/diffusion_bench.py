@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxml.diffusion as jd
+from jaxml.train import hostmem
 
 
 def _timed(fn, repeats):
@@ -151,4 +152,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
   main()

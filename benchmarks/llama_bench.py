@@ -41,6 +41,7 @@ import optax
 from benchmarks.common import PeerWorker, matmul_peak_flops, median, print_results
 from jaxml.llama import LlamaConfig, flops_per_token, init, loss_fn, param_count
 from jaxml.llama.generate import generate
+from jaxml.train import hostmem
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 5, "Alternating jaxml/HF measurement rounds; figures are medians over all of them.")
@@ -254,4 +255,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
   app.run(main)

@@ -6,6 +6,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxml.recsys import experiment
+from jaxml.train import hostmem
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config (experiments/configs/ctr.py)", lock_config=True)
@@ -23,4 +24,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
   app.run(main)

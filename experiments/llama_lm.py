@@ -12,6 +12,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxml.train import hostmem
 from jaxml.train.distributed import maybe_initialize_distributed
 
 FLAGS = flags.FLAGS
@@ -41,4 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
   app.run(main)

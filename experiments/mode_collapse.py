@@ -9,6 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxml.generative.study import run_from_config
+from jaxml.train import hostmem
 
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "mode_collapse.py"),
                                           "study configuration", lock_config=True)
@@ -21,4 +22,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
   app.run(main)

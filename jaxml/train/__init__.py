@@ -2,6 +2,7 @@
 orbax checkpoints, the loop, and multi-host start-up."""
 from jaxml.train.checkpoint import Checkpointer, restore_or_init
 from jaxml.train.distributed import maybe_initialize_distributed
+from jaxml.train.hostmem import relaunch_with_huge_pages
 from jaxml.train.loop import MetricsWriter, NonFiniteLossError, TrainResult, plot_loss, read_metrics, train
 from jaxml.train.optim import decay_mask, make_optimizer, path_str, warmup_cosine_schedule
 from jaxml.train.sharding import (AXES, BATCH_AXES, LLAMA_RULES, batch_sharding, global_batch, make_mesh, spec_for,
