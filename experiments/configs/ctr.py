@@ -39,7 +39,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.model.dhen_rows = [None, 8]  # output rows per module (None = input rows)
   c.model.dhen_layers = 2  # stacked DHEN layers
   c.model.attention_heads = 2  # heads of the feature self-attention module
-  c.model.dhen_batch_chunks = 0  # DHEN layers on N interleaved batch slices; 0 = automatic (8 on CPU for big batches)
+  c.model.dhen_batch_chunks = 0  # DHEN layers on N interleaved batch slices; 0 = automatic (towers.dhen_chunks)
 
   c.train = ml_collections.ConfigDict()
   c.train.learning_rate = 3e-3  # Adam

@@ -79,7 +79,8 @@ class TowerConfig:
   attention_heads: heads of the feature self-attention module (must divide D).
   dhen_batch_chunks: run the DHEN layers on this many interleaved slices of the batch
     (`towers.dhen_chunks`); 0 = automatic (8 on CPU for batches of 1,024 or more that 8
-    divides, else 1). The result is the same function; only the schedule changes.
+    divides when no layer reads more than 64 rows, else 1). The result is the same
+    function; only the schedule changes.
   """
 
   features: FeatureConfig = FeatureConfig()

@@ -89,26 +89,9 @@ def interact(p: dict, x0_BxFxD: Array, cfg: TowerConfig) -> Array:
   if n == 1:
     return _dhen_stack(p["dhen"], x0_BxFxD, cfg, act).reshape(b, -1)
   # Interleaved slices (rows i, i + n, ...): a batch-sharded x0 keeps every slice local.
-  x_CxNxFxD = x0_BxFxD.reshape(b // n, n, f, d)
-  outs = [_dhen_stack(p["dhen"], x_CxNxFxD[:, i], cfg, act) for i in range(n)]
+  slices = jnp.moveaxis(x0_BxFxD.reshape(b // n, n, f, d), 1, 0)
+  outs = [_dhen_stack(p["dhen"], slices[i], cfg, act) for i in range(n)]
   return jnp.stack(outs, axis=1).reshape(b, -1)
-
-
-def dhen_chunks(cfg: TowerConfig, batch: int) -> int:
-  """How many interleaved batch slices `interact` runs the DHEN layers on.
-
-  The slices are independent programs inside one jit: XLA:CPU runs their small kernels
-  concurrently (most of a DHEN layer's kernels use one thread each) and each slice's
-  `[b, H, F, F]` attention tensors are smaller. Batch 4096, 2 cores: the DHEN layers'
-  forward + backward took 255 ms whole and 198 ms as 8 slices. Other backends get one
-  slice unless `cfg.dhen_batch_chunks` says otherwise.
-  """
-  n = cfg.dhen_batch_chunks
-  if n == 0:
-    n = 8 if jax.default_backend() == "cpu" and batch >= 1024 and batch % 8 == 0 else 1
-  if batch % n:
-    raise ValueError(f"dhen_batch_chunks={n} must divide the batch size {batch}")
-  return n
 
 
 def _dhen_stack(layers: list, x_BxFxD: Array, cfg: TowerConfig, act) -> Array:
@@ -117,6 +100,40 @@ def _dhen_stack(layers: list, x_BxFxD: Array, cfg: TowerConfig, act) -> Array:
     module_rows, rows = dhen_layer_rows(cfg, rows)
     x = modules.dhen_layer(layer, x, cfg.dhen_modules, module_rows, cfg.dhen_ensemble, cfg.attention_heads, act)
   return x
+
+
+# Automatic slicing on CPU: 8 slices for batches of at least 1,024 examples that 8 divides,
+# when no DHEN layer reads more than 64 rows (see `dhen_chunks`).
+_AUTO_CHUNKS, _AUTO_MIN_BATCH, _AUTO_MAX_ROWS = 8, 1024, 64
+
+
+def dhen_chunks(cfg: TowerConfig, batch: int) -> int:
+  """How many interleaved batch slices `interact` runs the DHEN layers on.
+
+  The slices are independent programs inside one jit: XLA:CPU can run their small
+  kernels concurrently (most kernels of a narrow DHEN layer use one thread each) and each
+  slice's `[b, H, F, F]` attention tensors are smaller. Dense step of
+  `benchmarks/ctr_bench.py`'s DHEN (2 cores, batch 4096, huge pages), whole batch vs 8
+  slices: 1 layer 222-260 vs 206-210 ms, 2 layers 405-415 vs 354-372 ms, 3 layers
+  680-687 vs 597-598 ms, but 4 layers (inputs of 27 to 75 rows) 1,026-1,061 vs
+  1,078-1,133 ms, and 1,235-1,247 ms with only the layers of <= 64 rows sliced: in
+  traces of the 4-layer programs the sliced kernels ran one after another, while the whole
+  batch's large attention kernels use both threads. Hence the automatic rule: slice only
+  when every layer reads at most 64 rows. It is fitted to these measurements on this
+  CPU; set `cfg.dhen_batch_chunks` to choose (other backends get 1 slice by default).
+  """
+  n = cfg.dhen_batch_chunks
+  if n == 0:
+    rows, widest = cfg.features.n_slots, 0
+    for _ in range(cfg.dhen_layers):
+      widest = max(widest, rows)
+      rows = dhen_layer_rows(cfg, rows)[1]
+    auto = (jax.default_backend() == "cpu" and batch >= _AUTO_MIN_BATCH and batch % _AUTO_CHUNKS == 0
+            and widest <= _AUTO_MAX_ROWS)
+    n = _AUTO_CHUNKS if auto else 1
+  if batch % n:
+    raise ValueError(f"dhen_batch_chunks={n} must divide the batch size {batch}")
+  return n
 
 
 def apply(p: dict, batch: dict, cfg: TowerConfig) -> Array:

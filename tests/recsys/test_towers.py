@@ -72,10 +72,15 @@ class DhenChunksTest(chex.TestCase):
                                rtol=1e-6, atol=1e-6)
 
   def test_automatic_rule_and_bad_chunks(self):
-    auto = self.CFG
-    self.assertEqual(towers.dhen_chunks(auto, 4096), 8 if jax.default_backend() == "cpu" else 1)
-    self.assertEqual(towers.dhen_chunks(auto, 1000), 1)  # below 1,024 rows: one program
+    auto = self.CFG  # layers read 6 and 11 rows
+    on_cpu = jax.default_backend() == "cpu"
+    self.assertEqual(towers.dhen_chunks(auto, 4096), 8 if on_cpu else 1)
+    self.assertEqual(towers.dhen_chunks(auto, 1000), 1)  # below 1,024 examples: one program
     self.assertEqual(towers.dhen_chunks(auto, 1028), 1)  # 8 does not divide
+    wide = dataclasses.replace(auto, dhen_rows=(None, 30, 2), dhen_layers=3)  # layers read 6, 38, 70 rows
+    self.assertEqual(towers.dhen_chunks(dataclasses.replace(wide, dhen_layers=2), 4096), 8 if on_cpu else 1)
+    self.assertEqual(towers.dhen_chunks(wide, 4096), 1)
+    self.assertEqual(towers.dhen_chunks(dataclasses.replace(wide, dhen_batch_chunks=2), 16), 2)  # explicit wins
     with self.assertRaisesRegex(ValueError, "must divide the batch size 16"):
       towers.dhen_chunks(dataclasses.replace(auto, dhen_batch_chunks=3), 16)
     with self.assertRaisesRegex(ValueError, "dhen_batch_chunks"):
