@@ -1,13 +1,14 @@
 """Host memory on CPU: transparent huge pages for XLA's large buffers.
 
 XLA:CPU allocates an executable's temporary buffer (about 400 MB for a CTR
-training step at batch 4096, tens of MB for a small Llama step) with `malloc`
-on every call. glibc serves blocks that large with a fresh `mmap` and returns
-them with `munmap`, so every call touches the whole buffer again through
-4 KiB page faults: ~99,000 faults per DHEN step, 15% of its time here
-(`tests/train/test_hostmem.py` counts them). glibc >= 2.35 has a tunable,
+training step at batch 4096) with `malloc` on every call. glibc serves blocks
+that large with a fresh `mmap` and returns them with `munmap`, so every call
+touches the whole buffer again through 4 KiB page faults: ~99,000 faults per
+DHEN step, 15% of its time on a 2-core machine (the small Llama training step
+of `benchmarks/llama_bench.py` gained 17%). glibc >= 2.35 has a tunable,
 `glibc.malloc.hugetlb=1`, that makes malloc advise transparent huge pages
-(2 MiB) for such blocks, which cuts the faults ~150x. The tunable is read only
+(2 MiB) for such blocks: ~600 faults per DHEN step (`tests/train/test_hostmem.py`
+counts them for a smaller program). The tunable is read only
 when a process starts, so an entrypoint calls `relaunch_with_huge_pages()`
 first: it re-executes the same command line with the tunable set (a no-op when
 it is already set, on other systems, or when `JAXML_HUGE_PAGES=0`).
