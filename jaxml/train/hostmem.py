@@ -5,7 +5,7 @@ training step at batch 4096) with `malloc` on every call. glibc serves blocks
 that large with a fresh `mmap` and returns them with `munmap`, so every call
 touches the whole buffer again through 4 KiB page faults: ~99,000 faults per
 DHEN step, 15% of its time on a 2-core machine (the small Llama training step
-of `benchmarks/llama_bench.py` gained 17%). glibc >= 2.35 has a tunable,
+of `benchmarks/llama_bench.py` gained 13% tokens/s). glibc >= 2.35 has a tunable,
 `glibc.malloc.hugetlb=1`, that makes malloc advise transparent huge pages
 (2 MiB) for such blocks: ~600 faults per DHEN step (`tests/train/test_hostmem.py`
 counts them for a smaller program). The tunable is read only
