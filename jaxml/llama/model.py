@@ -162,13 +162,13 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_
   check_tokens(tokens_BxT, cfg)
   B, T = tokens_BxT.shape
   dt = cfg.compute_dtype
-  if positions_BxT is None and isinstance(cache_index, (int, np.integer)):
-    # Positions known when tracing (training, prefill): constant rotary tables.
-    cos, sin = nn.rope_tables(np.arange(T, dtype=np.int32)[None] + int(cache_index), cfg.head_dim, cfg.rope_theta)
+  # Positions known when tracing (training, prefill): constant rotary tables.
+  static_positions = positions_BxT is None and isinstance(cache_index, (int, np.integer))
+  if positions_BxT is None:
     positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + cache_index, (B, T))
+  if static_positions:
+    cos, sin = nn.rope_tables(np.arange(T, dtype=np.int32)[None] + int(cache_index), cfg.head_dim, cfg.rope_theta)
   else:
-    if positions_BxT is None:
-      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + cache_index, (B, T))
     cos, sin = nn.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
   if cache is None:
     k_pos = positions_BxT

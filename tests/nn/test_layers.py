@@ -114,6 +114,10 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     self.assertEqual(longer.max_len, 9)
     chex.assert_trees_all_equal(longer.k[:, :, :, :5], cache.k)
     chex.assert_trees_all_equal(longer.v[..., :5], cache.v)
+    # the appended piece's slots (zeros) follow; cache.v is -1 and cache.k is the layer index
+    np.testing.assert_array_equal(longer.k[:, :, :, 5:], 0.0)
+    np.testing.assert_array_equal(longer.v[..., 5:], 0.0)
+    np.testing.assert_array_equal(longer.k[1:, :, :, :5], cache.k[1:])  # non-zero rows kept in place
     chex.assert_trees_all_equal(layers.append(layers).as_stacked(), cache.append(cache))
 
   def test_causal_mask_over_cache(self):
