@@ -1,6 +1,6 @@
 """CTR tower training throughput and model FLOP utilisation (MFU).
 
-  python -m benchmarks.ctr_bench [--batch=4096] [--quick]
+  python -m benchmarks.ctr_bench [--batch=4096] [--quick] [--dhen_batch_chunks=1]
 
 For each tower (MLP, DCN-v2, DLRM, DHEN) on Criteo-shaped inputs (13 dense,
 26 hashed fields): examples/s of the full Adam training step, and the MFU of its
@@ -31,10 +31,12 @@ flags.DEFINE_integer("batch", 4096, "training batch size")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_integer("steps", 3, "steps per timed repeat")
 flags.DEFINE_bool("quick", False, "smaller sweeps (smoke test)")
+flags.DEFINE_integer("dhen_batch_chunks", 0, "DHEN batch slices (TowerConfig.dhen_batch_chunks; 0 = automatic, "
+                     "1 = whole batch)")
 FLAGS = flags.FLAGS
 
 
-def tower_configs(vocab: int = 10_000) -> dict[str, TowerConfig]:
+def tower_configs(vocab: int = 10_000, dhen_chunks: int = 0) -> dict[str, TowerConfig]:
   fc = FeatureConfig(n_dense=13, vocab_sizes=(vocab,) * 26, embed_dim=16, dense_hidden=(64,))
   hidden = (1024, 512, 256)
   return {
@@ -42,7 +44,7 @@ def tower_configs(vocab: int = 10_000) -> dict[str, TowerConfig]:
       "dcnv2": TowerConfig(features=fc, kind="dcnv2", hidden=hidden, cross_layers=3),
       "dlrm": TowerConfig(features=fc, kind="dlrm", hidden=hidden),
       "dhen": TowerConfig(features=fc, kind="dhen", hidden=hidden, dhen_modules=("attention", "linear"),
-                          dhen_rows=(None, 16), dhen_layers=2, attention_heads=2),
+                          dhen_rows=(None, 16), dhen_layers=2, attention_heads=2, dhen_batch_chunks=dhen_chunks),
   }
 
 
@@ -117,7 +119,7 @@ def main(argv):
   say(f"matmul peak {peak / 1e9:.1f} GFLOP/s")
 
   measured = {}
-  for name, cfg in tower_configs().items():
+  for name, cfg in tower_configs(dhen_chunks=FLAGS.dhen_batch_chunks).items():
     measured[name] = full_step(cfg, b, reps, steps) + dense_step(cfg, b, reps, steps)
     sec, flops, dsec, dflops = measured[name]
     say(f"{name}: {b / sec:,.0f} ex/s, {1e3 * sec:.0f} ms/step, dense part {dflops / dsec / 1e9:.1f} GFLOP/s")
@@ -126,7 +128,7 @@ def main(argv):
   peak = max(peak, matmul_peak_flops(n=n_peak, repeats=5))
   res["matmul_peak_gflops"] = peak / 1e9
   for name, (sec, flops, dsec, dflops) in measured.items():
-    cfg = tower_configs()[name]
+    cfg = tower_configs(dhen_chunks=FLAGS.dhen_batch_chunks)[name]
     res[f"examples_per_s_{name}"] = b / sec
     res[f"step_ms_{name}"] = 1e3 * sec
     res[f"train_gflops_per_step_{name}"] = flops / 1e9
@@ -141,7 +143,7 @@ def main(argv):
     res[f"step_ms_mlp_table_rows_{cfg.features.table_rows}"] = 1e3 * sec
     say(f"table {cfg.features.table_rows:,} rows: {1e3 * sec:.1f} ms/step")
 
-  base = tower_configs()["dhen"]
+  base = tower_configs(dhen_chunks=FLAGS.dhen_batch_chunks)["dhen"]
   for depth in ((1, 2) if FLAGS.quick else (1, 2, 4)):
     cfg = dataclasses.replace(base, dhen_layers=depth)
     sec, flops = dense_step(cfg, b, reps, steps)

@@ -114,9 +114,11 @@ def dhen_chunks(cfg: TowerConfig, batch: int) -> int:
   kernels concurrently (most kernels of a narrow DHEN layer use one thread each) and each
   slice's `[b, H, F, F]` attention tensors are smaller. Dense step of
   `benchmarks/ctr_bench.py`'s DHEN (2 cores, batch 4096, huge pages), whole batch vs 8
-  slices: 1 layer 222-260 vs 206-210 ms, 2 layers 405-415 vs 354-372 ms, 3 layers
-  680-687 vs 597-598 ms, but 4 layers (inputs of 27 to 75 rows) 1,026-1,061 vs
-  1,078-1,133 ms, and 1,235-1,247 ms with only the layers of <= 64 rows sliced: in
+  slices (`--dhen_batch_chunks=1` / `=8` reproduce 1, 2 and 4 layers; 3 layers and the
+  partly sliced variant came from one-off scripts): 1 layer 222-260 vs 206-210 ms,
+  2 layers 405-415 vs 354-372 ms, 3 layers 680-687 vs 597-598 ms, but 4 layers (inputs
+  of 27 to 75 rows) 1,026-1,061 vs 1,078-1,133 ms, and 1,235-1,247 ms with only the
+  layers of <= 64 rows sliced: in
   traces of the 4-layer programs the sliced kernels ran one after another, while the whole
   batch's large attention kernels use both threads. Hence the automatic rule: slice only
   when every layer reads at most 64 rows. It is fitted to these measurements on this
