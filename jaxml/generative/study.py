@@ -10,7 +10,9 @@ gradient steps and the same batch size; seeds are trained in parallel with
   `modes_captured`, `high_quality_frac`, `reverse_kl`, `gap_mass`;
 - `table.md`: mean +- std over seeds beside published GAN figures;
 - `samples.png`: one panel of samples (seed 0) per dataset and model;
-- `config.json`: the study configuration and timings.
+- `config.json`: the study configuration and timings;
+- `pairs/`: each (dataset, model) pair as soon as it finishes, so that a rerun
+  with the same workdir resumes an interrupted study.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +67,7 @@ class StudyConfig:
   hidden: int = 128
   depth: int = 3
   latent_dim: int = 8  # GAN / VAE latent width
-  gan_learning_rate: float = 1e-4
+  gan_learning_rate: float = 1e-3  # the same rate for all three models (Adam; b1 = 0.5 for the GAN)
   vae_learning_rate: float = 1e-3
   diffusion_learning_rate: float = 1e-3
   diffusion_time_power: float = 3.0  # t = eps + (1 - eps) u^p in the DSM loss (1: uniform as in the paper; 3 puts
@@ -215,17 +218,70 @@ def plot_panel(samples: dict, datasets: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _pair_paths(workdir: str, dname: str, model: str) -> tuple[str, str]:
+  """`(metrics .json, seed-0 samples .npy)` of one finished (dataset, model) pair."""
+  base = os.path.join(workdir, "pairs", f"{dname}__{model}")
+  return base + ".json", base + ".npy"
+
+
+def _pair_salt(dname: str, model: str) -> int:
+  """Seed salt of a pair, from its names (not its position: adding a dataset changes no other pair)."""
+  return zlib.crc32(f"{dname}/{model}".encode()) % (2**31)
+
+
+def _check_resumable(cfg: StudyConfig, workdir: str) -> None:
+  """Raises if `workdir` holds finished pairs of a study with a different configuration."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)["config"]
+  new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  # Adding datasets or models to a finished study is fine; anything else changes what a pair means.
+  differ = sorted(k for k in new if k not in ("datasets", "models") and old.get(k) != new[k])
+  if differ:
+    raise ValueError(f"{workdir} holds a study run with a different configuration ({', '.join(differ)} differ: "
+                     f"{ {k: (old.get(k), new[k]) for k in differ} }); use a new --workdir or delete {path}")
+
+
+def _write_config(cfg: StudyConfig, workdir: str, timings: dict) -> None:
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump({"config": dataclasses.asdict(cfg), "seconds": timings}, f, indent=1)
+  os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
 def run_study(cfg: StudyConfig, workdir: str, log=print) -> dict:
-  """Runs every (dataset, model) pair over `cfg.num_seeds` seeds; writes results into `workdir`."""
-  os.makedirs(workdir, exist_ok=True)
+  """Runs every (dataset, model) pair over `cfg.num_seeds` seeds; writes results into `workdir`.
+
+  Each finished pair is saved at once (`pairs/<dataset>__<model>.json`: per-seed metrics;
+  `.npy`: the seed-0 samples of the figure), so an interrupted study resumes where it
+  stopped when run again with the same `workdir` and configuration (datasets and models may
+  be added); any other change of configuration raises instead of mixing results. A pair's
+  seeds derive from its names, so a resumed study gives what one uninterrupted run gives.
+  """
+  os.makedirs(os.path.join(workdir, "pairs"), exist_ok=True)
+  _check_resumable(cfg, workdir)
   results, panel, datasets, timings = {}, {}, {}, {}
-  for di, dname in enumerate(cfg.datasets):
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      timings = json.load(f).get("seconds", {})
+  _write_config(cfg, workdir, timings)
+  for dname in cfg.datasets:
     ds = get_dataset(dname)
     datasets[dname] = ds
     results[dname], panel[dname] = {}, {}
-    for mi, model in enumerate(cfg.models):
+    for model in cfg.models:
+      pair_json, pair_npy = _pair_paths(workdir, dname, model)
+      if os.path.exists(pair_json):
+        with open(pair_json) as f:
+          results[dname][model] = json.load(f)
+        panel[dname][model] = np.load(pair_npy)
+        log(f"{dname:>12s} {model:>9s}: finished in an earlier run, loaded from {pair_json}")
+        continue
       t0 = time.time()
-      samples, curve = train_and_sample(model, ds, cfg, salt=1000 * di + mi)
+      samples, curve = train_and_sample(model, ds, cfg, salt=_pair_salt(dname, model))
       per_seed = []
       for s in range(cfg.num_seeds):
         x = samples[s]
@@ -235,6 +291,11 @@ def run_study(cfg: StudyConfig, workdir: str, log=print) -> dict:
       results[dname][model] = {k: [m[k] for m in per_seed] for k in METRICS}
       panel[dname][model] = samples[0]
       timings[f"{dname}/{model}"] = round(time.time() - t0, 1)
+      np.save(pair_npy, samples[0])
+      with open(pair_json + ".tmp", "w") as f:
+        json.dump(results[dname][model], f)
+      os.replace(pair_json + ".tmp", pair_json)  # written last: the pair counts as finished only now
+      _write_config(cfg, workdir, timings)
       log(f"{dname:>12s} {model:>9s}: modes {[m['modes_captured'] for m in per_seed]} "
           f"hq {[round(m['high_quality_frac'], 3) for m in per_seed]} "
           f"final loss {np.round(curve[:, -1], 3).tolist()} ({timings[f'{dname}/{model}']} s)")
@@ -243,8 +304,6 @@ def run_study(cfg: StudyConfig, workdir: str, log=print) -> dict:
     json.dump(results, f, indent=1)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(table + "\n")
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"config": dataclasses.asdict(cfg), "seconds": timings}, f, indent=1)
   plot_panel(panel, datasets, os.path.join(workdir, "samples.png"))
   log(table)
   return results
