@@ -2,6 +2,7 @@
 
     python -m experiments.mode_collapse --workdir=workdirs/mode_collapse
     python -m experiments.mode_collapse --workdir=workdirs/mode_collapse_small --config=experiments/configs/mode_collapse.py:small
+    python -m experiments.mode_collapse --workdir=workdirs/gan_long --config=experiments/configs/mode_collapse.py:gan_long
 """
 import ml_collections
 
@@ -17,7 +18,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.hidden = 128  # hidden width of every MLP (GAN G and D, VAE encoder and decoder, score net)
   c.depth = 3  # hidden layers of every MLP
   c.latent_dim = 8  # GAN / VAE latent width
-  c.gan_learning_rate = 1e-4  # Adam(b1=0.5), the usual GAN setting
+  # One learning rate for every model. GAN: Adam(b1=0.5); its usual 1e-4 left it far from converged at
+  # this budget (ring-8: 2% high-quality samples vs 18-39% at 1e-3; see README), so all three use 1e-3.
+  c.gan_learning_rate = 1e-3
   c.vae_learning_rate = 1e-3  # Adam
   c.diffusion_learning_rate = 1e-3  # Adam
   c.diffusion_time_power = 3.0  # DSM draws t = eps + (1 - eps) u^p; same minimiser, more weight on small t
@@ -38,6 +41,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.sampler_steps = 20
     c.num_eval = 500
     c.chunk = 30
+  elif variant == "gan_long":  # minutes: the GAN alone at the usual GAN rate and 25k steps (8x the budget)
+    c.datasets = ("ring8", "grid25")
+    c.models = ("gan",)
+    c.gan_learning_rate = 1e-4
+    c.num_steps = 25000
+    c.chunk = 500
   elif variant:
-    raise ValueError(f"unknown config variant {variant!r}; expected '' or 'small'")
+    raise ValueError(f"unknown config variant {variant!r}; expected '', 'small' or 'gan_long'")
   return c
