@@ -153,6 +153,16 @@ class StudyTest(absltest.TestCase):
     self.assertEqual(len(loaded), 1)
     self.assertIn("gan", loaded[0])
 
+  def test_every_config_variant_is_a_valid_study(self):
+    from experiments.configs.mode_collapse import get_config
+    from jaxml.generative.study import config_from_dict
+    for variant in ("", "small", "gan_long"):
+      cfg = config_from_dict(get_config(variant).to_dict())
+      self.assertGreater(cfg.num_steps, 0)
+    self.assertEqual(config_from_dict(get_config("gan_long").to_dict()).models, ("gan",))
+    with self.assertRaisesRegex(ValueError, "unknown config variant"):
+      get_config("huge")
+
   def test_resuming_with_another_config_raises(self):
     from experiments.configs.mode_collapse import get_config
     cfg = get_config("small")
