@@ -17,7 +17,9 @@ suffixed, the others); `compiled_vs_python_loop_speedup` = python_loop /
 compiled (batch 64 and, suffixed, the others); `python_loop_vs_net_evals` =
 python_loop / net_evals, the ceiling of that speedup for any sampler that calls
 the network `--steps` times (what the compiled loop could reach with zero
-overhead). Also the predictor-corrector sampler (two network calls per step) at
+overhead); at batch 64, what a Python step costs besides the network
+(`python_step_dispatch_us_b64`: the jitted call alone; `python_step_without_net_us_b64`:
+the sampler's step with a free score function). Also the predictor-corrector sampler (two network calls per step) at
 batch 64, and training steps/s of the 2D score MLP and of the digits U-Net
 (scanned steps). Ends with `name: value` lines.
 """
@@ -91,6 +93,30 @@ def sampler_costs(batch: int, steps: int, repeats: int, hidden: int = 128, depth
   return {k: statistics.median(v) for k, v in times.items()}
 
 
+def python_step_breakdown(batch: int, steps: int, repeats: int) -> dict:
+  """Microseconds per Python-stepped step that are not the network: what bounds the speedup.
+
+  `python_step_dispatch_us`: a jitted identity on the sampler state (the call alone);
+  `python_step_without_net_us`: `sampler_parts(...).step` of Euler-Maruyama with a free score
+  (`-x`): dispatch plus the step's own small programs (key split, noise draw, update).
+  """
+  parts = jd.sampler_parts(jd.VPSDE(), lambda x, t: -x, (batch, 2), num_steps=steps)
+  state = jax.jit(parts.init)(jax.random.PRNGKey(0))
+  identity = jax.jit(lambda i, s: s)
+  step = jax.jit(parts.step)
+
+  def loop(fn):
+    def run():
+      s = state
+      for i in range(steps):
+        s = fn(i, s)
+      return s
+    return run
+
+  return {"python_step_dispatch_us": _timed(loop(identity), repeats) / steps * 1e6,
+          "python_step_without_net_us": _timed(loop(step), repeats) / steps * 1e6}
+
+
 def train_steps_per_s(repeats: int) -> dict:
   out = {}
   sde = jd.VPSDE()
@@ -146,6 +172,8 @@ def main():
       else:
         suffix = f"_{method}_b{batch}"
       lines[name + suffix] = r[name]
+  for k, v in python_step_breakdown(64, args.steps, args.repeats).items():
+    lines[f"{k}_b64"] = v
   lines.update(train_steps_per_s(args.repeats))
   for k, v in lines.items():
     print(f"{k}: {v:.3f}")
