@@ -5,7 +5,8 @@ scored by (a) the true mixture log-density of its samples and (b) its own
 probability-flow log-likelihood of held-out data (exact trace), next to the
 true log-density of that data. Digits: a small U-Net is trained on the
 scikit-learn digits, sampled, and its bits/dim (uniform dequantisation,
-Hutchinson trace) reported. Writes `results.json`, `samples_2d.png`, `digits.png`.
+Hutchinson trace) reported. Writes `results.json`, `samples_2d.png`, `digits.png`
+and the samples behind the figures (`samples_2d.npz`, `samples_digits.npz`: grey levels 0..16).
 """
 from __future__ import annotations
 
@@ -89,13 +90,16 @@ def _save_2d(samples, mix, path):
   plt.close(fig)
 
 
-def _save_digits(samples, path):
+def _save_digits(samples, path, data=None):
+  """One grid per sampler, after a grid of real digits (`data`, grey levels 0..16) when given."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, len(samples), figsize=(3 * len(samples), 3), squeeze=False)
-  for ax, (name, x) in zip(axes[0], samples.items()):
-    imgs = digits_lib.from_model_space(x)[..., 0]
+  panels = {name: digits_lib.from_model_space(x)[..., 0] for name, x in samples.items()}
+  if data is not None:
+    panels = {"data": np.asarray(data), **panels}
+  fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3), squeeze=False)
+  for ax, (name, imgs) in zip(axes[0], panels.items()):
     n = int(math.sqrt(len(imgs)))
     grid = imgs[:n * n].reshape(n, n, 8, 8).transpose(0, 2, 1, 3).reshape(8 * n, 8 * n)
     ax.imshow(grid, cmap="gray_r", vmin=0, vmax=16)
@@ -136,6 +140,7 @@ def train_and_evaluate(cfg: DiffusionExperimentConfig, workdir: str, log=print) 
       "data_true_logp": float(jnp.mean(true_ll)),
       "model_loglik_nats": float(jnp.mean(model_ll)),
   }
+  np.savez(os.path.join(workdir, "samples_2d.npz"), **samples)
   _save_2d(samples, mix, os.path.join(workdir, "samples_2d.png"))
   log(f"2D: {json.dumps(results['2d'])}")
 
@@ -167,7 +172,8 @@ def train_and_evaluate(cfg: DiffusionExperimentConfig, workdir: str, log=print) 
     results["digits"] = {"train_seconds": round(utrain_s, 1), "final_loss": float(ulosses[-50:].mean()),
                          "sampler_seconds": dsecs, "bits_per_dim": float(jnp.mean(bpd)),
                          "uniform_bits_per_dim": math.log2(digits_lib.NUM_LEVELS)}
-    _save_digits(dsamples, os.path.join(workdir, "digits.png"))
+    np.savez(os.path.join(workdir, "samples_digits.npz"), **{m: digits_lib.from_model_space(x) for m, x in dsamples.items()})
+    _save_digits(dsamples, os.path.join(workdir, "digits.png"), data=images[train_idx[:cfg.num_samples_digits]])
     log(f"digits: {json.dumps(results['digits'])}")
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
