@@ -232,7 +232,8 @@ def _pair_salt(dname: str, model: str) -> int:
 def _check_resumable(cfg: StudyConfig, workdir: str) -> None:
   """Raises if `workdir` holds finished pairs of a study with a different configuration."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  pairs = os.path.join(workdir, "pairs")
+  if not os.path.exists(path) or not any(f.endswith(".json") for f in os.listdir(pairs)):
     return
   with open(path) as f:
     old = json.load(f)["config"]

@@ -1,4 +1,5 @@
 """GAN and VAE steps reduce their losses; spectral norm and R1 behave; the study writes results.json."""
+import dataclasses
 import json
 import os
 import tempfile
@@ -156,10 +157,12 @@ class StudyTest(absltest.TestCase):
   def test_every_config_variant_is_a_valid_study(self):
     from experiments.configs.mode_collapse import get_config
     from jaxml.generative.study import config_from_dict
-    for variant in ("", "small", "gan_long"):
-      cfg = config_from_dict(get_config(variant).to_dict())
-      self.assertGreater(cfg.num_steps, 0)
-    self.assertEqual(config_from_dict(get_config("gan_long").to_dict()).models, ("gan",))
+    base, _, long = (dataclasses.asdict(config_from_dict(get_config(v).to_dict())) for v in ("", "small", "gan_long"))
+    # The long-budget GAN is the study's GAN with only its budget and rate changed (same networks, batch, eval).
+    self.assertEqual({k for k in base if base[k] != long[k]},
+                     {"datasets", "models", "gan_learning_rate", "num_steps", "chunk"})
+    self.assertEqual(long["models"], ("gan",))
+    self.assertGreater(long["num_steps"], 8 * base["num_steps"])
     with self.assertRaisesRegex(ValueError, "unknown config variant"):
       get_config("huge")
 
@@ -172,6 +175,11 @@ class StudyTest(absltest.TestCase):
       cfg.num_steps = cfg.num_steps + 1
       with self.assertRaisesRegex(ValueError, "num_steps"):
         run_from_config(cfg, d, log=lambda s: None)
+      # With no finished pair there is nothing to mix up: the new configuration simply starts.
+      os.remove(os.path.join(d, "pairs", "mix1d_sep4__gan.json"))
+      run_from_config(cfg, d, log=lambda s: None)
+      with open(os.path.join(d, "config.json")) as f:
+        self.assertEqual(json.load(f)["config"]["num_steps"], cfg.num_steps)
 
   def test_bad_config(self):
     with self.assertRaisesRegex(ValueError, "unknown study config keys"):
