@@ -46,7 +46,9 @@ METRICS = ("modes_captured", "high_quality_frac", "reverse_kl", "gap_mass")
 # VEEGAN (Srivastava et al. 2017, Table 1) and PacGAN (Lin et al. 2018, Table 2). NOT yet verified
 # against the papers (the grid-25 rows agree with the project's reference notes, which also mark them
 # "verify"); the printed table labels them "published, unverified". They are shown for context only and
-# no test depends on them.
+# no test depends on them. Checked against the authors' released code and project page: the protocol
+# (2500 samples, 3-std high quality, a mode counts with one high-quality sample) and the data (grid as
+# ours; PacGAN's ring is ours at half the scale); their GANs train far longer (PacGAN: 400k steps).
 PUBLISHED = {
     "ring8": [("GAN (VEEGAN T1)", 1.0, 99.3, None), ("ALI (VEEGAN T1)", 2.8, 0.13, None),
               ("Unrolled GAN (VEEGAN T1)", 7.6, 35.6, None), ("VEEGAN (VEEGAN T1)", 8.0, 52.9, None)],

@@ -1,9 +1,11 @@
 """Toy multi-modal datasets of the mode-collapse literature.
 
 - `ring8`: 8 Gaussians evenly spaced on a circle of radius 2, std 0.02
-  (Metz et al., Unrolled GAN, arXiv 1611.02163; VEEGAN, arXiv 1705.07761).
-- `grid25`: 25 Gaussians on the grid {-4, -2, 0, 2, 4}^2, std 0.05
-  (VEEGAN; PacGAN, arXiv 1712.04086).
+  (Metz et al., Unrolled GAN, arXiv 1611.02163; VEEGAN, arXiv 1705.07761). PacGAN's
+  released configuration (arXiv 1712.04086) uses radius 1, std 0.01: the same ring at half
+  the scale, so every metric measured in mode stds is unchanged.
+- `grid25`: 25 Gaussians on the grid {-4, -2, 0, 2, 4}^2, std 0.05, as in PacGAN's
+  released configuration (and VEEGAN).
 - `mix1d_sep{S}`: two equal 1D Gaussians at -S/2 and +S/2, std 0.1, so the
   separation in units of the mode std is 10 S.
 
