@@ -73,12 +73,21 @@ def mixture1d(separation: float, std: float = 0.1, weights=(0.5, 0.5)) -> ToyDat
 
 
 def get_dataset(name: str) -> ToyDataset:
-  """`"ring8"`, `"grid25"` or `"mix1d_sep<S>"` (e.g. `mix1d_sep4`, `mix1d_sep0p5`)."""
+  """`"ring8"`, `"grid25"`, `"mix1d_sep<S>"` (e.g. `mix1d_sep4`, `mix1d_sep0p5`) or `"ring8_x<K>"`.
+
+  `ring8_x<K>` is ring-8 scaled by K (radius 2K, std 0.02K): the same data in units of the
+  mode std, so its metrics compare with ring-8's, at a K times larger absolute scale.
+  """
   if name == "ring8":
     return ring8()
+  m = re.fullmatch(r"ring8_x(\d+)", str(name))
+  if m and int(m.group(1)) > 0:
+    k = int(m.group(1))
+    ds = ring8(radius=2.0 * k, std=0.02 * k)
+    return dataclasses.replace(ds, name=name)
   if name == "grid25":
     return grid25()
   m = re.fullmatch(r"mix1d_sep(\d+(?:p\d+)?)", str(name))
   if m:
     return mixture1d(float(m.group(1).replace("p", ".")))
-  raise ValueError(f"unknown toy dataset {name!r}; expected 'ring8', 'grid25' or 'mix1d_sep<S>'")
+  raise ValueError(f"unknown toy dataset {name!r}; expected 'ring8', 'grid25', 'mix1d_sep<S>' or 'ring8_x<K>'")

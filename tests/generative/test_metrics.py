@@ -58,7 +58,7 @@ class MetricsTest(chex.TestCase, parameterized.TestCase):
     self.assertEqual(m["gap_mass"], 1.0)
 
   def test_true_samples_score_well(self):
-    for name in ("ring8", "grid25", "mix1d_sep8"):
+    for name in ("ring8", "grid25", "mix1d_sep8", "ring8_x10"):
       ds = get_dataset(name)
       m = mode_metrics(np.asarray(ds.sample(jax.random.PRNGKey(0), 2500)), ds.centers, ds.std, ds.weights)
       self.assertEqual(m["modes_captured"], len(ds.centers))
@@ -71,6 +71,10 @@ class MetricsTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(np.linalg.norm(ring8().centers, axis=1), 2.0, rtol=1e-6)
     self.assertEqual(sorted(set(grid25().centers[:, 0].tolist())), [-4.0, -2.0, 0.0, 2.0, 4.0])
     np.testing.assert_allclose(get_dataset("mix1d_sep0p5").centers[:, 0], [-0.25, 0.25])
+    big = get_dataset("ring8_x10")
+    self.assertEqual(big.name, "ring8_x10")
+    np.testing.assert_allclose(big.centers, 10 * ring8().centers, rtol=1e-6)
+    self.assertAlmostEqual(big.std, 0.2, places=6)
 
   def test_bad_input(self):
     ds = ring8()
@@ -82,6 +86,8 @@ class MetricsTest(chex.TestCase, parameterized.TestCase):
       mode_metrics(np.zeros((4, 2, 1)), ds.centers, ds.std)
     with self.assertRaisesRegex(ValueError, "unknown toy dataset"):
       get_dataset("ring9000x")
+    with self.assertRaisesRegex(ValueError, "unknown toy dataset"):
+      get_dataset("ring8_x0")
     with self.assertRaisesRegex(ValueError, "separation"):
       mixture1d(0.0)
 
