@@ -231,20 +231,26 @@ def _pair_salt(dname: str, model: str) -> int:
   return zlib.crc32(f"{dname}/{model}".encode()) % (2**31)
 
 
-def _check_resumable(cfg: StudyConfig, workdir: str) -> None:
-  """Raises if `workdir` holds finished pairs of a study with a different configuration."""
+def _check_resumable(cfg: StudyConfig, workdir: str) -> dict:
+  """Timings of the finished pairs `workdir` holds (`{}` if none); raises if they belong to another study."""
   path = os.path.join(workdir, "config.json")
   pairs = os.path.join(workdir, "pairs")
-  if not os.path.exists(path) or not any(f.endswith(".json") for f in os.listdir(pairs)):
-    return
+  if not any(f.endswith(".json") for f in os.listdir(pairs)):
+    return {}  # nothing finished: any configuration may start here
+  advice = f"use a new --workdir or delete {pairs}"
+  if not os.path.exists(path):
+    raise ValueError(f"{pairs} holds finished pairs but {path} is missing, so their configuration is unknown; "
+                     f"{advice}")
   with open(path) as f:
-    old = json.load(f)["config"]
+    old_run = json.load(f)
+  old = old_run["config"]
   new = json.loads(json.dumps(dataclasses.asdict(cfg)))
   # Adding datasets or models to a finished study is fine; anything else changes what a pair means.
   differ = sorted(k for k in new if k not in ("datasets", "models") and old.get(k) != new[k])
   if differ:
     raise ValueError(f"{workdir} holds a study run with a different configuration ({', '.join(differ)} differ: "
-                     f"{ {k: (old.get(k), new[k]) for k in differ} }); use a new --workdir or delete {path}")
+                     f"{ {k: (old.get(k), new[k]) for k in differ} }); {advice}")
+  return old_run.get("seconds", {})
 
 
 def _write_config(cfg: StudyConfig, workdir: str, timings: dict) -> None:
@@ -264,12 +270,8 @@ def run_study(cfg: StudyConfig, workdir: str, log=print) -> dict:
   seeds derive from its names, so a resumed study gives what one uninterrupted run gives.
   """
   os.makedirs(os.path.join(workdir, "pairs"), exist_ok=True)
-  _check_resumable(cfg, workdir)
-  results, panel, datasets, timings = {}, {}, {}, {}
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      timings = json.load(f).get("seconds", {})
+  timings = _check_resumable(cfg, workdir)
+  results, panel, datasets = {}, {}, {}
   _write_config(cfg, workdir, timings)
   for dname in cfg.datasets:
     ds = get_dataset(dname)

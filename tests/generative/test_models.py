@@ -192,11 +192,17 @@ class StudyTest(absltest.TestCase):
       cfg.num_steps = cfg.num_steps + 1
       with self.assertRaisesRegex(ValueError, "num_steps"):
         run_from_config(cfg, d, log=lambda s: None)
+      # Finished pairs whose configuration file is gone cannot be trusted either.
+      os.remove(os.path.join(d, "config.json"))
+      with self.assertRaisesRegex(ValueError, "configuration is unknown"):
+        run_from_config(cfg, d, log=lambda s: None)
       # With no finished pair there is nothing to mix up: the new configuration simply starts.
       os.remove(os.path.join(d, "pairs", "mix1d_sep4__gan.json"))
       run_from_config(cfg, d, log=lambda s: None)
       with open(os.path.join(d, "config.json")) as f:
-        self.assertEqual(json.load(f)["config"]["num_steps"], cfg.num_steps)
+        on_disk = json.load(f)
+      self.assertEqual(on_disk["config"]["num_steps"], cfg.num_steps)
+      self.assertEqual(set(on_disk["seconds"]), {"mix1d_sep4/gan"})
 
   def test_bad_config(self):
     with self.assertRaisesRegex(ValueError, "unknown study config keys"):
