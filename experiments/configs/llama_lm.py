@@ -4,12 +4,12 @@ Variants (`--config=experiments/configs/llama_lm.py:<variant>`):
   default  CPU demo: ~1M params (4 layers, dim 128, GQA 4/2 heads, 1024-piece
            SentencePiece vocab) on ~2 MB of the Python standard library source,
            400 steps of 16 x 128 tokens; a few minutes on 2 cores.
-  local    seconds; for tests and smoke runs.
+  small    seconds; for tests and smoke runs.
   7b       Llama 2 7B shapes for a TPU VM (FSDP over all chips).
 
 Run:
   python -m experiments.llama_lm --workdir=/tmp/llama_lm
-  python -m experiments.llama_lm --workdir=/tmp/llama_lm --mode=generate --prompt="def main("
+  python -m experiments.llama_lm --workdir=/tmp/llama_lm --mode=generate --config.prompt="def main("
   python -m experiments.llama_lm --workdir=/tmp/l7b --config=experiments/configs/llama_lm.py:7b \
       --config.corpus=/data/text
 Any field can be overridden on the command line, e.g. `--config.steps=100`.
@@ -20,6 +20,9 @@ import ml_collections
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   variant = variant or "default"
   c = ml_collections.ConfigDict()
+  c.mode = "train"                   # "train" (resumes if workdir has checkpoints) or "generate" (sample)
+  c.prompt = ""                      # --mode=generate: the prompt ("" = sample_prompts)
+  c.allow_fresh_start = False        # start over when the workdir's checkpoints exist but none restores
   # --- data
   c.corpus = ""                      # a text file or a folder of text files; "" = the Python stdlib source
   c.corpus_max_bytes = 2_000_000     # read files (sorted) until this many bytes; bounds tokenizing time
@@ -61,7 +64,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "default":
     pass
-  elif variant == "local":
+  elif variant == "small":
     c.corpus_max_bytes = 150_000
     c.vocab_size = 512                # must cover every distinct character (byte fallback + coverage 1.0)
     c.preset = "tiny"
@@ -95,5 +98,5 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batches = 8
     c.sample_new_tokens = 128
   else:
-    raise ValueError(f"unknown llama_lm config variant {variant!r}; use default, local or 7b")
+    raise ValueError(f"unknown llama_lm config variant {variant!r}; use default, small or 7b")
   return c

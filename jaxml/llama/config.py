@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxml.nn.layers import swiglu_hidden_dim
 
@@ -106,3 +107,18 @@ def preset(name: str, **overrides) -> LlamaConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown Llama preset {name!r}; choose one of {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+# Partition rules for `jaxml.train` (regex on the leaf path -> PartitionSpec over the
+# (data, fsdp, tensor) mesh). # Llama parameter tree (see jaxml/llama/model.py). The leading layer axis of
+# the stacked `layers/*` weights is never sharded (it is the scan axis).
+LLAMA_RULES = (
+    (r"(^|/)tok_embeddings$", P("tensor", "fsdp")),         # [V, D]
+    (r"(^|/)layers/w[qkv]$", P(None, "fsdp", "tensor")),    # [L, D, heads*Dh]
+    (r"(^|/)layers/wo$", P(None, "tensor", "fsdp")),        # [L, H*Dh, D]
+    (r"(^|/)layers/w[13]$", P(None, "fsdp", "tensor")),     # [L, D, F]
+    (r"(^|/)layers/w2$", P(None, "tensor", "fsdp")),        # [L, F, D]
+    (r"(^|/)layers/[^/]*norm$", P(None, None)),             # [L, D]
+    (r"(^|/)norm$", P(None)),                               # [D]
+    (r"(^|/)output$", P("fsdp", "tensor")),                 # [D, V]
+)

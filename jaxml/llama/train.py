@@ -1,5 +1,9 @@
 """Training and sampling for the Llama LM experiment (`experiments/llama_lm.py`).
 
+`run(config, workdir)`: the experiment contract (`jaxml.experiment`):
+`config.mode` "train" calls `train_and_evaluate`, "generate" calls
+`generate_from_checkpoint`.
+
 `train_and_evaluate(config, workdir)`: corpus -> tokenizer (trained once,
 saved in `workdir`) -> token stream (cached in `workdir`) -> Llama from a
 preset + overrides -> `jaxml.train.train` (checkpoints, resume, metrics, loss
@@ -25,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxml import train as jt
+from jaxml.llama.config import LLAMA_RULES
 from jaxml.llama import config as llama_config
 from jaxml.llama import data
 from jaxml.llama import model
@@ -137,7 +142,7 @@ def _setup(config, workdir: str, cfg: llama_config.LlamaConfig):
   tx, schedule = _optimizer(config)
   init_fn = functools.partial(model.init, cfg=cfg)
   rng = jax.random.PRNGKey(config.seed)
-  abstract, shardings = jt.abstract_train_state(init_fn, tx, rng, mesh, jt.LLAMA_RULES)
+  abstract, shardings = jt.abstract_train_state(init_fn, tx, rng, mesh, LLAMA_RULES)
   ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint_every, keep=config.keep,
                          async_save=config.get("async_checkpoint", True))
   return mesh, tx, schedule, init_fn, rng, abstract, shardings, ckpt
@@ -170,6 +175,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tokens = load_tokens(workdir, files, tokenizer)
   train_tokens, eval_tokens = data.split_tokens(tokens, config.eval_fraction)
   cfg = model_config(config, tokenizer.vocab_size)
+  # A changed model on an existing workdir raises here, naming the fields, before anything is touched.
+  jt.check_run_config(os.path.join(workdir, "checkpoints"), cfg.to_dict(), fields="model config")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2)
@@ -185,8 +192,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     raise ValueError(f"config.seq_len={config.seq_len} exceeds the model's max_seq_len={cfg.max_seq_len}")
   _log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} device(s), {jax.process_count()} process(es)")
   state, start = jt.restore_or_init(ckpt, abstract,
-                                    lambda: jt.init_train_state(init_fn, tx, rng, mesh, jt.LLAMA_RULES)[0])
-  loss = functools.partial(model.loss_fn, cfg=cfg)
+                                    lambda: jt.init_train_state(init_fn, tx, rng, mesh, LLAMA_RULES)[0],
+                                    allow_fresh_start=config.get("allow_fresh_start", False))
+  loss = lambda params, batch, rng=None: model.loss_fn(params, batch, cfg)  # noqa: E731 - no randomness
   step_fn = jt.jit_train_step(jt.make_train_step(loss, tx, schedule=schedule), shardings, jt.batch_sharding(mesh))
   batches = data.TokenBatcher(train_tokens, config.batch, config.seq_len, seed=config.seed)
   try:
@@ -243,6 +251,8 @@ def load_for_sampling(config, workdir: str) -> tuple[llama_config.LlamaConfig, A
     return cfg, params, _load_sentencepiece(tok_path)
   if fmt != "own":
     raise ValueError(f"checkpoint_format must be 'own', 'hf' or 'meta', got {fmt!r}")
+  if not workdir:
+    raise ValueError("checkpoint_format='own' samples from a workdir: pass --workdir")
   workdir = os.path.abspath(workdir)
   cfg_path = os.path.join(workdir, MODEL_CONFIG_FILE)
   if not os.path.exists(cfg_path):
@@ -269,3 +279,20 @@ def generate_from_checkpoint(config, workdir: str, prompt: str | None = None) ->
   for s in outs:
     _log(s)
   return outs
+
+
+def run(config, workdir: str | None) -> dict[str, Any]:
+  """The experiment contract: `config.mode` "train" (default) or "generate".
+
+  Returns:
+    The summary of `train_and_evaluate` (with `preempted`), or
+    `{"samples": [...]}` for generate.
+  """
+  mode = config.get("mode", "train")
+  if mode == "train":
+    if not workdir:
+      raise ValueError("training needs a workdir")
+    return train_and_evaluate(config, workdir)
+  if mode == "generate":
+    return {"samples": generate_from_checkpoint(config, workdir, config.get("prompt") or None)}
+  raise ValueError(f"config.mode must be 'train' or 'generate', got {mode!r}")

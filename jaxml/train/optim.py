@@ -67,21 +67,55 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+OPTIMIZERS = ("adamw", "adam", "adagrad", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
 def make_optimizer(lr: float, *, total_steps: int, warmup_steps: int = 0, final_lr_ratio: float = 0.1,
                    b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
-                   clip_norm: float | None = 1.0,
-                   mask: Callable[[Any], Any] | None = decay_mask) -> tuple[optax.GradientTransformation,
+                   clip_norm: float | None = 1.0, mask: Callable[[Any], Any] | None = decay_mask,
+                   kind: str = "adamw", schedule: str = "cosine") -> tuple[optax.GradientTransformation,
                                                                            optax.Schedule]:
-  """AdamW + warmup/cosine + global-norm clipping. Returns `(tx, schedule)`.
+  """The one optimizer factory of every family.
 
-  `mask` maps the params tree to a bool tree of leaves that get weight decay
-  (None: every leaf). `clip_norm=None` disables clipping.
+  Args:
+    lr: the peak learning rate.
+    total_steps: the run's length (the cosine decays over it).
+    warmup_steps: linear warm-up steps (both schedules).
+    final_lr_ratio: the cosine's floor as a fraction of `lr`.
+    b1, b2, eps: Adam's moments (adamw, adam).
+    weight_decay: decoupled decay (adamw only), on the leaves `mask` selects.
+    clip_norm: global-norm clipping, or None.
+    mask: `mask(params) -> bool tree` of leaves that get weight decay (None: all).
+    kind: "adamw" (the module docstring), "adam", "adagrad" or "sgd".
+    schedule: "cosine" (warm-up then cosine) or "constant" (warm-up then `lr`).
+
+  Returns:
+    `(tx, schedule_fn)`.
   """
-  schedule = warmup_cosine_schedule(lr, warmup_steps, total_steps, final_lr_ratio)
+  if kind not in OPTIMIZERS:
+    raise ValueError(f"optimizer kind must be one of {OPTIMIZERS}, got {kind!r}")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  if schedule == "cosine":
+    schedule_fn = warmup_cosine_schedule(lr, warmup_steps, total_steps, final_lr_ratio)
+  else:
+    if lr < 0 or warmup_steps < 0:
+      raise ValueError(f"need lr >= 0 and warmup_steps >= 0, got {lr}, {warmup_steps}")
+    schedule_fn = (optax.constant_schedule(lr) if warmup_steps == 0 else
+                   optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)],
+                                        [warmup_steps]))
   parts = []
   if clip_norm is not None:
     if clip_norm <= 0:
       raise ValueError(f"clip_norm must be positive or None, got {clip_norm}")
     parts.append(optax.clip_by_global_norm(clip_norm))
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask))
-  return optax.chain(*parts), schedule
+  if kind == "adamw":
+    parts.append(optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask))
+  elif kind == "adam":
+    parts.append(optax.adam(schedule_fn, b1=b1, b2=b2, eps=eps))
+  elif kind == "adagrad":
+    parts.append(optax.adagrad(schedule_fn))
+  else:
+    parts.append(optax.sgd(schedule_fn))
+  return optax.chain(*parts), schedule_fn

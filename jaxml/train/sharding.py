@@ -27,20 +27,6 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 Rules = Sequence[tuple[str, P]]
 
-# Llama parameter tree (see jaxml/llama/model.py). The leading layer axis of
-# the stacked `layers/*` weights is never sharded (it is the scan axis).
-LLAMA_RULES: Rules = (
-    (r"(^|/)tok_embeddings$", P("tensor", "fsdp")),         # [V, D]
-    (r"(^|/)layers/w[qkv]$", P(None, "fsdp", "tensor")),    # [L, D, heads*Dh]
-    (r"(^|/)layers/wo$", P(None, "tensor", "fsdp")),        # [L, H*Dh, D]
-    (r"(^|/)layers/w[13]$", P(None, "fsdp", "tensor")),     # [L, D, F]
-    (r"(^|/)layers/w2$", P(None, "tensor", "fsdp")),        # [L, F, D]
-    (r"(^|/)layers/[^/]*norm$", P(None, None)),             # [L, D]
-    (r"(^|/)norm$", P(None)),                               # [D]
-    (r"(^|/)output$", P("fsdp", "tensor")),                 # [D, V]
-)
-
-
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[Any] | None = None) -> Mesh:
   """A Mesh of shape (data, fsdp, tensor). One size may be -1: the remaining devices.
 

@@ -1,4 +1,4 @@
-"""Llama data pipeline and the experiment entrypoint (`local` config) end to end."""
+"""Llama data pipeline and the experiment (`small` config) end to end through `run(config, workdir)`."""
 import contextlib
 import io
 import json
@@ -8,11 +8,13 @@ import shutil
 import tempfile
 
 import chex
+import jax
 import numpy as np
-from absl import flags
 from absl.testing import absltest, parameterized
 
+from jaxml import train as jt
 from jaxml.llama import data
+from jaxml.llama import train as llama_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,37 +64,78 @@ class DataTest(chex.TestCase, parameterized.TestCase):
     self.assertLess(max(ids), tok.vocab_size)
 
 
+def small_config(**overrides):
+  from experiments.configs import llama_lm as llama_lm_config  # noqa: PLC0415
+  config = llama_lm_config.get_config("small")
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+def _listing(path):
+  out = {}
+  for dirpath, _, files in os.walk(path):
+    for f in files:
+      p = os.path.join(dirpath, f)
+      out[os.path.relpath(p, path)] = os.path.getsize(p)
+  return out
+
+
 class ExperimentTest(chex.TestCase):
 
-  def test_local_config_trains_and_generates(self):
-    from experiments import llama_lm  # noqa: PLC0415 - defines absl flags on import
-
+  def tmpdir(self):
     workdir = tempfile.mkdtemp(prefix="jaxml_llama_lm_")
     self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
-    cfg_path = os.path.join(REPO, "experiments", "configs", "llama_lm.py")
-    flags.FLAGS(["llama_lm", f"--workdir={workdir}", f"--config={cfg_path}:local"])
-    self.addCleanup(flags.FLAGS.unparse_flags)
+    return workdir
+
+  def test_small_config_trains_and_generates(self):
+    workdir = self.tmpdir()
+    cfg = small_config()
     train_out = io.StringIO()
     with contextlib.redirect_stdout(train_out):
-      llama_lm.main(["llama_lm"])
+      summary = llama_train.run(cfg, workdir)
+    self.assertFalse(summary["preempted"])
     for name in ("metrics.jsonl", "loss.png", "model_config.json", "tokens.npy"):
       self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       records = [json.loads(line) for line in f]
-    cfg = flags.FLAGS.config
     self.assertEqual(records[-1]["step"], cfg.steps)
     self.assertLess(records[-1]["loss"], records[0]["loss"] - 0.5)
     self.assertLess(records[0]["loss"], math.log(cfg.vocab_size) + 1.0)
     sample = train_out.getvalue().split("sample: " + "-" * 60 + "\n", 1)[1].split("\ndone:")[0]
 
     # Generate mode restores the checkpoint and reproduces the greedy sample printed after training.
-    flags.FLAGS.mode, flags.FLAGS.prompt = "generate", cfg.sample_prompts[0]
     gen_out = io.StringIO()
     with contextlib.redirect_stdout(gen_out):
-      llama_lm.main(["llama_lm"])
+      out = llama_train.run(small_config(mode="generate", prompt=cfg.sample_prompts[0]), workdir)
     self.assertIn(f"loaded step {cfg.steps}", gen_out.getvalue())
     self.assertTrue(sample.startswith(cfg.sample_prompts[0]))
     self.assertIn(sample, gen_out.getvalue())
+    self.assertEqual(out["samples"][0], sample)
+
+    # A changed model on the same workdir raises naming the field, and touches nothing.
+    before = _listing(workdir)
+    changed = small_config()
+    changed.model_overrides.dim = 48
+    with self.assertRaisesRegex(jt.ConfigMismatchError, r"dim: recorded 32, now 48"):
+      llama_train.run(changed, workdir)
+    self.assertEqual(_listing(workdir), before)
+
+  def test_huge_learning_rate_leaves_a_checkpoint_that_trains(self):
+    # lr 1e30: the parameters after one update are finite (~1e29), every later loss is NaN.
+    workdir = self.tmpdir()
+    with contextlib.redirect_stdout(io.StringIO()):
+      with self.assertRaises(jt.NonFiniteLossError) as cm:
+        llama_train.run(small_config(lr=1e30, checkpoint_every=1, sample_prompts=()), workdir)
+    last = cm.exception.last_good_step
+    ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"), every=1)
+    self.assertEqual(ckpt.latest_step(), last)
+    ckpt.close()
+    with contextlib.redirect_stdout(io.StringIO()):
+      summary = llama_train.run(small_config(checkpoint_every=1, sample_prompts=()), workdir)
+    self.assertEqual(summary["step"], small_config().steps)
+    self.assertTrue(all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(summary["params"])))
+    self.assertTrue(math.isfinite(summary["last_loss"]))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import numpy as np
 
 from jaxml import llama
 from jaxml import train as jt
+from jaxml.llama.config import LLAMA_RULES
 
 CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=16)
 SEQ_LEN, BATCH, TOTAL_STEPS = 8, 8, 50
@@ -17,7 +18,7 @@ def init_fn(rng):
   return llama.init(rng, CFG)
 
 
-def loss_fn(params, batch):
+def loss_fn(params, batch, rng=None):
   return llama.loss_fn(params, batch, CFG)
 
 
@@ -39,7 +40,7 @@ def setup(mesh_shape: tuple[int, int, int] = (1, 1, 1), donate: bool = True):
   n = int(np.prod(mesh_shape))
   mesh = jt.make_mesh(*mesh_shape, devices=jax.devices()[:n])
   tx, schedule = optimizer()
-  abstract, shardings = jt.abstract_train_state(init_fn, tx, jax.random.PRNGKey(0), mesh, jt.LLAMA_RULES)
+  abstract, shardings = jt.abstract_train_state(init_fn, tx, jax.random.PRNGKey(0), mesh, LLAMA_RULES)
   step = jt.jit_train_step(jt.make_train_step(loss_fn, tx, schedule=schedule), shardings, jt.batch_sharding(mesh),
                            donate=donate)
   return mesh, abstract, shardings, step
@@ -49,7 +50,7 @@ def setup(mesh_shape: tuple[int, int, int] = (1, 1, 1), donate: bool = True):
 def _initial_host_state(seed: int):
   mesh, _, _, _ = setup((1, 1, 1))
   tx, _ = optimizer()
-  state, _ = jt.init_train_state(init_fn, tx, jax.random.PRNGKey(seed), mesh, jt.LLAMA_RULES)
+  state, _ = jt.init_train_state(init_fn, tx, jax.random.PRNGKey(seed), mesh, LLAMA_RULES)
   return jax.device_get(state)
 
 

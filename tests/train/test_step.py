@@ -7,6 +7,7 @@ import optax
 from absl.testing import absltest, parameterized
 
 from jaxml import train as jt
+from jaxml.llama.config import LLAMA_RULES
 from tests.train import common
 
 TOL = dict(rtol=2e-5, atol=2e-6)
@@ -17,7 +18,7 @@ def assert_trees_close(a, b, **tol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path), **tol)
 
 
-def linear_loss(params, batch):
+def linear_loss(params, batch, rng=None):
   err = batch["x"] @ params["w"] - batch["y"]
   loss = jnp.mean(err ** 2)
   return loss, {"mse": loss}
@@ -83,7 +84,7 @@ class StepTest(chex.TestCase, parameterized.TestCase):
     mesh, _, shardings, sstep = common.setup((data, fsdp, tensor))
     tx, _ = common.optimizer()
     # Shape-first sharded init gives the same values as the single-device init.
-    sharded, _ = jt.init_train_state(common.init_fn, tx, jax.random.PRNGKey(0), mesh, jt.LLAMA_RULES)
+    sharded, _ = jt.init_train_state(common.init_fn, tx, jax.random.PRNGKey(0), mesh, LLAMA_RULES)
     single = common.fresh_state((1, 1, 1))
     chex.assert_trees_all_equal(jax.device_get(sharded.params), jax.device_get(single.params))
     wq = sharded.params["layers"]["wq"]
@@ -103,10 +104,10 @@ class StepTest(chex.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "needs 12 devices"):
       jt.make_mesh(2, 3, 2)
     # A mesh axis that does not divide a dimension leaves that dimension replicated.
-    spec = jt.spec_for("params/layers/wq", (2, 5, 8), mesh, jt.LLAMA_RULES)
+    spec = jt.spec_for("params/layers/wq", (2, 5, 8), mesh, LLAMA_RULES)
     self.assertEqual(tuple(spec), (None, None, "tensor"))
-    self.assertEqual(tuple(jt.spec_for("opt_state/1/0/mu/output", (8, 5), mesh, jt.LLAMA_RULES)), ("fsdp", None))
-    self.assertEqual(tuple(jt.spec_for("step", (), mesh, jt.LLAMA_RULES)), ())
+    self.assertEqual(tuple(jt.spec_for("opt_state/1/0/mu/output", (8, 5), mesh, LLAMA_RULES)), ("fsdp", None))
+    self.assertEqual(tuple(jt.spec_for("step", (), mesh, LLAMA_RULES)), ())
 
 
 if __name__ == "__main__":

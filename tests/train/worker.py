@@ -24,10 +24,10 @@ def run(workdir: str, steps: int, mesh_shape=(1, 1, 1), *, checkpoint_every: int
   mesh = jt.make_mesh(*mesh_shape, devices=devices)
   tx, schedule = common.optimizer()
   rng = jax.random.PRNGKey(0)
-  abstract, shardings = jt.abstract_train_state(common.init_fn, tx, rng, mesh, jt.LLAMA_RULES)
+  abstract, shardings = jt.abstract_train_state(common.init_fn, tx, rng, mesh, LLAMA_RULES)
   ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"), every=checkpoint_every, keep=2)
   state, start = jt.restore_or_init(
-      ckpt, abstract, lambda: jt.init_train_state(common.init_fn, tx, rng, mesh, jt.LLAMA_RULES)[0])
+      ckpt, abstract, lambda: jt.init_train_state(common.init_fn, tx, rng, mesh, LLAMA_RULES)[0])
   step_fn = jt.jit_train_step(jt.make_train_step(common.loss_fn, tx, schedule=schedule), shardings,
                               jt.batch_sharding(mesh))
   try:
