@@ -18,6 +18,7 @@ def run(workdir: str, steps: int, mesh_shape=(1, 1, 1), *, checkpoint_every: int
   import jax
 
   from jaxml import train as jt
+  from jaxml.llama.config import LLAMA_RULES
   from tests.train import common
 
   devices = jax.devices() if devices is None else devices
