@@ -1,6 +1,7 @@
 # One-command entry points. Each target creates/updates its virtual environment.
 #   make demo   - train a small Llama on the Python standard library (CPU, < 10 min)
 #   make test   - core + peer environments, then the whole test suite
+#   make bench  - every benchmark (jaxml against its peer in the same run; `name: value` lines)
 PY ?= python3
 VENV := .venv
 PEER := .venv-peer
@@ -26,6 +27,11 @@ peer: $(PEER)/.installed
 
 test: venv peer
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+BENCHES ?= llama_bench ctr_bench diffusion_bench causal_bench
+
+bench: venv peer
+	for b in $(BENCHES); do echo "== $$b"; $(VENV)/bin/python -m benchmarks.$$b || exit 1; done
 
 demo: venv
 	$(VENV)/bin/python -m experiments.llama_lm --workdir=workdirs/llama_lm

@@ -1,7 +1,7 @@
 """Causal estimators on simulators with known effects and on the Mroz data.
 
     python -m experiments.causal_estimators --workdir=workdirs/causal
-    python -m experiments.causal_estimators --workdir=/tmp/causal --config=experiments/configs/causal_estimators.py:local
+    python -m experiments.causal_estimators --workdir=/tmp/causal --config=experiments/configs/causal_estimators.py:small
 """
 import ml_collections
 
@@ -18,12 +18,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.iv_beta = 1.0  # true effect of X on Y in the IV simulator
   c.backdoor_tau = 2.0  # true effect in the backdoor simulator
   c.truth_draws = 200_000  # Monte Carlo rows for the do()-based ground truth
-  if variant == "local":  # under a minute on a laptop CPU: smoke runs and tests
+  if variant == "small":  # under a minute on a laptop CPU: smoke runs and tests
     c.n = 1000
     c.icp_rows_per_env = 150
     c.num_warmup = 150
     c.num_samples = 150
     c.truth_draws = 50_000
   elif variant:
-    raise ValueError(f"unknown config variant {variant!r}; expected '' or 'local'")
+    raise ValueError(f"unknown config variant {variant!r}; expected '' or 'small'")
   return c

@@ -1,13 +1,12 @@
 """Every causal estimator on its simulator (true effect known) and on the Mroz data.
 
-`run_study(StudyConfig(...), workdir)` prints a table (naive OLS, 2SLS, Anderson-Rubin,
+`run(config, workdir)` (the experiment contract; `run_study(StudyConfig(...), workdir)` underneath) prints a table (naive OLS, 2SLS, Anderson-Rubin,
 Bayesian IV, backdoor, frontdoor, ICP vs truth), and writes workdir/results.json,
 workdir/table.md and workdir/estimates.png (estimates with intervals against the truth).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import warnings
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxml import experiment, report
 from jaxml.causal import scm
 from jaxml.causal.adjustment import backdoor, backdoor_posterior, frontdoor, frontdoor_posterior
 from jaxml.causal.bayes_iv import bayesian_iv
@@ -149,39 +149,46 @@ def run_study(cfg: StudyConfig, workdir: str | pathlib.Path) -> list[dict[str, A
 
 
 def _table(rows) -> str:
-  lines = ["| problem | estimator | estimate | interval | truth | covers | note |", "|---|---|---|---|---|---|---|"]
+  body = []
   for r in rows:
     truth = "-" if r["truth"] is None else f"{r['truth']:.4f}"
     covers = "-" if r["truth"] is None or r["lower"] == r["upper"] else (
         "yes" if r["lower"] <= r["truth"] <= r["upper"] else "no")
     interval = "-" if r["lower"] == r["upper"] else f"[{r['lower']:.4f}, {r['upper']:.4f}]"
-    lines.append(f"| {r['problem']} | {r['estimator']} | {r['estimate']:.4f} | {interval} | {truth} | {covers} "
-                 f"| {r['note']} |")
-  return "\n".join(lines)
+    body.append([r["problem"], r["estimator"], f"{r['estimate']:.4f}", interval, truth, covers, r["note"]])
+  return report.markdown_table(["problem", "estimator", "estimate", "interval", "truth", "covers", "note"], body)
 
 
 def _write(rows, out: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
   table = _table(rows)
   print(table)
-  (out / "table.md").write_text(table + "\n")
-  (out / "results.json").write_text(json.dumps(rows, indent=1))
+  report.save_text(table, str(out / "table.md"))
+  report.save_json(rows, str(out / "results.json"))
   problems = list(dict.fromkeys(r["problem"] for r in rows))
-  fig, axes = plt.subplots(len(problems), 1, figsize=(8, 1.3 * sum(
-      1 + sum(r["problem"] == p for r in rows) for p in problems) / 2 + 1), squeeze=False)
-  for ax, prob in zip(axes[:, 0], problems):
-    sub = [r for r in rows if r["problem"] == prob]
-    ypos = np.arange(len(sub))
-    est = np.array([r["estimate"] for r in sub])
-    err = np.array([[r["estimate"] - r["lower"], r["upper"] - r["estimate"]] for r in sub]).T
-    ax.errorbar(est, ypos, xerr=np.maximum(err, 0), fmt="o", capsize=3)
-    if sub[0]["truth"] is not None:
-      ax.axvline(sub[0]["truth"], color="k", linestyle="--", label="truth")
-      ax.legend(loc="best", fontsize=7)
-    ax.set_yticks(ypos, [r["estimator"] for r in sub], fontsize=7)
-    ax.set_title(prob, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(out / "estimates.png", dpi=110)
-  plt.close(fig)
+  height = 1.3 * sum(1 + sum(r["problem"] == p for r in rows) for p in problems) / 2 + 1
+  with report.figure(str(out / "estimates.png"), figsize=(8, height), dpi=110) as fig:
+    axes = fig.subplots(len(problems), 1, squeeze=False)
+    for ax, prob in zip(axes[:, 0], problems):
+      sub = [r for r in rows if r["problem"] == prob]
+      ypos = np.arange(len(sub))
+      est = np.array([r["estimate"] for r in sub])
+      err = np.array([[r["estimate"] - r["lower"], r["upper"] - r["estimate"]] for r in sub]).T
+      ax.errorbar(est, ypos, xerr=np.maximum(err, 0), fmt="o", capsize=3)
+      if sub[0]["truth"] is not None:
+        ax.axvline(sub[0]["truth"], color="k", linestyle="--", label="truth")
+        ax.legend(loc="best", fontsize=7)
+      ax.set_yticks(ypos, [r["estimator"] for r in sub], fontsize=7)
+      ax.set_title(prob, fontsize=9)
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """The experiment contract (`jaxml.experiment`): `StudyConfig` from `config`, then `run_study`.
+
+  Args:
+    config: a ConfigDict/dict of `StudyConfig` fields (unknown keys raise).
+    workdir: where results.json, table.md and estimates.png go.
+
+  Returns:
+    `{"rows": [...]}`, the table rows.
+  """
+  return {"rows": run_study(experiment.from_config(StudyConfig, config), workdir)}
