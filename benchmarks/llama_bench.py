@@ -41,6 +41,7 @@ import optax
 from benchmarks.common import PeerWorker, matmul_peak_flops, median, print_results
 from jaxml.llama import LlamaConfig, flops_per_token, init, loss_fn, param_count
 from jaxml.llama.generate import generate
+from jaxml import train as jt
 from jaxml.train import hostmem
 
 FLAGS = flags.FLAGS
@@ -74,13 +75,8 @@ def hf_config_dict(cfg) -> dict:
 
 
 def make_train_step(cfg, tx):
-  """`(params, opt_state), batch -> (params, opt_state), loss`, jitted, state donated."""
-  def step(state, batch):
-    params, opt_state = state
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, cfg)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
-
+  """The training core's step (`jaxml.train.make_train_step`: the step's key, grad norm), jitted, donated."""
+  step = jt.make_train_step(lambda params, batch, rng: loss_fn(params, batch, cfg), tx)
   return jax.jit(step, donate_argnums=0)
 
 
@@ -102,7 +98,7 @@ def bench_train(name, cfg, worker, *, rounds: int, budget_s: float, seed: int) -
   # torch.optim.AdamW defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on every tensor.
   tx = optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
   params = init(jax.random.PRNGKey(seed), cfg)
-  state = (params, tx.init(params))
+  state = jt.create_train_state(params, tx, jax.random.PRNGKey(seed))
   step = make_train_step(cfg, tx)
   worker.request("build", name=name, config=hf_config_dict(cfg), seed=seed)
 
@@ -111,8 +107,8 @@ def bench_train(name, cfg, worker, *, rounds: int, budget_s: float, seed: int) -
     times = []
     for _ in range(n):
       start = time.perf_counter()
-      state, loss = step(state, batch)
-      loss.block_until_ready()
+      state, metrics = step(state, batch)
+      loss = metrics["loss"].block_until_ready()
       times.append(time.perf_counter() - start)
     return times, float(loss)
 
