@@ -374,15 +374,35 @@ class IVResults:
 
 # ----------------------------------------------------------------------------- public entry
 
+def _zero_columns(gram: np.ndarray, cols: np.ndarray, names_all: tuple[str, ...], order: np.ndarray) -> str:
+  """A hint naming the all-zero columns among `cols` of D (e.g. the dummy of an unused category)."""
+  position = {int(c): i for i, c in enumerate(order)}
+  zero = [names_all[position[int(c)]] for c in cols if gram[c, c] == 0]
+  if not zero:
+    return ""
+  return (f"; all-zero column(s) {zero} (an unused category of a Categorical? drop it with "
+          ".cat.remove_unused_categories())")
+
+
 def iv2sls(dependent: Any, exog: Any, endog: Any, instruments: Any, *, cov_type: str = "unadjusted",
            clusters: Any = None, debiased: bool = False, alpha: float = 0.05) -> IVResults:
   """Two-stage least squares, argument names and order as linearmodels' `IV2SLS(...).fit(...)`.
 
+  Every data argument is an array, a pandas Series or a DataFrame. pandas columns
+  are coded as linearmodels codes them: numeric, bool and nullable (Int64, Float64,
+  boolean) columns become float64; a Categorical column becomes one 0/1 column per
+  category except the first in its category order (with or without a constant),
+  named "<column>.<category>". Missing values (NaN, pd.NA, a missing category)
+  raise; rows are never dropped (linearmodels drops NaN rows with a warning, fails
+  on pd.NA beside other columns and codes a missing category as the first level).
+  String columns raise TypeError: `.astype("category")` gives linearmodels' coding.
+
   Args:
-    dependent: [n] outcome (array, Series or one-column DataFrame).
+    dependent: [n] outcome (array, Series or one-column DataFrame; a two-category
+      Categorical becomes the dummy of its second category, as in linearmodels).
     exog: [n, kw] exogenous regressors, or None; add a column of ones for a constant.
     endog: [n, kx] endogenous regressors (kx >= 1).
-    instruments: [n, kz] excluded instruments, kz >= kx.
+    instruments: [n, kz] excluded instruments, kz >= kx (counted after expanding categoricals).
     cov_type: "unadjusted" (alias "homoskedastic"), "robust" ("heteroskedastic"), "clustered".
     clusters: [n] cluster labels, required for "clustered" (one-way).
     debiased: small-sample scaling n/(n-k) (and G/(G-1)(n-1)/n for clusters) as linearmodels.
@@ -392,21 +412,23 @@ def iv2sls(dependent: Any, exog: Any, endog: Any, instruments: Any, *, cov_type:
     IVResults. Computed in float64 (x64 is enabled for this call only).
 
   Raises:
-    ValueError / TypeError naming the argument for NaN/inf, mismatched rows,
-    under-identification, constant or collinear instruments/regressors, bad
-    cov_type or clusters. Warns (WeakInstrumentWarning) when a first-stage partial F
-    is below 10.
+    ValueError / TypeError naming the argument for NaN/inf or missing values,
+    non-numeric columns, mismatched rows, under-identification, constant or
+    collinear instruments/regressors (naming all-zero dummies of unused
+    categories), bad cov_type or clusters. Warns (WeakInstrumentWarning) when a
+    first-stage partial F is below 10.
   """
   if cov_type not in COV_TYPES:
     raise ValueError(f"cov_type must be one of {sorted(COV_TYPES)}, got {cov_type!r}")
   cov_type = COV_TYPES[cov_type]
-  y, y_names = as_matrix("dependent", dependent, allow_none=False)
+  y, y_names = as_matrix("dependent", dependent, allow_none=False, categorical="expand")
   if y.shape[1] != 1:
-    raise ValueError(f"dependent must have one column, got {y.shape[1]}")
+    raise ValueError(f"dependent must have one column, got {y.shape[1]} ({', '.join(y_names)}); a categorical "
+                     "dependent with more than two categories expands to several dummies: pass one numeric column")
   n = y.shape[0]
-  w, w_names = as_matrix("exog", exog, n)
-  x, x_names = as_matrix("endog", endog, n, allow_none=False)
-  z, z_names = as_matrix("instruments", instruments, n, allow_none=False)
+  w, w_names = as_matrix("exog", exog, n, categorical="expand")
+  x, x_names = as_matrix("endog", endog, n, allow_none=False, categorical="expand")
+  z, z_names = as_matrix("instruments", instruments, n, allow_none=False, categorical="expand")
   kw, kx, kz = w.shape[1], x.shape[1], z.shape[1]
   if kx == 0:
     raise ValueError("endog has no columns: 2SLS needs at least one endogenous regressor")
@@ -450,16 +472,19 @@ def iv2sls(dependent: Any, exog: Any, endog: Any, instruments: Any, *, cov_type:
     for j, col in enumerate(iz):
       mean_sq = gram[col, col] / n
       if mean_sq - (colsum[col] / n) ** 2 <= 1e-12 * mean_sq:
-        raise ValueError(f"instruments column {z_names[j]!r} is constant; an excluded instrument must "
+        unused = (" (all zero: the dummy of an unused category? drop it with .cat.remove_unused_categories())"
+                  if gram[col, col] == 0 else "")
+        raise ValueError(f"instruments column {z_names[j]!r} is constant{unused}; an excluded instrument must "
                          "vary (put a constant in exog)")
     ixf, izf = np.concatenate([iw, ix]), np.concatenate([iw, iz])
     ok, rank = condition_ok(gram[np.ix_(izf, izf)])
     if not ok:
       raise ValueError(f"instruments are rank deficient: [exog, instruments] has rank {rank} < {len(izf)} "
-                       "(collinear or duplicated columns)")
+                       f"(collinear or duplicated columns){_zero_columns(gram, izf, names_all, order)}")
     ok, rank = condition_ok(gram[np.ix_(ixf, ixf)])
     if not ok:
-      raise ValueError(f"regressors are rank deficient: [exog, endog] has rank {rank} < {len(ixf)}")
+      raise ValueError(f"regressors are rank deficient: [exog, endog] has rank {rank} < {len(ixf)}"
+                       f"{_zero_columns(gram, ixf, names_all, order)}")
     ih = np.concatenate([izf, ix])
     if not condition_ok(gram[np.ix_(ih, ih)])[0]:
       raise ValueError("an endogenous regressor is an exact linear function of [exog, instruments]")
@@ -519,11 +544,24 @@ def _results(out, *, n, kw, kx, kz, names, x_names, z_names, cov_type, debiased,
 def wald_ratio(dependent: Any, endog: Any, instrument: Any) -> float:
   """The Wald (ratio) IV estimate cov(z, y) / cov(z, x) for one instrument and one regressor.
 
-  It equals the 2SLS slope with a constant in exog.
+  It equals the 2SLS slope with a constant in exog. Inputs are coded as in `iv2sls`
+  (a two-category Categorical is the dummy of its second category).
+
+  Args:
+    dependent: [n] outcome.
+    endog: [n] the endogenous regressor (one column).
+    instrument: [n] the instrument (one column).
+
+  Returns:
+    The ratio estimate, a float.
+
+  Raises:
+    ValueError when an argument has more than one column or cov(z, x) = 0; TypeError
+    for non-numeric data.
   """
-  y, _ = as_matrix("dependent", dependent, allow_none=False)
-  x, _ = as_matrix("endog", endog, y.shape[0], allow_none=False)
-  z, _ = as_matrix("instrument", instrument, y.shape[0], allow_none=False)
+  y, _ = as_matrix("dependent", dependent, allow_none=False, categorical="expand")
+  x, _ = as_matrix("endog", endog, y.shape[0], allow_none=False, categorical="expand")
+  z, _ = as_matrix("instrument", instrument, y.shape[0], allow_none=False, categorical="expand")
   if x.shape[1] != 1 or z.shape[1] != 1:
     raise ValueError("wald_ratio takes one endogenous regressor and one instrument")
   zc = z[:, 0] - z[:, 0].mean()

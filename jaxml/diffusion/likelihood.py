@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxml.diffusion.sampling import check_score_fn
 from jaxml.diffusion.sde import SDE
 
 Array = jax.Array
@@ -43,6 +44,7 @@ def _ode_parts(sde: SDE, score_fn):
 
 @functools.partial(jax.jit, static_argnames=("sde", "score_fn", "exact_trace", "num_steps", "eps"))
 def _log_likelihood(rng, x, *, sde, score_fn, exact_trace, num_steps, eps):
+  check_score_fn(score_fn, x.shape, x_dtype=x.dtype)  # trace time: once per compilation
   v = _ode_parts(sde, score_fn)
   batch = x.shape[0]
   probe = jax.random.rademacher(rng, x.shape, dtype=x.dtype)
@@ -84,11 +86,32 @@ def log_likelihood(rng: Array, sde: SDE, score_fn: Callable[[Array, Array], Arra
                    exact_trace: bool = True, num_steps: int = 200, eps: float = 1e-5) -> Array:
   """Log-density (nats) of each sample `x` `[B, *D]` under the probability-flow ODE model: `[B]`.
 
-  `exact_trace=True` builds the full Jacobian (use in low dimension);
-  `False` uses one Hutchinson probe drawn from `rng` (unbiased, noisy; average
-  several calls for a tighter estimate). `num_steps` RK4 steps from `eps` to 1.
+  Compiled once per (`sde`, `score_fn`, shape, options), like `sample`: reuse the
+  same `score_fn` object to avoid recompiling.
+
+  Args:
+    rng: PRNG key (the Hutchinson probe).
+    sde: the forward SDE.
+    score_fn: `score_fn(x [B, *D] float32, t [B] float32) -> [B, *D]`; `t` is a
+      vector with one time per sample. Its output shape and dtype are checked with
+      `jax.eval_shape` before compiling.
+    x: data `[B, *D]`, finite.
+    exact_trace: `True` builds the full Jacobian (use in low dimension); `False`
+      uses one Hutchinson probe drawn from `rng` (unbiased, noisy; average several
+      calls for a tighter estimate).
+    num_steps: RK4 steps from `eps` to 1.
+    eps: start time.
+
+  Returns:
+    `[B]` log-densities in nats.
+
+  Raises:
+    ValueError / TypeError naming the argument: bad `x` or options, or a `score_fn`
+    whose output is not one floating array shaped like `x`.
   """
   check_data(x)
+  if not callable(score_fn):
+    raise TypeError(f"score_fn must be callable score_fn(x, t), got {type(score_fn).__name__}")
   if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0:
     raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
   if not (0.0 < eps < 1.0):
@@ -119,6 +142,23 @@ def bits_per_dim(rng: Array, sde: SDE, score_fn, x_int: Array, *, num_levels: in
   and `E_u log p(x + u)` lower-bounds the discrete log-probability of `x`
   (Theis et al. 2016). Without dequantisation a continuous model can put
   unbounded density on the discrete grid and report negative bits/dim.
+
+  Args:
+    rng: PRNG key (dequantisation noise and the Hutchinson probe).
+    sde: the forward SDE.
+    score_fn: `score_fn(z [B, *D] float32, t [B] float32) -> [B, *D]` on the scaled
+      data; checked as in `log_likelihood`.
+    x_int: integer images `[B, *D]` in `{0..num_levels-1}`.
+    num_levels: `K`, the number of grey levels.
+    low, high: the interval `z` is scaled to.
+    exact_trace, num_steps, eps: as in `log_likelihood`.
+
+  Returns:
+    `[B]` bits per dimension.
+
+  Raises:
+    ValueError / TypeError naming the argument (see `log_likelihood`), or values of
+    `x_int` outside `[0, num_levels - 1]`.
   """
   check_data(x_int, "x_int")
   arr = np.asarray(x_int)

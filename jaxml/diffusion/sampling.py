@@ -64,6 +64,54 @@ def _per_sample_norm(x: Array) -> Array:
   return jnp.sqrt(jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=-1))
 
 
+def check_score_output(out, x, *, name: str = "score_fn", narrower: bool = True) -> None:
+  """Checks the (abstract) output `out` of `name(x, t)` against the data `x` it was called on.
+
+  Args:
+    out: what the function returned (an array or a `jax.ShapeDtypeStruct`).
+    x: the data it was called on (array or `jax.ShapeDtypeStruct`), `[B, *data_dims]`.
+    name: the argument name the errors use.
+    narrower: also require a dtype that promotes to `x.dtype` (float16/bfloat16/float32
+      for float32 `x`): the samplers carry `x` in its own dtype through `lax` loops.
+
+  Raises:
+    TypeError when `out` is not one floating array (or is wider than `x` with
+    `narrower`); ValueError when its shape is not `x.shape` (a `[B, 1]` output would
+    otherwise be broadcast against `[B, D]` data without an error).
+  """
+  if not (hasattr(out, "shape") and hasattr(out, "dtype")):
+    raise TypeError(f"{name}(x, t) must return one array shaped like x {tuple(x.shape)}, got "
+                    f"{type(out).__name__}")
+  if tuple(out.shape) != tuple(x.shape):
+    raise ValueError(f"{name}(x, t) must return x's shape {tuple(x.shape)} (x: [B, *data_dims], t: [B]), got "
+                     f"shape {tuple(out.shape)}; a broadcastable output such as [B, 1] would be broadcast silently")
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise TypeError(f"{name}(x, t) must return a floating array, got dtype {out.dtype}")
+  if narrower and jnp.promote_types(out.dtype, x.dtype) != x.dtype:
+    raise TypeError(f"{name}(x, t) returns dtype {out.dtype}, wider than x's {x.dtype}; cast the output to "
+                    f"{x.dtype}")
+
+
+def check_score_fn(score_fn: ScoreFn, x_shape: tuple[int, ...], *, x_dtype=jnp.float32, t_dtype=jnp.float32,
+                   name: str = "score_fn", narrower: bool = True) -> None:
+  """Checks `score_fn(x [B, *D], t [B]) -> [B, *D]` by `jax.eval_shape`: traced once, nothing run or compiled.
+
+  Args:
+    score_fn: the function to check.
+    x_shape: `(B, *data_dims)` of the data it will get.
+    x_dtype: dtype of that data.
+    t_dtype: dtype of the `[B]` time vector.
+    name: the argument name the errors use.
+    narrower: see `check_score_output`.
+
+  Raises:
+    TypeError / ValueError naming `name` and both shapes (see `check_score_output`).
+  """
+  x = jax.ShapeDtypeStruct(tuple(x_shape), x_dtype)
+  out = jax.eval_shape(score_fn, x, jax.ShapeDtypeStruct((x_shape[0],), t_dtype))
+  check_score_output(out, x, name=name, narrower=narrower)
+
+
 def check_sampler_args(sde, score_fn, shape, method, num_steps, snr, eps, n_corrector=1):
   """Validates sampler arguments; raises `ValueError`/`TypeError` naming the argument."""
   if not isinstance(sde, SDE):
@@ -103,6 +151,20 @@ def sampler_parts(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, method
   `step(i, state)` splits `state.rng` into the next key and this step's key, draws
   the step's noise from it and applies the update. `sample` runs the same update on
   the same noise (bitwise the same draws), drawing each chunk's noise in one call.
+
+  Args:
+    sde: the forward SDE.
+    score_fn: `score_fn(x [B, *data_dims] float32, t [B] float32) -> [B, *data_dims]`;
+      `t` holds one time per sample. Its output shape and dtype are checked with
+      `jax.eval_shape` here, before anything runs.
+    shape: `(B, *data_dims)`.
+    method, num_steps, snr, denoise, eps, n_corrector: as in `sample`.
+
+  Returns:
+    `SamplerParts(init, step, finish, num_steps)`.
+
+  Raises:
+    ValueError / TypeError naming the argument (see `sample`).
   """
   return _pieces(sde, score_fn, shape, method=method, num_steps=num_steps, snr=snr, denoise=denoise, eps=eps,
                  n_corrector=n_corrector).parts
@@ -110,6 +172,7 @@ def sampler_parts(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, method
 
 def _pieces(sde, score_fn, shape, *, method, num_steps, snr, denoise, eps, n_corrector) -> _Pieces:
   shape = check_sampler_args(sde, score_fn, shape, method, num_steps, snr, eps, n_corrector)
+  check_score_fn(score_fn, shape)  # trace time: once per compilation of `sample`
   batch = shape[0]
   ts = jnp.linspace(1.0, eps, num_steps + 1, dtype=jnp.float32)
 
@@ -255,9 +318,35 @@ def sample(rng: Array, sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], *, m
            n_corrector: int = 1) -> Array:
   """Draws `shape = (batch, *data_dims)` samples by reversing `sde` with `score_fn(x, t) -> score`.
 
-  The whole loop is one compiled program, cached per (`sde`, `score_fn`, shape,
-  options): pass the same `score_fn` object to reuse the compilation. For a
-  trained network build `score_fn` once (e.g. `score_fn_from_net`).
+  Compilation: the whole loop is one compiled program, cached per (`sde`,
+  `score_fn`, shape, options). The first call compiles it (a few seconds; longer for
+  a large network), later calls with the same `score_fn` object run at once. A new
+  function object, e.g. a `lambda` or `functools.partial` written in the call,
+  is a new cache key and recompiles on every call: build `score_fn` once and reuse
+  it (for a trained network, `score_fn_from_net`).
+
+  Args:
+    rng: PRNG key.
+    sde: the forward SDE (`VPSDE`, `subVPSDE`, `VESDE`).
+    score_fn: `score_fn(x [B, *data_dims] float32, t [B] float32) -> [B, *data_dims]`,
+      the score `grad_x log p_t(x)`; `t` is a vector with one time per sample, not a
+      scalar. Its output shape and dtype (floating, at most float32) are checked with
+      `jax.eval_shape` before compiling.
+    shape: `(B, *data_dims)`, rank >= 2.
+    method: one of `METHODS`.
+    num_steps: steps from `t = 1` to `eps`.
+    snr: Langevin corrector signal-to-noise ratio (`pc`).
+    denoise: return the noise-free mean of the last step (Tweedie's formula for `ode`).
+    eps: final time.
+    n_corrector: Langevin steps per predictor step (`pc`).
+
+  Returns:
+    Samples `[*shape]` float32.
+
+  Raises:
+    ValueError / TypeError naming the argument: bad options, or a `score_fn` whose
+    output is not one floating array of shape `shape` (e.g. `[B, 1]` for `[B, D]`
+    data, which would otherwise broadcast without an error).
   """
   shape = check_sampler_args(sde, score_fn, shape, method, num_steps, snr, eps, n_corrector)
   return _sample_compiled(rng, sde=sde, score_fn=score_fn, shape=shape, method=method, num_steps=num_steps,

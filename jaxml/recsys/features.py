@@ -83,7 +83,27 @@ def embed_multi(table: Array, raw_BxMxL: Array, cfg: FeatureConfig) -> Array:
 
 
 def apply(p: dict, batch: dict, cfg: FeatureConfig, act=jax.nn.relu) -> Array:
-  """Embeds a batch into `x0` `[B, F, D]`."""
+  """Embeds a batch into `x0` `[B, F, D]`.
+
+  The keys it reads are checked first (`check_inputs`: shapes and dtypes only, so
+  the check runs once at trace time under `jit` and costs nothing per step).
+
+  Args:
+    p: feature-layer params (`init`).
+    batch: `dense` `[B, n_dense]` float, `cat` `[B, n_cat]` integer ids, `multi`
+      `[B, n_multi, L]` integer ids, as `cfg` asks; other keys (labels, weights,
+      ...) are ignored.
+    cfg: the feature config.
+    act: activation of the dense-feature MLP.
+
+  Returns:
+    `x0` `[B, F, D]`: the dense slot, then single-hot, then multi-hot fields.
+
+  Raises:
+    ValueError / TypeError naming the batch key, with the expected and the actual
+    shape or dtype.
+  """
+  check_inputs(batch, cfg)
   slots = []
   if cfg.n_dense:
     slots.append(modules.mlp(p["dense"], batch["dense"], act, final_act=False)[:, None, :])
@@ -94,29 +114,77 @@ def apply(p: dict, batch: dict, cfg: FeatureConfig, act=jax.nn.relu) -> Array:
   return jnp.concatenate(slots, axis=1)
 
 
-def check_batch(batch: dict, cfg: FeatureConfig) -> None:
-  """Raises ValueError/TypeError naming the key when a host batch does not fit `cfg` or holds NaN."""
-  b = None
-  need = [("dense", cfg.n_dense, 2)] if cfg.n_dense else []
+def _expected(cfg: FeatureConfig) -> list[tuple[str, int, str]]:
+  """(key, columns, "float" or "int") of each input `cfg` reads."""
+  need = [("dense", cfg.n_dense, "float")] if cfg.n_dense else []
   if cfg.vocab_sizes:
-    need.append(("cat", len(cfg.vocab_sizes), 2))
+    need.append(("cat", len(cfg.vocab_sizes), "int"))
   if cfg.multi_hot_vocab_sizes:
-    need.append(("multi", len(cfg.multi_hot_vocab_sizes), 3))
-  for key, width, ndim in need:
+    need.append(("multi", len(cfg.multi_hot_vocab_sizes), "int"))
+  return need
+
+
+def check_inputs(batch: dict, cfg: FeatureConfig) -> int:
+  """Checks the shapes and dtypes of the batch keys `cfg` reads; works on arrays, tracers and `ShapeDtypeStruct`s.
+
+  Only static facts are read (no values), so under `jit` it runs once, at trace
+  time. Keys the feature layer does not read (label, weight, group, teacher, ...)
+  are not looked at.
+
+  Args:
+    batch: the model inputs (see the module docstring).
+    cfg: the feature config.
+
+  Returns:
+    The batch size `B`.
+
+  Raises:
+    ValueError naming the key for a missing key, a wrong rank or column count, or
+    batch sizes that differ; TypeError for ids that are not integers (float ids
+    would be cast and hashed without an error) or dense features that are not real numbers.
+  """
+  if not isinstance(batch, dict):
+    raise TypeError(f"batch must be a dict of arrays, got {type(batch).__name__}")
+  b, first = None, None
+  for key, width, kind in _expected(cfg):
+    ndim = 3 if key == "multi" else 2
+    want = {"dense": f"[B, {width}] float32", "cat": f"[B, {width}] int32",
+            "multi": f"[B, {width}, L] int32"}[key]
     if key not in batch:
-      raise ValueError(f"batch is missing {key!r} (the feature config expects it)")
-    x = np.asarray(batch[key])
-    if x.ndim != ndim or x.shape[1] != width:
-      raise ValueError(f"batch[{key!r}] has shape {x.shape}, expected {ndim} dims with {width} columns")
-    if key != "dense" and not np.issubdtype(x.dtype, np.integer):
-      raise TypeError(f"batch[{key!r}] must hold integer ids, got {x.dtype}")
-    if key == "dense" and not np.all(np.isfinite(x)):
-      bad = np.argwhere(~np.isfinite(x))[0]
-      raise ValueError(f"batch['dense'] holds NaN/inf (first at row {bad[0]}, column {bad[1]}); "
-                       "impute missing dense features before training")
-    if b is not None and x.shape[0] != b:
-      raise ValueError(f"batch[{key!r}] has {x.shape[0]} rows, other features have {b}")
-    b = x.shape[0]
+      raise ValueError(f"batch is missing {key!r} (the feature config expects {want})")
+    x = batch[key]
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise TypeError(f"batch[{key!r}] must be an array ({want}), got {type(x).__name__}")
+    shape, dtype = tuple(x.shape), x.dtype
+    if len(shape) != ndim or shape[1] != width:
+      raise ValueError(f"batch[{key!r}] has shape {shape}, expected {want} ({ndim} dims with {width} columns)")
+    if kind == "int" and not jnp.issubdtype(dtype, jnp.integer):
+      raise TypeError(f"batch[{key!r}] must hold integer ids ({want}), got dtype {dtype}")
+    if kind == "float" and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+      raise TypeError(f"batch[{key!r}] must hold real numbers ({want}), got dtype {dtype}")
+    if b is not None and shape[0] != b:
+      raise ValueError(f"batch[{key!r}] has {shape[0]} rows, batch[{first!r}] has {b}: batch sizes must match")
+    b, first = shape[0], key
+  return b
+
+
+def check_batch(batch: dict, cfg: FeatureConfig) -> None:
+  """Checks a host batch before training: `check_inputs`, then its values.
+
+  Args:
+    batch: host arrays (numpy or jax); `label`, when present, is checked too.
+    cfg: the feature config.
+
+  Raises:
+    ValueError/TypeError naming the key when the batch does not fit `cfg`, its
+    dense features hold NaN/inf or its labels are not `[B]` in {0, 1}.
+  """
+  host = {k: np.asarray(batch[k]) for k, _, _ in _expected(cfg) if k in batch}
+  b = check_inputs({**batch, **host}, cfg)
+  if "dense" in host and not np.all(np.isfinite(host["dense"])):
+    bad = np.argwhere(~np.isfinite(host["dense"]))[0]
+    raise ValueError(f"batch['dense'] holds NaN/inf (first at row {bad[0]}, column {bad[1]}); "
+                     "impute missing dense features before training")
   if "label" in batch:
     y = np.asarray(batch["label"])
     if y.shape != (b,) or not np.all((y == 0) | (y == 1)):

@@ -139,7 +139,27 @@ def dhen_chunks(cfg: TowerConfig, batch: int) -> int:
 
 
 def apply(p: dict, batch: dict, cfg: TowerConfig) -> Array:
-  """Logits `[B]` for a batch of raw features (see `features`)."""
+  """Logits `[B]` for a batch of raw features (see `features`).
+
+  The batch keys the tower reads are checked before anything is computed
+  (`features.check_inputs`: static shapes and dtypes, so under `jit` the check runs
+  once at trace time). Values (NaN dense features, labels) are checked on the host
+  by `features.check_batch`, which the trainer runs.
+
+  Args:
+    p: tower params (`init(rng, cfg)`).
+    batch: `dense` `[B, n_dense]` float32, `cat` `[B, n_cat]` int32 raw ids (-1 =
+      missing), `multi` `[B, n_multi, L]` int32 (-1 = padding), as `cfg.features`
+      asks; other keys (label, weight, group, teacher, ...) are ignored.
+    cfg: the tower config.
+
+  Returns:
+    Logits `[B]` float32.
+
+  Raises:
+    ValueError / TypeError naming the batch key, with the expected and the actual
+    shape or dtype (e.g. one categorical column where the config has two, or float ids).
+  """
   act = modules.activation(cfg.activation, cfg.smelu_beta)
   x0 = features.apply(p["features"], batch, cfg.features, act)
   h = interact(p, x0, cfg)

@@ -3,6 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 from absl.testing import absltest, parameterized
 
@@ -138,6 +139,17 @@ class BadInputTest(absltest.TestCase):
     y[1] = np.nan
     with self.assertRaisesRegex(ValueError, r"y contains NaN"):
       causal.frontdoor(y, d["x"], d["m"])
+
+  def test_categorical_and_nullable_columns(self):
+    # Outside iv2sls a Categorical is not silently read as numbers: it raises, saying how to encode it;
+    # nullable Int64 columns are read as their numbers.
+    d = scm.simulate(scm.backdoor_discrete, 0, n=300)
+    z = pd.Series(pd.Categorical(d["z"]), name="z")
+    with self.assertRaisesRegex(TypeError, r"z column 'z' is categorical.*encode it"):
+      causal.backdoor(d["y"], d["x"], z)
+    a = causal.backdoor(d["y"], d["x"], pd.Series(pd.array(d["z"].astype(int), dtype="Int64")))
+    b = causal.backdoor(d["y"], d["x"], d["z"])
+    self.assertAlmostEqual(a.effect, b.effect, places=12)
 
   def test_unknown_treatment_level(self):
     d = scm.simulate(scm.frontdoor_binary, 0, n=300)

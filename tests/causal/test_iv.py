@@ -36,6 +36,45 @@ def _simulated(seed=0, n=400):
   return {"y": y, "w": w, "x": x, "z": z, "clusters": rng.integers(0, 40, size=n)}
 
 
+# pandas dtypes linearmodels codes for itself: Categorical columns (category order deliberately not sorted, so
+# "first category" and "first in sorted order" differ), nullable Int64 / Float64 / boolean. A list is a
+# Categorical's categories (the data hold codes into it).
+_EXOG = [["region", ["south", "north", "west"]], ["size", "Int64"], ["flag", "boolean"]]
+_REST = {"dependent": [["y", "Float64"]], "endog": [["x", "float64"], ["treat", ["no", "yes"]]],
+         "instruments": [["z1", "Float64"], ["zc", ["mid", "low", "high"]], ["zi", "Int64"]]}
+FRAMES = {"mixed": dict(_REST, exog=[["const", "float64"]] + _EXOG),
+          "mixed_noconst": dict(_REST, exog=_EXOG)}  # without a constant linearmodels still drops the first level
+FRAME_CASES = [dict(frame=f, cov_type=c, debiased=b) for f in FRAMES for c in ("unadjusted", "robust", "clustered")
+               for b in (False, True)]
+
+
+def _mixed_arrays(seed=3, n=N):
+  """Columns of the pandas-dtype frames: codes for the categoricals, values for the rest."""
+  rng = np.random.default_rng(seed)
+  u = rng.normal(size=n)
+  cols = {"const": np.ones(n), "region": rng.integers(0, 3, n), "size": rng.integers(1, 6, n),
+          "flag": rng.random(n) < 0.4, "z1": rng.normal(size=n), "zc": rng.integers(0, 3, n),
+          "zi": rng.integers(0, 4, n)}
+  zc = cols["zc"]
+  cols["x"] = (cols["z1"] + 0.8 * (zc == 1) - 0.6 * (zc == 2) + 0.3 * cols["zi"] + 0.2 * cols["size"] + u
+               + rng.normal(size=n))
+  cols["treat"] = (0.8 * cols["z1"] + 0.7 * (zc == 2) + 0.4 * cols["zi"] - 0.6 + u + rng.normal(size=n) > 0)
+  cols["treat"] = cols["treat"].astype(int)
+  cols["y"] = (1.0 + 0.7 * cols["x"] + 1.5 * cols["treat"] + np.array([0.0, 0.5, -0.3])[cols["region"]]
+               + 0.1 * cols["size"] + 0.4 * cols["flag"] + 2 * u + rng.normal(size=n) * (1 + np.abs(cols["z1"])))
+  cols["clusters"] = rng.integers(0, 40, size=n)
+  return cols
+
+
+def _frame(cols, spec):
+  """The DataFrame `spec` describes (as tests/peer_scripts/causal_linearmodels.py builds it)."""
+  def column(values, kind):
+    if isinstance(kind, list):
+      return pd.Categorical.from_codes(values.astype(int), categories=kind)
+    return values.astype(float) if kind == "float64" else pd.array(values, dtype=kind)
+  return pd.DataFrame({name: column(cols[name], kind) for name, kind in spec})
+
+
 def _datasets():
   m = _mroz()
   return {"mroz": {"y": m.lwage.to_numpy(), "w": m[["const", "exper", "expersq"]].to_numpy(),
@@ -49,7 +88,8 @@ def reference():
   """One peer process for the module: linearmodels on every case."""
   data = _datasets()
   inputs = {f"{d}.{k}": v for d, arrays in data.items() for k, v in arrays.items()}
-  return data, peer.run("causal_linearmodels", inputs, cases=CASES)
+  inputs.update({f"{f}.{k}": v for f in FRAMES for k, v in _mixed_arrays().items()})
+  return data, peer.run("causal_linearmodels", inputs, cases=CASES, frames=FRAMES, frame_cases=FRAME_CASES)
 
 
 def _fit(arrays, cov_type, debiased):
@@ -72,6 +112,39 @@ def test_parity_with_linearmodels(reference, index):
   tests += ([res.sargan.statistic, res.sargan.pvalue, res.basmann.statistic, res.basmann.pvalue]
             if res.sargan else [np.nan] * 4)
   np.testing.assert_allclose(tests, ref[f"{index}.tests"], rtol=RTOL, atol=1e-300)
+
+
+@pytest.mark.parametrize("index", range(len(FRAME_CASES)),
+                         ids=[f"{c['frame']}-{c['cov_type']}-{c['debiased']}" for c in FRAME_CASES])
+def test_pandas_dtypes_parity_with_linearmodels(reference, index):
+  """Categorical columns expand to linearmodels' dummies; nullable Int64/Float64/boolean are its numbers."""
+  _, ref = reference
+  case = FRAME_CASES[index]
+  cols, spec = _mixed_arrays(), FRAMES[case["frame"]]
+  res = causal.iv2sls(_frame(cols, spec["dependent"])["y"], _frame(cols, spec["exog"]), _frame(cols, spec["endog"]),
+                      _frame(cols, spec["instruments"]), cov_type=case["cov_type"], debiased=case["debiased"],
+                      clusters=cols["clusters"] if case["cov_type"] == "clustered" else None)
+  assert list(res.names) == ref[f"frame{index}.names"]
+  np.testing.assert_allclose(res.params, ref[f"frame{index}.params"], rtol=RTOL)
+  np.testing.assert_allclose(res.std_errors, ref[f"frame{index}.std_errors"], rtol=RTOL)
+  fs = res.first_stage
+  mine = np.c_[fs.rsquared, fs.partial_rsquared, fs.shea_rsquared, fs.partial_f, fs.partial_f_pvalue]
+  np.testing.assert_allclose(mine, ref[f"frame{index}.first_stage"], rtol=RTOL, atol=1e-300)
+  tests = [res.wu_hausman.statistic, res.wu_hausman.pvalue, res.durbin.statistic, res.durbin.pvalue,
+           res.sargan.statistic, res.sargan.pvalue, res.basmann.statistic, res.basmann.pvalue]
+  np.testing.assert_allclose(tests, ref[f"frame{index}.tests"], rtol=RTOL, atol=1e-300)
+
+
+def test_categorical_dummies_are_the_explicit_encoding():
+  """A Categorical column gives the fit of its hand-made dummies (first category dropped), not of its codes."""
+  cols = _mixed_arrays()
+  region = pd.Categorical.from_codes(cols["region"], categories=["south", "north", "west"])
+  by_hand = np.c_[np.ones(N), cols["region"] == 1, cols["region"] == 2]
+  a = causal.iv2sls(cols["y"], pd.DataFrame({"const": 1.0, "region": region}), cols["x"], np.c_[cols["z1"], cols["zi"]])
+  b = causal.iv2sls(cols["y"], by_hand, cols["x"], np.c_[cols["z1"], cols["zi"]])
+  assert a.names == ("const", "region.north", "region.west", "endog")
+  np.testing.assert_allclose(a.params, b.params, rtol=1e-10)
+  np.testing.assert_allclose(a.std_errors, b.std_errors, rtol=1e-10)
 
 
 def test_shipped_mroz_equals_linearmodels_copy(reference):
@@ -243,8 +316,31 @@ class BadInputTest(parameterized.TestCase):
       causal.iv2sls(self.d["y"], self.d["w"], self.d["x"], self.d["z"], cov_type="clustered")
 
   def test_non_numeric(self):
-    with self.assertRaisesRegex(TypeError, r"instruments must be numeric"):
+    with self.assertRaisesRegex(TypeError, r"instruments must be numeric.*'a'.*astype\('category'\)"):
       self.call(z=pd.DataFrame({"a": ["u"] * N}))
+
+  def test_missing_in_nullable_column_names_argument_and_column(self):
+    zi = pd.array(np.arange(N) % 5, dtype="Int64")
+    zi[7] = pd.NA
+    z = pd.DataFrame({"z0": self.d["z"][:, 0], "zi": zi, "z2": self.d["z"][:, 2]})
+    with self.assertRaisesRegex(ValueError, r"instruments column 'zi' \(Int64\) has 1 missing value"):
+      self.call(z=z)
+
+  def test_missing_category_raises(self):
+    g = pd.Categorical.from_codes(np.arange(N) % 3, categories=["a", "b", "c"])
+    g[[3, 4]] = np.nan
+    with self.assertRaisesRegex(ValueError, r"exog column 'g' has 2 missing value"):
+      self.call(w=pd.DataFrame({"const": 1.0, "g": g}))
+
+  def test_unused_category_is_named(self):
+    g = pd.Categorical.from_codes(np.arange(N) % 2, categories=["a", "b", "unused"])
+    with self.assertRaisesRegex(ValueError, r"rank deficient.*'g.unused'.*remove_unused_categories"):
+      self.call(w=pd.DataFrame({"const": 1.0, "g": g}))
+
+  def test_categorical_dependent_with_three_levels(self):
+    y = pd.Series(pd.Categorical.from_codes(np.arange(N) % 3, categories=["a", "b", "c"]), name="y")
+    with self.assertRaisesRegex(ValueError, r"dependent must have one column, got 2 \(y.b, y.c\)"):
+      self.call(y=y)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,19 @@ class LikelihoodTest(chex.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "x_int must hold integers"):
       jd.bits_per_dim(rng, sde, score, jnp.array([[0, 9]]), num_levels=4)
 
+  def test_score_output_shape_is_checked(self):
+    # A [B, 1] score for [B, 2] data used to give a log-likelihood without an error.
+    sde, rng = SDES["vp"], jax.random.PRNGKey(0)
+    bad = lambda x, t: -x[:, :1]  # noqa: E731
+    msg = r"score_fn\(x, t\) must return x's shape \(3, 2\).*got shape \(3, 1\)"
+    for exact in (True, False):
+      with self.assertRaisesRegex(ValueError, msg):
+        jd.log_likelihood(rng, sde, bad, jnp.zeros((3, 2)), exact_trace=exact, num_steps=4)
+    with self.assertRaisesRegex(ValueError, msg):
+      jd.bits_per_dim(rng, sde, bad, jnp.array([[0, 3], [1, 2], [2, 2]]), num_levels=4, num_steps=4)
+    with self.assertRaisesRegex(TypeError, "score_fn must be callable"):
+      jd.log_likelihood(rng, sde, None, jnp.zeros((3, 2)))
+
 
 if __name__ == "__main__":
   absltest.main()
