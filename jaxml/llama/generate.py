@@ -7,13 +7,17 @@ segment's recent piece, `model.apply_split_cache`).
 Follows Meta's Llama 2 `generate`: prompts of different lengths share one token
 buffer; decoding starts after the shortest prompt; at a position that still
 holds a prompt token the prompt token is kept (teacher forcing through the
-longer prompts); a row is finished once it emits EOS at a non-prompt position;
-the output of each row is cut before its first EOS.
+longer prompts); a row is finished once it emits EOS at a non-prompt position.
+
+Two forms: `generate_arrays` (arrays in, arrays out: new tokens, their
+log-probabilities, lengths; one compiled program) and `generate` (lists of
+token ids, each cut before its first EOS), built on it. Both raise
+`NonFiniteLogitsError` when the model produced NaN or inf logits.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,13 +86,27 @@ def _segment_ends(start: int, end: int, segments: int, min_len: int) -> list[int
   return [start + (end - start) * (i + 1) // n for i in range(n)]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "temperature", "top_k", "top_p", "eos_id",
-                                             "segments"))
-def _generate_buffer(params, tokens_BxN, prompt_mask_BxN, rng, *, cfg: LlamaConfig, min_prompt_len: int,
-                     temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None,
-                     segments: tuple[int, int]):
-  """Fills `tokens_BxN` after the prompts; returns the filled buffer."""
-  B, N = tokens_BxN.shape
+class NonFiniteLogitsError(FloatingPointError):
+  """The model produced NaN or inf logits while generating (e.g. NaN or inf parameters)."""
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "max_new_tokens", "temperature", "top_k",
+                                             "top_p", "eos_id", "segments", "with_logprobs"))
+def _generate_buffer(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_prompt_len: int,
+                     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                     eos_id: int | None, segments: tuple[int, int], with_logprobs: bool = True):
+  """Fills `tokens_BxS` after each row's prompt (its first `lengths_B` slots).
+
+  Returns `(tokens_BxN, logprobs_BxN, lengths_B, bad_B)`: each row's
+  `N = max_new_tokens` new tokens and their log-probabilities (see
+  `generate_arrays`), the number of new tokens up to and including EOS, and
+  the first buffer position whose logits (used to pick a new token) were not
+  finite, or -1. Without `with_logprobs` the log-probabilities are zeros
+  (the step skips their log-sum-exp over the vocabulary).
+  """
+  B, S = tokens_BxS.shape
+  N = max_new_tokens
+  prompt_mask_BxS = jnp.arange(S, dtype=jnp.int32)[None, :] < lengths_B[:, None]
   if not cfg.scan_layers:
     params = model.unstack_layers(params)  # sliced once, not at every step of the loop
   if jax.default_backend() == "cpu" and cfg.vocab_size <= _CPU_SPLIT_VOCAB:
@@ -96,63 +114,66 @@ def _generate_buffer(params, tokens_BxN, prompt_mask_BxN, rng, *, cfg: LlamaConf
   # Prefill the shortest prompt length into the past cache, then decode in segments:
   # each segment writes a fresh recent piece, which joins the past when it ends.
   past = model.init_cache(cfg, B, min_prompt_len)
-  logits, past = model.apply(params, tokens_BxN[:, :min_prompt_len], cfg, cache=past, cache_index=0)
+  logits, past = model.apply(params, tokens_BxS[:, :min_prompt_len], cfg, cache=past, cache_index=0)
   last_logits = logits[:, -1, :]
   done = jnp.zeros((B,), bool)
+  logprobs_BxS = jnp.zeros((B, S), jnp.float32)
+  bad_B = jnp.full((B,), -1, jnp.int32)
 
   def cond(end, carry):
-    cur, _, _, _, done, _ = carry
+    cur, _, _, _, _, done, _, _ = carry
     return (cur < end) & ~jnp.all(done)
 
   def body(past, end, carry):
-    cur, tokens, recent, last_logits, done, rng = carry
+    cur, tokens, logprobs, recent, last_logits, done, bad, rng = carry
     rng, step_rng = jax.random.split(rng)
     nxt = sample_logits(step_rng, last_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    in_prompt = jax.lax.dynamic_index_in_dim(prompt_mask_BxN, cur, axis=1, keepdims=False)
+    in_prompt = jax.lax.dynamic_index_in_dim(prompt_mask_BxS, cur, axis=1, keepdims=False)
     given = jax.lax.dynamic_index_in_dim(tokens, cur, axis=1, keepdims=False)
     nxt = jnp.where(in_prompt, given, nxt)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, cur, axis=1)
+    # The log-probability of the new token under softmax(logits / temperature) (plain softmax when greedy),
+    # and whether the logits that picked it were finite; only for rows still generating.
+    new = ~in_prompt & ~done
+    if with_logprobs:
+      scaled = last_logits.astype(jnp.float32)
+      if temperature != 0.0:
+        scaled = scaled / temperature
+      picked = jnp.take_along_axis(scaled, nxt[:, None], axis=-1, mode="clip")[:, 0]
+      logp = picked - jax.nn.logsumexp(scaled, axis=-1)
+      logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(new, logp, 0.0), cur, axis=1)
+    finite = jnp.all(jnp.isfinite(last_logits), axis=-1)
+    bad = jnp.where(new & ~finite & (bad < 0), cur, bad)
     if eos_id is not None:
       done = done | (~in_prompt & (nxt == eos_id))
     logits, recent = model.apply_split_cache(params, nxt[:, None], cfg, past, recent, cur)
-    return cur + 1, tokens, recent, logits[:, -1, :], done, rng
+    return cur + 1, tokens, logprobs, recent, logits[:, -1, :], done, bad, rng
 
   cur = jnp.int32(min_prompt_len)
   start = min_prompt_len
-  for end in _segment_ends(min_prompt_len, N, *segments):
+  for end in _segment_ends(min_prompt_len, S, *segments):
     recent = model.init_cache(cfg, B, end - start)
-    carry = (cur, tokens_BxN, recent, last_logits, done, rng)
-    cur, tokens_BxN, recent, last_logits, done, rng = jax.lax.while_loop(
+    carry = (cur, tokens_BxS, logprobs_BxS, recent, last_logits, done, bad_B, rng)
+    cur, tokens_BxS, logprobs_BxS, recent, last_logits, done, bad_B, rng = jax.lax.while_loop(
         functools.partial(cond, end), functools.partial(body, past, end), carry)
     past = past.append(recent)
     start = end
-  return tokens_BxN
+  # Each row's N new tokens start after its prompt; past a row's first EOS: EOS ids, log-probability 0.
+  idx_BxN = lengths_B[:, None] + jnp.arange(N, dtype=jnp.int32)[None, :]
+  new_BxN = jnp.take_along_axis(tokens_BxS, idx_BxN, axis=1)
+  logp_BxN = jnp.take_along_axis(logprobs_BxS, idx_BxN, axis=1)
+  if eos_id is None:
+    return new_BxN, logp_BxN, jnp.full((B,), N, jnp.int32), bad_B
+  is_eos = (new_BxN == eos_id).astype(jnp.int32)
+  after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+  new_BxN = jnp.where(after_eos, jnp.int32(eos_id), new_BxN)
+  logp_BxN = jnp.where(after_eos, 0.0, logp_BxN)
+  return new_BxN, logp_BxN, (N - after_eos.sum(axis=1)).astype(jnp.int32), bad_B
 
 
-def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, rng: jax.Array | None = None, pad_id: int = 0) -> list[list[int]]:
-  """Generates up to `max_new_tokens` after each prompt.
-
-  Args:
-    params: model parameters (see `jaxml.llama.model`).
-    cfg: the model config.
-    prompts: a batch of token-id lists, lengths may differ.
-    max_new_tokens: tokens to generate per prompt (> 0).
-    temperature: 0 for greedy decoding; otherwise softmax temperature
-      (Meta's chat default is 0.6 with top_p 0.9).
-    top_k, top_p: optional truncation of the sampling distribution.
-    eos_id: stop a row at this id (excluded from the output); None never stops.
-    rng: PRNG key, required when temperature > 0.
-    pad_id: filler for buffer slots after short prompts (never attended to).
-
-  Returns:
-    For each prompt, the list of new token ids, cut before the first EOS.
-  """
-  if max_new_tokens <= 0:
-    raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+def _check_sampling(cfg: LlamaConfig, max_new_tokens, temperature, top_k, top_p, eos_id, rng) -> None:
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
   if temperature > 0 and rng is None:
@@ -161,32 +182,167 @@ def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[
     raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}], got {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  for i, p in enumerate(prompts):
-    if any(not isinstance(t, (int, np.integer)) for t in p):
-      raise TypeError(f"prompt {i} must contain integer token ids")
-  lengths = [len(p) for p in prompts]
-  total = max(lengths) + max_new_tokens
-  if max(lengths) > cfg.max_seq_len:
-    raise ValueError(f"a prompt of length {max(lengths)} is longer than the context max_seq_len={cfg.max_seq_len}")
+  if eos_id is not None and not (isinstance(eos_id, (int, np.integer)) and 0 <= eos_id < cfg.vocab_size):
+    raise ValueError(f"eos_id must be an int in [0, vocab_size={cfg.vocab_size}) or None, got {eos_id!r}")
+
+
+def _prompt_arrays(cfg: LlamaConfig, prompt_tokens: Any, prompt_lengths: Any, what: str):
+  """Validated `([B, P] int32 prompts, [B] int32 lengths)` as NumPy; slots past a row's length are zeroed."""
+  if not hasattr(prompt_tokens, "dtype"):
+    prompt_tokens = np.asarray(prompt_tokens)
+  if not np.issubdtype(prompt_tokens.dtype, np.integer):
+    raise TypeError(f"{what} must be an integer array, got dtype {prompt_tokens.dtype}")
+  if np.ndim(prompt_tokens) != 2 or 0 in np.shape(prompt_tokens):
+    raise ValueError(f"{what} must have shape [batch, prompt_length] with both > 0, got shape "
+                     f"{np.shape(prompt_tokens)}")
+  B, P = np.shape(prompt_tokens)
+  if prompt_lengths is None:
+    lengths = np.full((B,), P, np.int32)
+  else:
+    lengths = np.asarray(prompt_lengths)
+    if not np.issubdtype(lengths.dtype, np.integer) or lengths.shape != (B,):
+      raise ValueError(f"prompt_lengths must be [batch={B}] integers, got {lengths.dtype} of shape {lengths.shape}")
+    if lengths.min() < 1 or lengths.max() > P:
+      raise ValueError(f"prompt_lengths must be in [1, {P}] (the width of {what}), got min {lengths.min()}, "
+                       f"max {lengths.max()}")
+    lengths = lengths.astype(np.int32)
+  tokens = np.asarray(prompt_tokens).astype(np.int32)
+  tokens = np.where(np.arange(P)[None, :] < lengths[:, None], tokens, 0)  # padding ids are never read
+  model.check_tokens(tokens, cfg, what=what, max_len=P)
+  return tokens, lengths
+
+
+def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray, max_new_tokens: int, *,
+         temperature, top_k, top_p, eos_id, rng, with_logprobs: bool = True):
+  """Checks the lengths against the context, runs the compiled loop, raises on non-finite logits."""
+  longest = int(lengths_B.max())
+  total = longest + max_new_tokens
+  if longest > cfg.max_seq_len:
+    raise ValueError(f"a prompt of length {longest} is longer than the context max_seq_len={cfg.max_seq_len}")
   if total > cfg.max_seq_len:
-    raise ValueError(f"longest prompt ({max(lengths)}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+    raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
                      f"max_seq_len={cfg.max_seq_len}; lower max_new_tokens")
-  buf = np.full((len(prompts), total), pad_id, np.int32)
-  mask = np.zeros((len(prompts), total), bool)
-  for i, p in enumerate(prompts):
-    buf[i, :len(p)] = p
-    mask[i, :len(p)] = True
-  model.check_tokens(buf, cfg, what="prompts")
   model.check_params(params, cfg)
+  buf = np.zeros((tokens_BxP.shape[0], total), np.int32)
+  buf[:, :longest] = tokens_BxP[:, :longest]
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  out = _generate_buffer(params, jnp.asarray(buf), jnp.asarray(mask), rng, cfg=cfg, min_prompt_len=min(lengths),
-                         temperature=float(temperature), top_k=top_k, top_p=None if top_p is None else float(top_p),
-                         eos_id=eos_id, segments=(_SEGMENTS, _SEGMENT_MIN_LEN))
-  out = np.asarray(out)
+  new, logp, n, bad = _generate_buffer(
+      params, jnp.asarray(buf), jnp.asarray(lengths_B), rng, cfg=cfg, min_prompt_len=int(lengths_B.min()),
+      max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
+      top_p=None if top_p is None else float(top_p), eos_id=None if eos_id is None else int(eos_id),
+      segments=(_SEGMENTS, _SEGMENT_MIN_LEN), with_logprobs=with_logprobs)
+  bad = np.asarray(bad)
+  if (bad >= 0).any():
+    rows = np.flatnonzero(bad >= 0)
+    i = rows[np.argmin(bad[rows] - lengths_B[rows])]
+    raise NonFiniteLogitsError(
+        f"non-finite logits at step {int(bad[i] - lengths_B[i])} of row {int(i)} ({len(rows)} of {len(bad)} rows "
+        f"affected; step k picks new token k): the model produced NaN or inf, check params for NaN/inf values")
+  return new, logp, n
+
+
+def generate_arrays(params: model.Params, cfg: LlamaConfig, prompt_tokens_BxP: Any, prompt_lengths_B: Any,
+                    max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, eos_id: int | None = None, rng: jax.Array | None = None):
+  """Generates `max_new_tokens` after each prompt; arrays in, arrays out.
+
+  One compiled program (prefill + the decode loop, see the module docstring),
+  compiled once per shape and sampling setting. Log-probabilities are those of
+  the softmax the sampler draws from before truncation: `log_softmax(logits /
+  temperature)` at each new token (the plain `log_softmax(logits)` when
+  greedy, `temperature == 0`); `top_k`/`top_p` restrict the draw but not this
+  distribution. A host function (it validates its inputs and reads one flag
+  back); not for use under a caller's `jax.jit`.
+
+  Args:
+    params: model parameters (see `jaxml.llama.model`).
+    cfg: the model config.
+    prompt_tokens_BxP: `[B, P]` integer prompts, row `i` in its first
+      `prompt_lengths_B[i]` slots (what follows is ignored).
+    prompt_lengths_B: `[B]` integer prompt lengths in `[1, P]`; None: every
+      row is `P` tokens long.
+    max_new_tokens: tokens to generate per prompt (`N`, > 0); the longest
+      prompt plus `N` must fit in `cfg.max_seq_len`.
+    temperature: 0 for greedy decoding; otherwise the softmax temperature.
+    top_k, top_p: optional truncation of the sampling distribution.
+    eos_id: a row stops after emitting this id (kept in the output); None
+      never stops.
+    rng: PRNG key, required when temperature > 0.
+
+  Returns:
+    `(tokens_BxN, logprobs_BxN, lengths_B)`: `[B, N]` int32 new tokens,
+    `[B, N]` float32 their log-probabilities, `[B]` int32 the number of new
+    tokens up to and including the first EOS (`N` without one). Past a row's
+    first EOS, tokens are `eos_id` and log-probabilities 0.
+
+  Raises:
+    NonFiniteLogitsError: (a `FloatingPointError`) if logits used to pick a
+      new token were NaN or inf; the message names the first such step.
+    ValueError, TypeError: for bad arguments, before any compute.
+  """
+  _check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng)
+  tokens, lengths = _prompt_arrays(cfg, prompt_tokens_BxP, prompt_lengths_B, "prompt_tokens_BxP")
+  return _run(params, cfg, tokens, lengths, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              eos_id=eos_id, rng=rng)
+
+
+def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]] | Any, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, rng: jax.Array | None = None, pad_id: int = 0,
+             prompt_lengths: Any = None) -> list[list[int]]:
+  """Generates up to `max_new_tokens` after each prompt; the list form of `generate_arrays`.
+
+  Args:
+    params: model parameters (see `jaxml.llama.model`).
+    cfg: the model config.
+    prompts: a batch of token-id lists (lengths may differ), or a `[B, P]`
+      integer array (NumPy or JAX) of prompts.
+    max_new_tokens: tokens to generate per prompt (> 0).
+    temperature: 0 for greedy decoding; otherwise softmax temperature
+      (Meta's chat default is 0.6 with top_p 0.9).
+    top_k, top_p: optional truncation of the sampling distribution.
+    eos_id: stop a row at this id (excluded from the output); None never stops.
+    rng: PRNG key, required when temperature > 0.
+    pad_id: kept for compatibility: slots after short prompts are never read.
+    prompt_lengths: with an array of prompts, optional `[B]` integer lengths
+      (default: every row is full length); not with lists.
+
+  Returns:
+    For each prompt, the list of new token ids (Python ints), cut before the
+    first EOS.
+
+  Raises:
+    NonFiniteLogitsError: (a `FloatingPointError`) if the model produced NaN
+      or inf logits.
+    ValueError, TypeError: for bad arguments, before any compute.
+  """
+  del pad_id  # the buffer's padding is zeros, never attended to
+  _check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng)
+  if hasattr(prompts, "shape") and hasattr(prompts, "dtype"):
+    tokens, lengths = _prompt_arrays(cfg, prompts, prompt_lengths, "prompts")
+  else:
+    if prompt_lengths is not None:
+      raise ValueError("prompt_lengths goes with a [batch, length] array of prompts, not with lists")
+    if not prompts or any(len(p) == 0 for p in prompts):
+      raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    for i, p in enumerate(prompts):
+      if any(not isinstance(t, (int, np.integer)) for t in p):
+        raise TypeError(f"prompt {i} must contain integer token ids")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.max() > cfg.max_seq_len:
+      raise ValueError(f"a prompt of length {lengths.max()} is longer than the context "
+                       f"max_seq_len={cfg.max_seq_len}")
+    tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    tokens, lengths = _prompt_arrays(cfg, tokens, lengths, "prompts")
+  new, _, n = _run(params, cfg, tokens, lengths, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_id=eos_id, rng=rng, with_logprobs=False)
+  new, n = np.asarray(new), np.asarray(n)
   results = []
-  for i, n in enumerate(lengths):
-    new = out[i, n:n + max_new_tokens].tolist()
-    if eos_id is not None and eos_id in new:
-      new = new[:new.index(eos_id)]
-    results.append(new)
+  for row, k in zip(new, n):
+    out = row[:k].tolist()
+    if eos_id is not None and out and out[-1] == eos_id:
+      out.pop()
+    results.append(out)
   return results

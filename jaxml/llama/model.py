@@ -16,10 +16,20 @@ on a leading `n_layers` axis so the blocks run under `jax.lax.scan`):
 
 Linear weights are stored `(in, out)`, so `x @ w`; converters transpose
 torch's `(out, in)`. The q/k rows are in Meta's interleaved rotary layout.
+
+The forward pass is three reusable parts, `apply` being their composition:
+
+    x_BxTxD = embed(params, tokens_BxT, cfg)          # token embeddings
+    h_BxTxD = decoder(params, x_BxTxD, cfg, ...)      # blocks + final RMSNorm
+    logits  = head(params, h_BxTxD, cfg)              # output projection
+
+A model with its own inputs (Gato-style embeddings) calls `decoder` on them;
+a reward or value model puts its own head on `decoder`'s output.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -74,36 +84,101 @@ def init(rng: jax.Array, cfg: LlamaConfig) -> Params:
 
 
 def check_params(params: Params, cfg: LlamaConfig) -> None:
-  """Raises ValueError naming every key or shape that does not match `cfg`."""
+  """Checks that `params` has exactly the keys and shapes `init(rng, cfg)` makes.
+
+  Accepts the forms `apply` takes: stacked or per-layer weights
+  (`unstack_layers`) and a whole or column-split output projection
+  (`split_output_columns`). Reads shapes only (no device work), so it costs
+  nothing under `jax.jit`.
+
+  Args:
+    params: a parameter tree (see the module docstring).
+    cfg: the config the tree should match.
+
+  Raises:
+    ValueError: naming every missing, unexpected or wrongly shaped entry
+      (a wrong `n_layers`, `vocab_size`, `dim`, ... shows as a shape).
+    TypeError: if `params` is not a mapping.
+  """
+  _check_param_shapes(params, cfg)
+
+
+def _check_param_shapes(params: Params, cfg: LlamaConfig, keys: tuple[str, ...] | None = None,
+                        what: str = "params") -> None:
+  """`check_params` over the top-level entries `keys` only (all, and no unexpected ones, when None)."""
+  if not isinstance(params, Mapping):
+    raise TypeError(f"{what} must be a dict of arrays (see jaxml.llama.model), got {type(params).__name__}")
   expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
-  got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  got = dict(jax.tree_util.tree_flatten_with_path(_canonical_shapes(params))[0])
+  in_scope = (lambda path: True) if keys is None else (lambda path: path[0].key in keys)
   problems = []
   exp_keys = set()
   for path, spec in expected:
+    if not in_scope(path):
+      continue
     name = jax.tree_util.keystr(path)
     exp_keys.add(path)
     if path not in got:
       problems.append(f"missing {name} {tuple(spec.shape)}")
     elif tuple(np.shape(got[path])) != tuple(spec.shape):
       problems.append(f"{name}: shape {tuple(np.shape(got[path]))}, config expects {tuple(spec.shape)}")
-  for path in got:
-    if path not in exp_keys:
-      problems.append(f"unexpected {jax.tree_util.keystr(path)}")
+  if keys is None:
+    for path in got:
+      if path not in exp_keys:
+        problems.append(f"unexpected {jax.tree_util.keystr(path)}")
   if problems:
-    raise ValueError("Llama parameters do not match the config:\n  " + "\n  ".join(problems))
+    raise ValueError(f"{what} do not match the config (n_layers={cfg.n_layers}, dim={cfg.dim}, "
+                     f"vocab_size={cfg.vocab_size}, n_heads={cfg.n_heads}, kv_heads={cfg.kv_heads}, "
+                     f"hidden_dim={cfg.hidden_dim}):\n  " + "\n  ".join(problems))
 
 
-def check_tokens(tokens: Any, cfg: LlamaConfig, *, what: str = "tokens") -> None:
+def _canonical_shapes(params: Params) -> Params:
+  """`params` as shapes in `init`'s form: per-layer weights stacked, output columns joined (no copies)."""
+  def shape(*dims):
+    return jax.ShapeDtypeStruct(tuple(dims), jnp.float32)  # only the shape is compared
+
+  out = dict(params)
+  layers = params.get("layers")
+  if isinstance(layers, (tuple, list)) and layers and all(isinstance(lp, Mapping) for lp in layers):
+    per_layer = [dict(jax.tree_util.tree_flatten_with_path(dict(lp))[0]) for lp in layers]
+    stacked = {}
+    for path in {p for leaves in per_layer for p in leaves}:
+      shapes = {tuple(np.shape(leaves[path])) if path in leaves else None for leaves in per_layer}
+      # (L, -1): the layers disagree (a shape, or an entry some lack)
+      stacked[path[0].key] = shape(len(layers), *shapes.pop()) if len(shapes) == 1 and None not in shapes \
+          else shape(len(layers), -1)
+    out["layers"] = stacked
+  w = params.get("output")
+  if isinstance(w, (tuple, list)) and w:
+    rows = {np.shape(c)[0] if np.ndim(c) == 2 else -1 for c in w}
+    out["output"] = shape(rows.pop() if len(rows) == 1 else -1, sum(np.shape(c)[-1] for c in w))
+  return out
+
+
+def check_tokens(tokens: Any, cfg: LlamaConfig, *, what: str = "tokens", max_len: int | None = None) -> None:
   """Validates a token array before any compute: integer dtype, rank 2, ids in range.
 
-  The value check runs only on concrete arrays (not inside a trace).
+  Args:
+    tokens: `[batch, length]` integer token ids.
+    cfg: the model config (vocabulary size, context length).
+    what: the argument's name, for the error messages.
+    max_len: the longest allowed `length` (default `cfg.max_seq_len`).
+
+  Raises:
+    TypeError: for a non-integer dtype.
+    ValueError: for a wrong rank, a length over `max_len`, or ids outside
+      `[0, cfg.vocab_size)`. The id check reads the values, so it runs only on
+      concrete arrays: inside a trace (a caller's `jax.jit`, `grad` of
+      traced tokens, ...) out-of-vocabulary ids cannot be detected.
   """
+  max_len = cfg.max_seq_len if max_len is None else max_len
   if not jnp.issubdtype(jnp.asarray(tokens).dtype if not hasattr(tokens, "dtype") else tokens.dtype, jnp.integer):
     raise TypeError(f"{what} must be an integer array, got dtype {getattr(tokens, 'dtype', type(tokens))}")
   if np.ndim(tokens) != 2:
     raise ValueError(f"{what} must have shape [batch, length], got shape {np.shape(tokens)}")
-  if np.shape(tokens)[1] > cfg.max_seq_len:
-    raise ValueError(f"{what} length {np.shape(tokens)[1]} exceeds the context max_seq_len={cfg.max_seq_len}")
+  if np.shape(tokens)[1] > max_len:
+    extra = "" if max_len == cfg.max_seq_len else f" (+{max_len - cfg.max_seq_len} for the shifted targets)"
+    raise ValueError(f"{what} length {np.shape(tokens)[1]} exceeds the context max_seq_len={cfg.max_seq_len}{extra}")
   if not isinstance(tokens, jax.core.Tracer):
     arr = np.asarray(tokens)
     if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
@@ -138,30 +213,86 @@ def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, attend):
   return x.reshape(B, T, D), kv
 
 
-def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_BxT: jax.Array | None = None,
-          cache: KVCache | None = None, cache_index: jax.Array | int = 0,
-          return_hidden: bool = False):
-  """Forward pass. Returns float32 logits `[B, T, V]` (and the new cache).
+def embed(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig) -> jax.Array:
+  """Token embeddings: the rows of `params["tok_embeddings"]` for the ids.
 
-  Without `cache`: a causal forward over `tokens` at positions `0..T-1` (or
-  `positions_BxT`). Returns `logits`.
+  Args:
+    params: Llama parameters; only `tok_embeddings` `[V, D]` is read (and
+      checked against `cfg`).
+    tokens_BxT: `[B, T]` integer token ids in `[0, cfg.vocab_size)` (checked
+      when concrete; see `check_tokens`).
+    cfg: the model config.
 
-  With `cache` (from `init_cache`): the tokens are written to cache slots
-  `[cache_index, cache_index + T)` and attend to every earlier slot; positions
-  default to `cache_index + arange(T)`. Returns `(logits, new_cache)`. This one
-  function serves prefill (T = prompt length) and decode (T = 1).
-
-  `return_hidden=True` returns the final normed hidden states `[B, T, D]`
-  instead of logits (for reward/value heads).
-
-  Layers run under `jax.lax.scan` when `cfg.scan_layers` (one compiled block,
-  fast compiles for deep models) or as an unrolled loop that writes the new
-  keys/values into per-layer cache arrays in place (faster small models on
-  CPU). Either loop accepts either cache form and returns the form it was given.
+  Returns:
+    `x_BxTxD`: `[B, T, D]` embeddings in `cfg.compute_dtype`, what `decoder` reads.
   """
-  check_tokens(tokens_BxT, cfg)
-  B, T = tokens_BxT.shape
-  dt = cfg.compute_dtype
+  _check_param_shapes(params, cfg, keys=("tok_embeddings",))
+  check_tokens(tokens_BxT, cfg, what="tokens_BxT")
+  return _embed(params, tokens_BxT, cfg)
+
+
+def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
+  return params["tok_embeddings"].astype(cfg.compute_dtype)[tokens_BxT]
+
+
+def decoder(params: Params, x_BxTxD: jax.Array, cfg: LlamaConfig, *, positions: Any = None,
+            cache: KVCache | None = None, cache_index: jax.Array | int = 0, attention_mask: Any = None):
+  """The decoder blocks and the final RMSNorm over a sequence of input vectors.
+
+  Returns the hidden states AFTER the final RMSNorm (`params["norm"]`): what
+  `head` (the output projection) or any other head reads. Token inputs come
+  from `embed`; a model with its own inputs (image patches, actions, ...)
+  passes its own `[B, T, D]` vectors.
+
+  Each position attends causally: a query at position `p` sees the keys at
+  positions `<= p` (and, with `attention_mask`, only real tokens).
+
+  Args:
+    params: Llama parameters; `layers` (stacked or per-layer, see
+      `unstack_layers`) and `norm` are read and checked against `cfg`.
+    x_BxTxD: `[B, T, cfg.dim]` input vectors (cast to `cfg.compute_dtype`).
+    cfg: the model config.
+    positions: `[B, T]` integer position ids (rotary angles and the causal
+      order). Default: `cache_index + arange(T)`; with `attention_mask` and no
+      `positions`, `clip(cumsum(attention_mask) - 1, 0)` (a left-padded row
+      starts at position 0 at its first real token, as Hugging Face's
+      `generate` numbers it). NumPy positions (known when tracing) give
+      constant rotary tables.
+    cache: optional KV cache (`init_cache`); the new keys/values are written
+      to slots `[cache_index, cache_index + T)` and the queries attend to all
+      earlier slots.
+    cache_index: the first cache slot written (int, or a traced scalar).
+    attention_mask: optional `[B, T]` (bool or 0/1) marking real tokens; no
+      query attends to a key where it is 0. Only without `cache`.
+
+  Returns:
+    `h_BxTxD`, `[B, T, D]` in `cfg.compute_dtype`; with `cache`, the pair
+    `(h_BxTxD, new_cache)`.
+  """
+  _check_param_shapes(params, cfg, keys=("layers", "norm"))
+  if np.ndim(x_BxTxD) != 3 or np.shape(x_BxTxD)[-1] != cfg.dim:
+    raise ValueError(f"x_BxTxD must have shape [batch, length, dim={cfg.dim}], got shape {np.shape(x_BxTxD)}")
+  if np.shape(x_BxTxD)[1] > cfg.max_seq_len:
+    raise ValueError(f"x_BxTxD length {np.shape(x_BxTxD)[1]} exceeds the context max_seq_len={cfg.max_seq_len}")
+  B, T = np.shape(x_BxTxD)[:2]
+  for name, arr in (("positions", positions), ("attention_mask", attention_mask)):
+    if arr is not None and tuple(np.shape(arr)) != (B, T):
+      raise ValueError(f"{name} must have shape [batch, length] = {(B, T)}, got shape {np.shape(arr)}")
+  if attention_mask is not None and cache is not None:
+    raise ValueError("attention_mask is supported without a cache only (a cache's slots are all attended to)")
+  h, new_cache = _decoder(params, x_BxTxD, cfg, positions, cache, cache_index, attention_mask)
+  return h if cache is None else (h, new_cache)
+
+
+def _decoder(params: Params, x_BxTxD, cfg: LlamaConfig, positions_BxT, cache: KVCache | None, cache_index,
+             attention_mask_BxT=None):
+  """`decoder` without the checks. Returns `(h_BxTxD, new cache or None)`."""
+  B, T = x_BxTxD.shape[:2]
+  x = x_BxTxD.astype(cfg.compute_dtype)
+  if positions_BxT is None and attention_mask_BxT is not None:
+    xp = np if isinstance(attention_mask_BxT, np.ndarray) else jnp  # NumPy masks: constant rotary tables
+    counts = xp.cumsum(xp.asarray(attention_mask_BxT).astype(np.int32), axis=1).astype(np.int32)
+    positions_BxT = xp.maximum(counts - 1, 0)
   # Positions known when tracing (training, prefill): constant rotary tables.
   static_positions = positions_BxT is None and isinstance(cache_index, (int, np.integer))
   if positions_BxT is None:
@@ -175,8 +306,8 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_
   else:
     S = cache.max_len
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-  mask = nn.causal_mask(positions_BxT, k_pos)
-  x = params["tok_embeddings"].astype(dt)[tokens_BxT]
+  k_valid = None if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+  mask = nn.causal_mask(positions_BxT, k_pos, k_valid)
 
   def attend(kv, _):
     """The block's attention: over the new keys alone, or written into the cache `kv` and over all of it."""
@@ -188,11 +319,85 @@ def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_
     return fn
 
   x, new_cache = _run_layers(cfg, params, x, cos, sin, attend, cache, remat=cfg.remat and cache is None)
-  x = nn.rms_norm(x, params["norm"], cfg.norm_eps)
-  out = x if return_hidden else _logits(x, params["output"], dt)
-  if cache is None:
-    return out
-  return out, new_cache
+  return nn.rms_norm(x, params["norm"], cfg.norm_eps), new_cache
+
+
+def head(params: Params, h_BxTxD: jax.Array, cfg: LlamaConfig) -> jax.Array:
+  """The output projection: logits from `decoder`'s (final-normed) hidden states.
+
+  Args:
+    params: Llama parameters; only `output` `[D, V]` (or its column chunks,
+      see `split_output_columns`) is read and checked against `cfg`.
+    h_BxTxD: `[B, T, cfg.dim]` hidden states from `decoder`.
+    cfg: the model config.
+
+  Returns:
+    `[B, T, V]` float32 logits (the product runs in `cfg.compute_dtype`).
+  """
+  _check_param_shapes(params, cfg, keys=("output",))
+  if np.ndim(h_BxTxD) < 1 or np.shape(h_BxTxD)[-1] != cfg.dim:
+    raise ValueError(f"h_BxTxD must end in dim={cfg.dim}, got shape {np.shape(h_BxTxD)}")
+  return _head(params, h_BxTxD, cfg)
+
+
+def _head(params: Params, h_BxTxD, cfg: LlamaConfig):
+  return _logits(h_BxTxD, params["output"], cfg.compute_dtype)
+
+
+def apply(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, *, positions_BxT: jax.Array | None = None,
+          cache: KVCache | None = None, cache_index: jax.Array | int = 0,
+          return_hidden: bool = False):
+  """Forward pass: `head(params, decoder(params, embed(params, tokens), cfg, ...), cfg)`.
+
+  Without `cache`: a causal forward over `tokens` at positions `0..T-1` (or
+  `positions_BxT`). With `cache` (from `init_cache`): the tokens are written
+  to cache slots `[cache_index, cache_index + T)` and attend to every earlier
+  slot; positions default to `cache_index + arange(T)`. This one function
+  serves prefill (T = prompt length) and decode (T = 1).
+
+  Layers run under `jax.lax.scan` when `cfg.scan_layers` (one compiled block,
+  fast compiles for deep models) or as an unrolled loop that writes the new
+  keys/values into per-layer cache arrays in place (faster small models on
+  CPU). Either loop accepts either cache form and returns the form it was given.
+
+  Checks before any compute: `params` against `cfg` (`check_params`: keys and
+  shapes, so a wrong `n_layers`, `vocab_size` or `dim` raises; free under
+  jit, shapes being static) and `tokens_BxT` (`check_tokens`). The id range
+  is checked only for concrete tokens: under a caller's own `jax.jit` the
+  ids are tracers, and an out-of-vocabulary id there is not detected (JAX
+  clamps the embedding lookup).
+
+  Args:
+    params: Llama parameters (`init`, `from_hf`, ...); per-layer
+      (`unstack_layers`) and column-split (`split_output_columns`) forms too.
+    tokens_BxT: `[B, T]` integer token ids in `[0, cfg.vocab_size)`.
+    cfg: the model config.
+    positions_BxT: optional `[B, T]` integer positions (see `decoder`).
+    cache: optional KV cache (see `decoder`).
+    cache_index: the first cache slot written.
+    return_hidden: return `decoder`'s final-normed hidden states `[B, T, D]`
+      (compute dtype) instead of logits (for reward/value heads).
+
+  Returns:
+    `[B, T, V]` float32 logits (or the hidden states); with `cache`, the pair
+    `(logits, new_cache)`.
+
+  Raises:
+    ValueError: for params that do not match `cfg`, or bad tokens.
+    TypeError: for non-integer tokens.
+  """
+  check_params(params, cfg)
+  check_tokens(tokens_BxT, cfg)
+  out, new_cache = _forward(params, tokens_BxT, cfg, positions_BxT, cache, cache_index, return_hidden)
+  return out if cache is None else (out, new_cache)
+
+
+def _forward(params: Params, tokens_BxT, cfg: LlamaConfig, positions_BxT=None, cache=None, cache_index=0,
+             return_hidden=False, attention_mask_BxT=None):
+  """`apply` without the checks. Returns `(logits or hidden states, new cache or None)`."""
+  h, new_cache = _decoder(params, _embed(params, tokens_BxT, cfg), cfg, positions_BxT, cache, cache_index,
+                          attention_mask_BxT)
+  return (h if return_hidden else _head(params, h, cfg)), new_cache
 
 
 def _run_layers(cfg: LlamaConfig, params: Params, x, cos, sin, attend, cache: KVCache | None,
@@ -250,18 +455,30 @@ def apply_split_cache(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, p
   A decode loop over positions `[P, P + R)` thus reads `P + R` cache slots per
   step instead of the whole cache and writes only the small recent piece, in
   place; between such loops the caller appends the recent piece to the past.
-  Same numbers as `apply` with one cache holding both pieces.
+  Same numbers as `apply` with one cache holding both pieces; the same checks
+  of `params` and `tokens_BxT` as `apply`.
+
+  Args:
+    params: Llama parameters (any form `apply` takes).
+    tokens_BxT: `[B, T]` integer token ids.
+    cfg: the model config.
+    past: the read-only cache piece, slots `[0, P)` (`KVCache`).
+    recent: the written cache piece, slots `[P, P + R)` (`KVCache`).
+    cache_index: the first slot written, in `[P, P + R - T]` (int32 scalar).
+
+  Returns:
+    `(logits, new_recent)`: `[B, T, V]` float32 logits and the updated recent piece.
   """
+  check_params(params, cfg)
   check_tokens(tokens_BxT, cfg)
   if not (isinstance(past, KVCache) and isinstance(recent, KVCache)):
     raise TypeError(f"past and recent must be KVCache pieces, got {type(past).__name__}, {type(recent).__name__}")
   B, T = tokens_BxT.shape
-  dt = cfg.compute_dtype
   P, R = past.max_len, recent.max_len
   positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + cache_index, (B, T))
   cos, sin = nn.rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, max_position=P + R)
   recent_mask = nn.causal_mask(positions_BxT, jnp.broadcast_to(jnp.arange(R, dtype=jnp.int32) + P, (B, R)))
-  x = params["tok_embeddings"].astype(dt)[tokens_BxT]
+  x = _embed(params, tokens_BxT, cfg)
 
   def attend(kv, ro):
     def fn(q, k, v):
@@ -271,7 +488,7 @@ def apply_split_cache(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig, p
 
   x, new_recent = _run_layers(cfg, params, x, cos, sin, attend, recent, read_only=past)
   x = nn.rms_norm(x, params["norm"], cfg.norm_eps)
-  return _logits(x, params["output"], dt), new_recent
+  return _head(params, x, cfg), new_recent
 
 
 def _logits(x, w_DxV, dt):
@@ -342,17 +559,104 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, mask_BxT: jax
 
 
 def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: LlamaConfig):
-  """Next-token loss. `batch["tokens"]`: `[B, T+1]` int32; optional `batch["mask"]` `[B, T+1]`.
+  """Next-token loss: the logits at `t` score the token at `t + 1`.
 
-  Returns `(loss, metrics)` with `loss`, `perplexity`, `accuracy`, `tokens`.
+  Checks `params` against `cfg` (as `apply`) and `batch["tokens"]`, targets
+  included, with `check_tokens`. Under a caller's own `jax.jit` (the train
+  step) the token values are tracers and out-of-vocabulary ids cannot be
+  checked; the shape checks still run, once, at trace time.
+
+  Args:
+    params: Llama parameters.
+    batch: `{"tokens": [B, T+1] int, "mask": optional [B, T+1] (0/1 or
+      bool)}`; `mask[:, t]` weighs the prediction of `tokens[:, t]`
+      (`mask[:, 0]` is unused: nothing predicts the first token).
+    cfg: the model config.
+
+  Returns:
+    `(loss, metrics)`: the mean token cross-entropy (float32 scalar, nats) and
+    a dict of float32 scalars `loss`, `perplexity`, `accuracy`, `tokens`
+    (the number of counted tokens).
+
+  Raises:
+    ValueError: for params that do not match `cfg`, bad token ids or shapes,
+      or a mask of another shape.
   """
+  check_params(params, cfg)
   tokens = batch["tokens"]
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  logits = apply(params, inputs, cfg)
+  check_tokens(tokens, cfg, what="batch['tokens']", max_len=cfg.max_seq_len + 1)
   mask = batch.get("mask")
+  if mask is not None and tuple(np.shape(mask)) != tuple(np.shape(tokens)):
+    raise ValueError(f"batch['mask'] must have the shape of batch['tokens'] {np.shape(tokens)}, "
+                     f"got {np.shape(mask)}")
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  logits, _ = _forward(params, inputs, cfg)
   mask = None if mask is None else mask[:, 1:]
   loss, n = cross_entropy(logits, targets, mask)
   correct = (nn.first_argmax(logits) == targets).astype(jnp.float32)
   m = jnp.ones_like(correct) if mask is None else mask.astype(jnp.float32)
   acc = (correct * m).sum() / jnp.maximum(m.sum(), 1.0)
   return loss, {"loss": loss, "perplexity": jnp.exp(loss), "accuracy": acc, "tokens": n}
+
+
+def sequence_logprobs(params: Params, tokens_BxT: jax.Array, loss_mask_BxT: jax.Array, cfg: LlamaConfig, *,
+                      attention_mask_BxT: jax.Array | None = None) -> jax.Array:
+  """Log-probability of each row's scored tokens: `sum_t loss_mask[t] * log p(tokens[t] | tokens[<t])`.
+
+  The token at `t` is scored by the log-softmax of the logits at `t - 1`
+  (float32). Rows may be right- or left-padded: `attention_mask_BxT` marks the
+  real tokens; no token attends to padding, and each row's positions are
+  `clip(cumsum(attention_mask) - 1, 0)`, so a left-padded row starts at
+  position 0 at its first real token (the `position_ids` Hugging Face's
+  `generate` makes). A padded row thus scores as the same row unpadded.
+
+  A token can be scored only if it is real and follows a real token: the first
+  column and each row's first real token have no prediction. Where the mask is
+  concrete, a `loss_mask_BxT` of 1 at such a token raises; under a caller's
+  own `jax.jit` it cannot be checked and such entries are ignored (counted as
+  0), as are out-of-vocabulary ids unchecked there (see `check_tokens`).
+  Differentiable in `params` (policy-gradient and preference losses).
+
+  Args:
+    params: Llama parameters (checked against `cfg`).
+    tokens_BxT: `[B, T]` integer token ids (padding ids must be in the
+      vocabulary too; they are never attended to).
+    loss_mask_BxT: `[B, T]` (0/1 or bool) marking the tokens to score.
+    cfg: the model config.
+    attention_mask_BxT: optional `[B, T]` (0/1 or bool) marking real tokens;
+      default all ones.
+
+  Returns:
+    `[B]` float32: the sum over scored tokens of their log-probabilities (0 for
+    a row with none).
+
+  Raises:
+    ValueError: for params that do not match `cfg`, bad tokens, masks of
+      another shape, or scored tokens without a prediction (concrete masks).
+  """
+  check_params(params, cfg)
+  check_tokens(tokens_BxT, cfg, what="tokens_BxT")
+  shape = tuple(np.shape(tokens_BxT))
+  for name, m in (("loss_mask_BxT", loss_mask_BxT), ("attention_mask_BxT", attention_mask_BxT)):
+    if m is not None and tuple(np.shape(m)) != shape:
+      raise ValueError(f"{name} must have the shape of tokens_BxT {shape}, got {np.shape(m)}")
+  real = attention_mask_BxT
+  if real is not None:  # concrete masks as NumPy: positions and masks are then constants when traced
+    real = real.astype(bool) if isinstance(real, jax.core.Tracer) else np.asarray(real).astype(bool)
+  # Scorable: t >= 1, the token at t is real and so is the one at t - 1 (whose logits score it).
+  scorable = np.ones((shape[0], shape[1] - 1), bool) if real is None else (real[:, 1:] & real[:, :-1])
+  if not isinstance(loss_mask_BxT, jax.core.Tracer) and not isinstance(scorable, jax.core.Tracer):
+    lm = np.asarray(loss_mask_BxT) != 0
+    bad = np.concatenate([lm[:, :1], lm[:, 1:] & ~np.asarray(scorable)], axis=1)
+    if bad.any():
+      b, t = np.argwhere(bad)[0]
+      raise ValueError(f"loss_mask_BxT is 1 at (row {b}, column {t}) where no prediction exists: the first column "
+                       f"and each row's first real token (attention_mask_BxT) have no preceding token "
+                       f"({int(bad.sum())} such entries)")
+  logits, _ = _forward(params, tokens_BxT, cfg, attention_mask_BxT=real)
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = jnp.asarray(tokens_BxT)[:, 1:]
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  token_logp = picked - jax.nn.logsumexp(logits, axis=-1)
+  weight = jnp.asarray(loss_mask_BxT)[:, 1:].astype(jnp.float32) * jnp.asarray(scorable).astype(jnp.float32)
+  return jnp.sum(token_logp * weight, axis=-1)

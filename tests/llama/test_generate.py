@@ -1,4 +1,5 @@
-"""Generation: the compiled cache loop against a plain argmax loop, sampling rules, EOS, errors."""
+"""Generation: the compiled cache loop against a plain argmax loop, log-probabilities against a full forward pass,
+sampling rules, EOS, array prompts, non-finite logits, errors."""
 import importlib
 from unittest import mock
 
@@ -6,7 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 
 from jaxml import llama
 
@@ -94,6 +95,111 @@ class GenerateTest(chex.TestCase):
       llama.generate(PARAMS, CFG, [[1]], 2, temperature=0.7)
     with self.assertRaisesRegex(ValueError, "non-empty"):
       llama.generate(PARAMS, CFG, [[]], 2)
+
+
+def _as_array(prompts, fill=0):
+  """`[B, max length]` int32 prompts padded with `fill`, and their lengths."""
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  arr = np.full((len(prompts), lengths.max()), fill, np.int32)
+  for i, p in enumerate(prompts):
+    arr[i, :len(p)] = p
+  return arr, lengths
+
+
+def full_forward_logprobs(prompt, new_tokens, temperature):
+  """log_softmax(logits / temperature) (plain when 0) of one forward pass over prompt + new, at each new token."""
+  seq = np.asarray(list(prompt) + list(new_tokens), np.int32)[None]
+  logits = np.asarray(llama.apply(PARAMS, seq, CFG), np.float64)[0, len(prompt) - 1:-1]
+  if temperature:
+    logits = logits / temperature
+  x = logits - logits.max(-1, keepdims=True)
+  logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+  return logp[np.arange(len(new_tokens)), new_tokens]
+
+
+class GenerateArraysTest(chex.TestCase, parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.greedy = llama.generate(PARAMS, CFG, PROMPTS, 8)
+    cls.prompts, cls.lengths = _as_array(PROMPTS, fill=999)  # padding past the lengths is never read
+
+  def test_greedy_equals_generate(self):
+    tokens, logprobs, lengths = llama.generate_arrays(PARAMS, CFG, self.prompts, self.lengths, 8)
+    chex.assert_shape((tokens, logprobs, lengths), ((3, 8), (3, 8), (3,)))
+    chex.assert_type((tokens, logprobs, lengths), (jnp.int32, jnp.float32, jnp.int32))
+    self.assertEqual(np.asarray(tokens).tolist(), self.greedy)
+    np.testing.assert_array_equal(lengths, 8)
+
+  @parameterized.named_parameters(("greedy", 0.0, None), ("temperature_0.7", 0.7, None),
+                                  ("temperature_0.7_top_k_20", 0.7, 20))
+  def test_logprobs_equal_a_full_forward_pass(self, temperature, top_k):
+    """Several decode segments; the log-softmax of logits / temperature, untruncated by top_k."""
+    with mock.patch.object(llama_generate, "_SEGMENT_MIN_LEN", 5):
+      tokens, logprobs, lengths = llama.generate_arrays(PARAMS, CFG, self.prompts, self.lengths, 16,
+                                                        temperature=temperature, top_k=top_k,
+                                                        rng=jax.random.PRNGKey(4))
+    np.testing.assert_array_equal(lengths, 16)
+    for i, prompt in enumerate(PROMPTS):
+      want = full_forward_logprobs(prompt, np.asarray(tokens[i]), temperature)
+      np.testing.assert_allclose(logprobs[i], want, atol=1e-5, err_msg=f"row {i}")
+    if temperature:  # really sampled: not the greedy continuation
+      self.assertNotEqual(np.asarray(tokens[:, :8]).tolist(), self.greedy)
+
+  def test_eos_stops_a_row_and_zeroes_what_follows(self):
+    eos = self.greedy[0][3]  # the 4th greedy token of prompt 0
+    tokens, logprobs, lengths = llama.generate_arrays(PARAMS, CFG, self.prompts, self.lengths, 8, eos_id=eos)
+    tokens, logprobs, lengths = map(np.asarray, (tokens, logprobs, lengths))
+    want_len = [g.index(eos) + 1 if eos in g else 8 for g in self.greedy]
+    np.testing.assert_array_equal(lengths, want_len)
+    self.assertEqual(want_len[0], 4)
+    for i, n in enumerate(want_len):
+      self.assertEqual(tokens[i, :n].tolist(), self.greedy[i][:n])  # EOS included
+      np.testing.assert_array_equal(tokens[i, n:], eos)
+      np.testing.assert_array_equal(logprobs[i, n:], 0.0)
+      np.testing.assert_allclose(logprobs[i, :n], full_forward_logprobs(PROMPTS[i], tokens[i, :n], 0.0), atol=1e-5)
+      self.assertTrue(np.all(logprobs[i, :n] < 0))
+    self.assertEqual(llama.generate(PARAMS, CFG, PROMPTS, 8, eos_id=eos),
+                     [tokens[i, :n - (tokens[i, n - 1] == eos)].tolist() for i, n in enumerate(want_len)])
+
+  def test_generate_takes_array_prompts(self):
+    """A `[B, P]` NumPy or JAX array (it used to fail on `not prompts`), with or without lengths."""
+    full = np.asarray(PROMPTS[0], np.int32)[None].repeat(2, axis=0)
+    self.assertEqual(llama.generate(PARAMS, CFG, full, 8), [self.greedy[0]] * 2)
+    self.assertEqual(llama.generate(PARAMS, CFG, jnp.asarray(full), 8), [self.greedy[0]] * 2)
+    self.assertEqual(llama.generate(PARAMS, CFG, self.prompts, 8, prompt_lengths=self.lengths), self.greedy)
+    self.assertEqual(llama.generate(PARAMS, CFG, jnp.asarray(self.prompts), 8,
+                                    prompt_lengths=jnp.asarray(self.lengths)), self.greedy)
+
+  def test_non_finite_logits_raise(self):
+    """NaN parameters: `generate` used to return the out-of-vocabulary id `vocab_size`."""
+    nan = dict(PARAMS, norm=PARAMS["norm"].at[0].set(jnp.nan))
+    with self.assertRaisesRegex(FloatingPointError, r"non-finite logits at step 0 of row 0.*params"):
+      llama.generate(nan, CFG, PROMPTS, 4)
+    self.assertTrue(issubclass(llama.NonFiniteLogitsError, FloatingPointError))
+    with self.assertRaises(llama.NonFiniteLogitsError):
+      llama.generate(nan, CFG, PROMPTS[1:], 2)
+    with self.assertRaisesRegex(FloatingPointError, r"non-finite logits at step 0 of row 0 \(3 of 3 rows"):
+      llama.generate_arrays(nan, CFG, self.prompts, self.lengths, 4, temperature=0.7, rng=jax.random.PRNGKey(0))
+
+  def test_argument_errors_name_the_argument(self):
+    with self.assertRaisesRegex(ValueError, r"prompt_lengths must be in \[1, 7\]"):
+      llama.generate_arrays(PARAMS, CFG, self.prompts, np.array([4, 0, 7]), 2)
+    with self.assertRaisesRegex(ValueError, r"prompt_lengths must be \[batch=3\] integers"):
+      llama.generate_arrays(PARAMS, CFG, self.prompts, np.array([4, 2]), 2)
+    with self.assertRaisesRegex(TypeError, "prompt_tokens_BxP must be an integer array"):
+      llama.generate_arrays(PARAMS, CFG, self.prompts.astype(np.float32), self.lengths, 2)
+    with self.assertRaisesRegex(ValueError, "prompt_tokens_BxP has ids outside the vocabulary"):
+      llama.generate_arrays(PARAMS, CFG, np.array([[1, 999]]), None, 2)
+    with self.assertRaisesRegex(ValueError, "eos_id must be an int in"):
+      llama.generate_arrays(PARAMS, CFG, self.prompts, self.lengths, 2, eos_id=CFG.vocab_size)
+    with self.assertRaisesRegex(ValueError, "max_new_tokens must be a positive int"):
+      llama.generate_arrays(PARAMS, CFG, self.prompts, self.lengths, 0)
+    with self.assertRaisesRegex(ValueError, "prompt_lengths goes with a"):
+      llama.generate(PARAMS, CFG, PROMPTS, 2, prompt_lengths=self.lengths)
+    with self.assertRaisesRegex(ValueError, r"prompts must have shape \[batch, prompt_length\]"):
+      llama.generate(PARAMS, CFG, np.array([1, 2, 3]), 2)
 
 
 class SampleLogitsTest(chex.TestCase):

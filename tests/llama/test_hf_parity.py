@@ -6,13 +6,17 @@ logits within 1e-4, and HF must reproduce jaxml's logits after `to_hf`. A
 random Meta checkpoint in two model-parallel shards, imported with
 `from_meta`, must match the HF model transformers' converter makes from the
 same weights. Greedy generation must equal HF `generate(do_sample=False)`
-token for token. The peer process starts twice in all (module fixtures).
+token for token. `sequence_logprobs` on right- and left-padded batches must
+equal the summed log-softmax of HF's logits (given the same attention mask
+and position ids) within 1e-4. The peer process starts twice in all (module
+fixtures).
 """
 import pathlib
 
 import numpy as np
 import pytest
 
+from jaxml import llama
 from jaxml.llama import convert, model
 from jaxml.llama.generate import generate
 from tests import peer
@@ -33,6 +37,8 @@ META_CONFIG = dict(name="meta", vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4,
                    ffn_dim_multiplier=1.3, norm_eps=1e-5, n_shards=2, seed=4)
 PROMPTS = [[1, 17, 42], [1, 5, 9, 33, 61, 70, 12], [1, 88, 23, 4, 50]]
 MAX_NEW = 8
+# Padded batches for sequence_logprobs: rows of these lengths, scored after their first PROMPT_LENS tokens.
+SEQ_LENS, PROMPT_LENS, SEQ_T = [14, 6, 9], [3, 1, 5], 14
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +46,25 @@ def tokens():
   return np.random.default_rng(0).integers(0, VOCAB, size=(2, 12)).astype(np.int32)
 
 
+def _seq_batch(side):
+  """`(tokens, attention mask, loss mask)` `[3, SEQ_T]` int32, rows padded on `side` with id 0."""
+  rows = [np.random.default_rng(10 + i).integers(1, VOCAB, size=n) for i, n in enumerate(SEQ_LENS)]
+  tokens, attention, loss = (np.zeros((len(rows), SEQ_T), np.int32) for _ in range(3))
+  for i, (r, p) in enumerate(zip(rows, PROMPT_LENS)):
+    s = 0 if side == "right" else SEQ_T - len(r)
+    tokens[i, s:s + len(r)], attention[i, s:s + len(r)], loss[i, s + p:s + len(r)] = r, 1, 1
+  return tokens, attention, loss
+
+
 @pytest.fixture(scope="module")
 def ref(tokens, tmp_path_factory):
   """Everything the peer builds, in one process."""
   workdir = str(tmp_path_factory.mktemp("hf_llama_models"))
-  return peer.run("hf_llama_models", {"tokens": tokens}, workdir=workdir, hf_configs=HF_CONFIGS, prompts=PROMPTS,
-                  max_new_tokens=MAX_NEW, meta=META_CONFIG)
+  inputs = {"tokens": tokens}
+  for side in ("right", "left"):
+    inputs.update(zip([f"seq_{side}_tokens", f"seq_{side}_attention", f"seq_{side}_loss"], _seq_batch(side)))
+  return peer.run("hf_llama_models", inputs, workdir=workdir, hf_configs=HF_CONFIGS, prompts=PROMPTS,
+                  max_new_tokens=MAX_NEW, meta=META_CONFIG, seq_batches=["right", "left"])
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +141,17 @@ def test_greedy_generation_matches_hf(name, ref, imported):
   expected = [list(map(int, g)) for g in ref[f"{name}/gen_eos"]]
   assert stopped == expected
   assert len(stopped[0]) < MAX_NEW  # the EOS picked by the peer really stops the first prompt
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in HF_CONFIGS])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sequence_logprobs_match_hf(name, side, ref, imported):
+  """Sums of log_softmax(HF logits) at the next tokens over the loss mask, padding and positions given to HF."""
+  cfg, params = imported[name]
+  tokens, attention, loss = _seq_batch(side)
+  got = np.asarray(llama.sequence_logprobs(params, tokens, loss, cfg, attention_mask_BxT=attention))
+  want = ref[f"{name}/seq_{side}"]
+  diff = _max_diff(got, want)
+  print(f"sequence_logprobs {name} {side}-padded: max |sum diff| = {diff:.2e} (sums {np.round(want, 2).tolist()})")
+  assert np.all(want < -1.0)  # really scored something
+  assert diff < TOL, f"{name} {side}: jaxml vs HF sequence log-probs differ by {diff}"

@@ -1,4 +1,5 @@
-"""Llama 2 decoder invariants: causality, KV cache, GQA, presets, bad input."""
+"""Llama 2 decoder invariants: causality, KV cache, GQA, the embed/decoder/head parts, sequence log-probs,
+presets, bad input."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -147,6 +148,139 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
     self.assertEqual(float(n), float(mask.sum()))
 
 
+class PartsTest(chex.TestCase, parameterized.TestCase):
+  """`apply` is `head(decoder(embed(...)))`; the decoder takes any input vectors and an attention mask."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("scan", True), ("unrolled", False))
+  def test_parts_compose_to_apply_bitwise(self, scan_layers):
+    cfg = CFG.replace(scan_layers=scan_layers)
+    parts = self.variant(lambda p, t: llama.head(p, llama.decoder(p, llama.embed(p, t, cfg), cfg), cfg))
+    whole = self.variant(lambda p, t: llama.apply(p, t, cfg))
+    np.testing.assert_array_equal(parts(PARAMS, TOKENS), whole(PARAMS, TOKENS))
+    hidden = self.variant(lambda p, t: llama.apply(p, t, cfg, return_hidden=True))(PARAMS, TOKENS)
+    np.testing.assert_array_equal(self.variant(lambda p, t: llama.decoder(p, llama.embed(p, t, cfg), cfg))(
+        PARAMS, TOKENS), hidden)
+
+  def test_parts_with_a_cache_equal_apply_with_a_cache(self):
+    """Prefill then one decode step through `decoder(cache=...)`: the logits and caches of `apply`."""
+    def by_parts(tokens, cache, i):
+      h, cache = llama.decoder(PARAMS, llama.embed(PARAMS, tokens, CFG), CFG, cache=cache, cache_index=i)
+      return llama.head(PARAMS, h, CFG), cache
+
+    got, want = by_parts(TOKENS[:, :7], llama.init_cache(CFG, 2, 12), 0), \
+        llama.apply(PARAMS, TOKENS[:, :7], CFG, cache=llama.init_cache(CFG, 2, 12), cache_index=0)
+    chex.assert_trees_all_equal(got, want)
+    step = jax.jit(by_parts)
+    got = step(TOKENS[:, 7:8], got[1], jnp.int32(7))
+    want = jax.jit(lambda t, c, i: llama.apply(PARAMS, t, CFG, cache=c, cache_index=i))(TOKENS[:, 7:8], want[1],
+                                                                                       jnp.int32(7))
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+
+  def test_decoder_is_causal_in_its_inputs(self):
+    """d h[:, i] / d x[:, j] is zero for j > i and nonzero for j <= i, for any input vectors (not embeddings)."""
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 10, CFG.dim))
+    i = 4
+    g = jax.grad(lambda x: llama.decoder(PARAMS, x, CFG)[0, i].sum())(x)
+    row_norm = np.linalg.norm(np.asarray(g[0]), axis=-1)
+    np.testing.assert_array_equal(row_norm[i + 1:], 0.0)
+    self.assertTrue(np.all(row_norm[:i + 1] > 0))
+
+  def test_attention_mask_hides_padding(self):
+    """A left-padded row: its real tokens see no padding (zero gradient) and equal the unpadded row."""
+    T, pad = 10, 3
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, T, CFG.dim))
+    mask = np.arange(T)[None] >= pad
+    unpadded = llama.decoder(PARAMS, x[:, pad:], CFG)
+    padded = llama.decoder(PARAMS, x, CFG, attention_mask=mask)  # positions from the mask: 0 at the first real token
+    np.testing.assert_allclose(padded[:, pad:], unpadded, atol=1e-5)
+    g = jax.grad(lambda x: llama.decoder(PARAMS, x, CFG, attention_mask=mask)[0, pad:].sum())(x)
+    np.testing.assert_array_equal(np.asarray(g[0, :pad]), 0.0)
+    self.assertTrue(np.all(np.linalg.norm(np.asarray(g[0, pad:]), axis=-1) > 0))
+    ones = llama.decoder(PARAMS, x, CFG, attention_mask=jnp.ones((1, T), bool))
+    np.testing.assert_allclose(ones, llama.decoder(PARAMS, x, CFG), atol=1e-6)
+
+  def test_part_errors_name_the_argument(self):
+    with self.assertRaisesRegex(ValueError, r"x_BxTxD must have shape \[batch, length, dim=64\]"):
+      llama.decoder(PARAMS, jnp.zeros((1, 3, 32)), CFG)
+    with self.assertRaisesRegex(ValueError, "attention_mask must have shape"):
+      llama.decoder(PARAMS, jnp.zeros((1, 3, CFG.dim)), CFG, attention_mask=np.ones((1, 4)))
+    with self.assertRaisesRegex(ValueError, "attention_mask is supported without a cache"):
+      llama.decoder(PARAMS, jnp.zeros((1, 3, CFG.dim)), CFG, attention_mask=np.ones((1, 3)),
+                    cache=llama.init_cache(CFG, 1, 8))
+    with self.assertRaisesRegex(ValueError, "h_BxTxD must end in dim=64"):
+      llama.head(PARAMS, jnp.zeros((1, 3, 32)), CFG)
+    with self.assertRaisesRegex(ValueError, r"tokens_BxT has ids outside the vocabulary"):
+      llama.embed(PARAMS, jnp.array([[CFG.vocab_size]]), CFG)
+    with self.assertRaisesRegex(ValueError, r"(?s)params do not match.*\['tok_embeddings'\]"):
+      llama.embed(llama.init(jax.random.PRNGKey(0), CFG.replace(vocab_size=300)), TOKENS, CFG)
+    with self.assertRaisesRegex(ValueError, r"(?s)params do not match.*\['output'\]: shape \(64, 300\)"):
+      llama.head(llama.init(jax.random.PRNGKey(0), CFG.replace(vocab_size=300)), jnp.zeros((1, 3, 64)), CFG)
+
+
+def _reference_logprobs(tokens, loss_mask):
+  """Sum over t >= 1 of loss_mask[t] * log_softmax(apply(tokens))[t - 1, tokens[t]], in float64 from the logits."""
+  logits = np.asarray(llama.apply(PARAMS, jnp.asarray(tokens), CFG), np.float64)
+  x = logits - logits.max(-1, keepdims=True)
+  logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp[:, :-1], np.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]
+  return (picked * np.asarray(loss_mask)[:, 1:]).sum(-1)
+
+
+class SequenceLogprobsTest(chex.TestCase):
+
+  def test_unpadded_rows_equal_the_log_softmax_of_apply(self):
+    loss_mask = np.zeros((2, 12), np.int32)
+    loss_mask[0, 1:] = 1
+    loss_mask[1, 5:9] = 1
+    got = llama.sequence_logprobs(PARAMS, TOKENS, loss_mask, CFG)
+    chex.assert_shape(got, (2,))
+    chex.assert_type(got, jnp.float32)
+    np.testing.assert_allclose(got, _reference_logprobs(TOKENS, loss_mask), atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_right_and_left_padded_rows_score_as_unpadded(self):
+    """Rows of lengths 12, 7, 5 (prompt 3, 1, 2 tokens), padded either side: each equals the row alone."""
+    T, lengths, prompts = 16, [12, 7, 5], [3, 1, 2]
+    rows = [np.asarray(TOKENS[i % 2, :n]) for i, n in enumerate(lengths)]
+    want = []
+    for r, p in zip(rows, prompts):
+      lm = np.zeros((1, len(r)), np.int32)
+      lm[0, p:] = 1
+      want.append(_reference_logprobs(r[None], lm)[0])
+    fn = self.variant(lambda t, lm, am: llama.sequence_logprobs(PARAMS, t, lm, CFG, attention_mask_BxT=am))
+    for side in ("right", "left"):
+      tokens, attn, loss = (np.zeros((3, T), np.int32) for _ in range(3))
+      for i, (r, p) in enumerate(zip(rows, prompts)):
+        s = 0 if side == "right" else T - len(r)
+        tokens[i, s:s + len(r)], attn[i, s:s + len(r)], loss[i, s + p:s + len(r)] = r, 1, 1
+      np.testing.assert_allclose(fn(tokens, loss, attn), want, atol=2e-5, err_msg=side)
+
+  def test_unscorable_entries_raise_and_bad_shapes_name_the_argument(self):
+    ones = np.ones((2, 12), np.int32)
+    with self.assertRaisesRegex(ValueError, r"loss_mask_BxT is 1 at \(row 0, column 0\)"):
+      llama.sequence_logprobs(PARAMS, TOKENS, ones, CFG)
+    attn = ones.copy()
+    attn[1, :4] = 0  # left padding: the first real token, column 4, has no prediction
+    loss = ones.copy()
+    loss[:, 0] = 0
+    loss[1, :4] = 0
+    with self.assertRaisesRegex(ValueError, r"loss_mask_BxT is 1 at \(row 1, column 4\)"):
+      llama.sequence_logprobs(PARAMS, TOKENS, loss, CFG, attention_mask_BxT=attn)
+    with self.assertRaisesRegex(ValueError, "attention_mask_BxT must have the shape of tokens_BxT"):
+      llama.sequence_logprobs(PARAMS, TOKENS, loss, CFG, attention_mask_BxT=attn[:, :5])
+    with self.assertRaisesRegex(ValueError, "loss_mask_BxT must have the shape of tokens_BxT"):
+      llama.sequence_logprobs(PARAMS, TOKENS, loss[:1], CFG)
+    with self.assertRaisesRegex(ValueError, "tokens_BxT has ids outside"):
+      llama.sequence_logprobs(PARAMS, TOKENS.at[0, 3].set(CFG.vocab_size), loss, CFG)
+
+  def test_under_jit_unscorable_entries_count_zero(self):
+    """Traced masks cannot be checked: the entries without a prediction are dropped, as documented."""
+    ones = jnp.ones((2, 12), jnp.int32)
+    got = jax.jit(lambda lm: llama.sequence_logprobs(PARAMS, TOKENS, lm, CFG))(ones)
+    np.testing.assert_allclose(got, llama.sequence_logprobs(PARAMS, TOKENS, ones.at[:, 0].set(0), CFG), atol=1e-6)
+
+
 class PresetTest(chex.TestCase):
 
   def test_param_count_matches_tree_and_transformers(self):
@@ -190,6 +324,41 @@ class BadInputTest(chex.TestCase):
     del bad["norm"]
     with self.assertRaisesRegex(ValueError, r"(?s)wq.*shape \(2, 64, 32\).*missing \['norm'\]"):
       llama.check_params(bad, CFG)
+
+
+  def test_apply_and_loss_fn_check_params_against_the_config(self):
+    """Params of another shape raise, naming the entries: before, an unrolled 3-layer tree silently ran 3 layers."""
+    deeper = llama.init(jax.random.PRNGKey(0), CFG.replace(n_layers=3))
+    for fn in (lambda p: llama.apply(p, TOKENS, CFG), lambda p: llama.loss_fn(p, {"tokens": TOKENS}, CFG),
+               jax.jit(lambda p: llama.apply(p, TOKENS, CFG))):
+      with self.assertRaisesRegex(ValueError, r"(?s)params do not match the config \(n_layers=2.*\['layers'\]"
+                                              r"\['wq'\]: shape \(3, 64, 64\), config expects \(2, 64, 64\)"):
+        fn(deeper)
+    wider_vocab = llama.init(jax.random.PRNGKey(0), CFG.replace(vocab_size=300))
+    with self.assertRaisesRegex(ValueError, r"(?s)params do not match.*\['output'\]: shape \(64, 300\).*"
+                                            r"\['tok_embeddings'\]: shape \(300, 64\)"):
+      llama.apply(wider_vocab, TOKENS, CFG)
+    with self.assertRaisesRegex(ValueError, r"(?s)params do not match.*\['norm'\]: shape \(96,\)"):
+      llama.loss_fn(llama.init(jax.random.PRNGKey(0), CFG.replace(dim=96)), {"tokens": TOKENS}, CFG)
+    # the forms `generate` feeds `apply` pass the same check
+    llama.check_params(llama.unstack_layers(llama.split_output_columns(PARAMS, 100)), CFG)
+    short = dict(llama.unstack_layers(PARAMS))
+    short["layers"] = short["layers"][:1]
+    with self.assertRaisesRegex(ValueError, r"\['layers'\]\['w1'\]: shape \(1, 64, 192\)"):
+      llama.apply(short, TOKENS, CFG)
+
+  def test_loss_fn_checks_targets_and_mask(self):
+    """An out-of-vocabulary id in the last column is a target only: it used to score as a zero one-hot."""
+    tokens = np.asarray(TOKENS).copy()
+    tokens[1, -1] = CFG.vocab_size
+    with self.assertRaisesRegex(ValueError, r"batch\['tokens'\] has ids outside the vocabulary \[0, 256\)"):
+      llama.loss_fn(PARAMS, {"tokens": tokens}, CFG)
+    with self.assertRaisesRegex(ValueError, r"batch\['mask'\] must have the shape of batch\['tokens'\]"):
+      llama.loss_fn(PARAMS, {"tokens": TOKENS, "mask": jnp.ones((2, 11))}, CFG)
+    long = jnp.zeros((1, CFG.max_seq_len + 1), jnp.int32)  # T + 1 = max_seq_len + 1 fits: the inputs are T long
+    self.assertTrue(np.isfinite(float(llama.loss_fn(PARAMS, {"tokens": long}, CFG)[0])))
+    with self.assertRaisesRegex(ValueError, r"batch\['tokens'\] length 130 exceeds the context"):
+      llama.loss_fn(PARAMS, {"tokens": jnp.zeros((1, CFG.max_seq_len + 2), jnp.int32)}, CFG)
 
 
 if __name__ == "__main__":

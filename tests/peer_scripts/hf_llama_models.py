@@ -7,6 +7,10 @@ start once:
   `save_pretrained` (safetensors, the only format transformers 5 writes;
   optionally sharded), their logits
   on `inputs["tokens"]`, and greedy `generate` outputs per prompt (no padding).
+  With `seq_batches`: for each padded batch `inputs["seq_<side>_{tokens,
+  attention,loss}"]`, the per-row sum over the loss mask of
+  `log_softmax(logits)[t - 1, tokens[t]]`, from one forward pass given the
+  attention mask and `position_ids = clip(cumsum(attention) - 1, 0)`.
 - `meta`: a random Meta-layout checkpoint (`params.json` + two
   `consolidated.NN.pth` model-parallel shards) and the Hugging Face model
   transformers' Meta converter would make from the unsharded weights, with its
@@ -66,7 +70,19 @@ def _greedy(model, prompt, max_new_tokens, eos_id):
   return new
 
 
-def _hf_models(inputs, workdir, configs, prompts, max_new_tokens, result):
+def _sequence_logprobs(model, inputs, side):
+  """Sums of next-token log-probs over the loss mask of one padded batch (float32 logits, float64 sums)."""
+  tokens = torch.as_tensor(inputs[f"seq_{side}_tokens"], dtype=torch.long)
+  attention = torch.as_tensor(inputs[f"seq_{side}_attention"], dtype=torch.long)
+  loss = torch.as_tensor(inputs[f"seq_{side}_loss"], dtype=torch.float64)
+  position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+  with torch.no_grad():
+    logits = model(input_ids=tokens, attention_mask=attention, position_ids=position_ids).logits.float()
+  logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+  return (logp.double() * loss[:, 1:]).sum(-1).numpy()
+
+
+def _hf_models(inputs, workdir, configs, prompts, max_new_tokens, result, seq_batches=()):
   for c in configs:
     torch.manual_seed(c["seed"])
     model = LlamaForCausalLM(_hf_config(c)).eval()
@@ -76,6 +92,8 @@ def _hf_models(inputs, workdir, configs, prompts, max_new_tokens, result):
     model.save_pretrained(folder, **kw)
     result[f"{c['name']}/folder"] = folder
     result[f"{c['name']}/logits"] = _logits(model, inputs["tokens"])
+    for side in seq_batches:
+      result[f"{c['name']}/seq_{side}"] = _sequence_logprobs(model, inputs, side)
     if c.get("generate"):
       # Without EOS, then with an EOS id the model really emits (the 4th greedy token
       # of the first prompt), so the stop-at-EOS path is exercised too.
@@ -211,10 +229,10 @@ def _torch_file(workdir, result):
   result["torch_file/hf_st"], result["torch_file/hf_bin"] = st_dir, bin_dir
 
 
-def run(inputs, workdir, hf_configs=(), prompts=(), max_new_tokens=8, meta=None, torch_file=False):
+def run(inputs, workdir, hf_configs=(), prompts=(), max_new_tokens=8, meta=None, torch_file=False, seq_batches=()):
   torch.manual_seed(0)
   result = {}
-  _hf_models(inputs, workdir, hf_configs, prompts, max_new_tokens, result)
+  _hf_models(inputs, workdir, hf_configs, prompts, max_new_tokens, result, seq_batches)
   if meta is not None:
     _meta(inputs, workdir, meta, result)
   if torch_file:
