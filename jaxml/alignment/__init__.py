@@ -1,0 +1,11 @@
+"""LLM alignment: preference losses (DPO family, reward model, SLiC-HF) and the PPO pieces.
+
+Modules: `losses` (`dpo_loss` for every trl 1.16.0 DPO loss type and weighted
+combinations, `reward_loss`, `slic_loss`). The policy-gradient pieces live in
+`jaxml.rl` (shared with other RL code) and are exposed here under the same
+names: `gae`, `kl_penalty`, `whiten`, `ppo_policy_loss`, `ppo_value_loss`,
+`masked_mean`.
+"""
+from jaxml.alignment import losses  # noqa: F401
+from jaxml.alignment.losses import DPO_LOSS_TYPES, dpo_loss, reward_loss, slic_loss  # noqa: F401
+from jaxml.rl import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten  # noqa: F401
