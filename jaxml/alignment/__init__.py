@@ -1,6 +1,7 @@
 """LLM alignment: preference losses (DPO family, reward model, SLiC-HF) and the PPO pieces.
 
-Modules: `losses` (`dpo_loss` for every trl 1.16.0 DPO loss type and weighted
+Modules: `reward_model` (`reward_model_init`, `reward_model_apply`, `reward_model_loss`),
+`losses` (`dpo_loss` for every trl 1.16.0 DPO loss type and weighted
 combinations, `reward_loss`, `slic_loss`). The policy-gradient pieces live in
 `jaxml.rl` (shared with other RL code) and are exposed here under the same
 names: `gae`, `kl_penalty`, `whiten`, `ppo_policy_loss`, `ppo_value_loss`,
@@ -9,3 +10,6 @@ names: `gae`, `kl_penalty`, `whiten`, `ppo_policy_loss`, `ppo_value_loss`,
 from jaxml.alignment import losses  # noqa: F401
 from jaxml.alignment.losses import DPO_LOSS_TYPES, dpo_loss, reward_loss, slic_loss  # noqa: F401
 from jaxml.rl import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten  # noqa: F401
+from jaxml.alignment import reward_model  # noqa: F401,E402
+from jaxml.alignment.reward_model import (from_policy, reward_model_apply, reward_model_init,  # noqa: F401,E402
+                                          reward_model_loss)
