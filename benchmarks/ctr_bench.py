@@ -3,7 +3,8 @@
   python -m benchmarks.ctr_bench [--batch=4096] [--quick] [--dhen_batch_chunks=1]
 
 For each tower (MLP, DCN-v2, DLRM, DHEN) on Criteo-shaped inputs (13 dense,
-26 hashed fields): examples/s of the full Adam training step, and the MFU of its
+26 hashed fields): examples/s of the full Adam training step (`jaxml.train`'s step on
+`recsys.train.loss_fn`, as the experiments train), and the MFU of its
 dense part (interaction + top MLP, forward and backward, on given embeddings)
 against a measured matmul peak (median of repeats, `benchmarks.common`). Then
 how the step cost grows with the embedding-table size and with the number of
@@ -14,15 +15,16 @@ Ends with `name: value` lines, including `mfu_dcnv2`, `mfu_dhen` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 
 from benchmarks.common import matmul_peak_flops, median, print_results
+from jaxml import train as jt
 from jaxml.recsys import losses, modules, towers, train
 from jaxml.recsys.config import FeatureConfig, TowerConfig
 from jaxml.train import hostmem
@@ -71,39 +73,38 @@ def time_steps(step, state, batch, repeats: int, steps: int) -> float:
 
 
 def full_step(cfg: TowerConfig, b: int, repeats: int, steps: int) -> tuple[float, int]:
-  """(seconds per full training step, its matmul FLOPs)."""
+  """(seconds per full training step, its matmul FLOPs): the core's step (`jaxml.train.make_train_step`)
+  on the tower's loss (`train.loss_fn`) with Adam (`train.optimizer`), as the experiments train."""
   tc = train.TrainConfig()
-  opt = train.make_optimizer(tc)
-  state = train.init_state(jax.random.PRNGKey(0), cfg, opt)
+  tx, _ = train.optimizer(tc)
+  state, _ = jt.init_train_state(lambda r: towers.init(r, cfg), tx, jax.random.PRNGKey(0))
   batch = random_batch(cfg, b)
-  step_fn = train.make_step(cfg, tc, opt)
+  step_fn = jt.make_train_step(functools.partial(train.loss_fn, cfg=cfg, tc=tc), tx)
   flops = towers.matmul_flops(step_fn, state, batch)
   return time_steps(jax.jit(step_fn, donate_argnums=0), state, batch, repeats, steps), flops
 
 
 def dense_step(cfg: TowerConfig, b: int, repeats: int, steps: int) -> tuple[float, int]:
   """(seconds per step of the dense part alone, its matmul FLOPs): embeddings x0 given,
-  forward + backward of interaction + top MLP + head, Adam on the dense weights."""
-  params = towers.init(jax.random.PRNGKey(0), cfg)
-  dense = {k: v for k, v in params.items() if k != "features"}
+  forward + backward of interaction + top MLP + head, the core's step with the same Adam on
+  the dense weights."""
   fc = cfg.features
   x0 = jax.random.normal(jax.random.PRNGKey(1), (b, fc.n_slots, fc.embed_dim))
   y = (jax.random.uniform(jax.random.PRNGKey(2), (b,)) < 0.25).astype(jnp.float32)
-  opt = optax.adam(1e-3)
+  tx, _ = train.optimizer(train.TrainConfig())
 
-  def loss(p, x):
+  def init_fn(rng):
+    return {k: v for k, v in towers.init(rng, cfg).items() if k != "features"}
+
+  def loss(p, x, rng):
+    del rng
     h = towers.interact(p, x, cfg)
     if "top" in p:
       h = modules.mlp(p["top"], h)
-    return losses.logloss_from_logits(modules.linear(p["out"], h)[:, 0], y)
+    return losses.logloss_from_logits(modules.linear(p["out"], h)[:, 0], y), {}
 
-  def step(state, x):
-    p, o = state
-    l, g = jax.value_and_grad(loss)(p, x)
-    u, o = opt.update(g, o, p)
-    return (optax.apply_updates(p, u), o), l
-
-  state = (dense, opt.init(dense))
+  state, _ = jt.init_train_state(init_fn, tx, jax.random.PRNGKey(0))
+  step = jt.make_train_step(loss, tx)
   flops = towers.matmul_flops(step, state, x0)
   return time_steps(jax.jit(step, donate_argnums=0), state, x0, repeats, steps), flops
 

@@ -1,28 +1,12 @@
-"""CTR towers: train one tower or produce the comparison table.
+"""CTR towers: train one tower over seeds, or produce the comparison table.
 
-  python -m experiments.ctr --config=experiments/configs/ctr.py --workdir=/tmp/ctr --mode=compare
+  python -m experiments.ctr --workdir=/tmp/ctr --mode=compare
+  python -m experiments.ctr --workdir=/tmp/ctr_small --config=experiments/configs/ctr.py:small --mode=train
+  python -m experiments.ctr --workdir=/tmp/ctr_dhen --config.model.kind=dhen --config.data.criteo_train=train.tsv
+
+Rerunning on the same workdir resumes. Exit status 143 after SIGTERM (a checkpoint was saved first).
 """
-from absl import app, flags
-from ml_collections import config_flags
-
-from jaxml.recsys import experiment
-from jaxml.train import hostmem
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "experiment config (experiments/configs/ctr.py)", lock_config=True)
-flags.DEFINE_string("workdir", None, "where metrics.json / comparison.md are written")
-flags.DEFINE_enum("mode", "train", ["train", "compare"], "train one tower, or run the comparison table")
-flags.mark_flags_as_required(["config"])
-
-
-def main(argv):
-  del argv
-  if FLAGS.mode == "compare":
-    experiment.compare(FLAGS.config, FLAGS.workdir)
-  else:
-    experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-
+from jaxml import experiment
 
 if __name__ == "__main__":
-  hostmem.relaunch_with_huge_pages()  # before any work: replaces the process
-  app.run(main)
+  experiment.launch("jaxml.recsys.experiment:run", config="ctr")

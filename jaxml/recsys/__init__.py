@@ -1,7 +1,10 @@
 """CTR towers: features, interaction modules (DCN-v2, DLRM, LCE, DHEN, ...), towers, losses, metrics.
 
 Modules: `config` (FeatureConfig, TowerConfig), `features`, `modules`, `towers`,
-`losses`, `metrics`, `simulator`, `criteo`, `train`, `experiment`.
+`losses`, `metrics`, `simulator`, `criteo`, `train` (TrainConfig, loss_fn, batches,
+RECSYS_RULES, predict, evaluate), `experiment` (`run(config, workdir)`, `train_tower`).
+Training runs on `jaxml.train`.
 """
 from jaxml.recsys import config, criteo, features, losses, metrics, modules, simulator, towers, train  # noqa: F401
 from jaxml.recsys.config import FeatureConfig, TowerConfig, pyramid_widths  # noqa: F401
+from jaxml.recsys.train import RECSYS_RULES, TrainConfig  # noqa: F401

@@ -1,7 +1,7 @@
 """Frozen configs for CTR towers: the features they read and the tower built on top.
 
 A tower sees only `TowerConfig` (which holds its `FeatureConfig`); experiment
-ConfigDicts are turned into these by `experiments/ctr.py`.
+ConfigDicts are turned into these by `jaxml.recsys.experiment` (`jaxml.experiment.from_config`).
 """
 from __future__ import annotations
 

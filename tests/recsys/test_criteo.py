@@ -1,12 +1,14 @@
 """Criteo TSV reader: missing fields, malformed lines reported with file and line, batching."""
 import gzip
 import os
+import shutil
 import tempfile
 
 import chex
 import numpy as np
 from absl.testing import absltest
 
+from jaxml import train as jt
 from jaxml.recsys import config, criteo, features
 
 
@@ -21,6 +23,7 @@ class CriteoTest(chex.TestCase):
   def setUp(self):
     super().setUp()
     self.dir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
 
   def _write(self, lines, name="part.tsv"):
     path = os.path.join(self.dir, name)
@@ -102,18 +105,22 @@ class CriteoExperimentTest(chex.TestCase):
     from experiments.configs import ctr as ctr_config  # pylint: disable=g-import-not-at-top
     from jaxml.recsys import experiment  # pylint: disable=g-import-not-at-top
     d = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, d, ignore_errors=True)
     rng = np.random.default_rng(0)
     lines = [_line(str(int(rng.random() < 0.3)), cats=[f"{rng.integers(0, 5):08x}" for _ in range(26)])
              for _ in range(40)] + ["0\tbroken\n"]
     path = os.path.join(d, "train.tsv")
     with open(path, "w") as fh:
       fh.writelines(lines)
-    c = ctr_config.get_config("local")
+    c = ctr_config.get_config("small")
     c.seeds = [0, 1]
     c.data.criteo_train, c.data.criteo_buckets, c.data.n_test = path, 64, 40
     c.model.kind, c.model.hidden = "mlp", [8]
-    c.train.steps, c.train.batch_size = 2, 16
-    out = experiment.train_and_evaluate(c, d, log=lambda *_: None)
-    self.assertTrue(os.path.exists(os.path.join(d, "metrics.json")))
+    c.train.steps, c.train.batch_size = 3, 16   # 40 good lines = 2 batches: step 3 starts a second pass
+    c.loop.mesh, c.loop.tensorboard = [1, 1, 1], False
+    out = experiment.run(c, d, log=lambda *_: None)
+    self.assertFalse(out["preempted"])
+    self.assertTrue(os.path.exists(os.path.join(d, "results.json")))
+    self.assertEqual([r["step"] for r in jt.read_metrics(os.path.join(d, "seed_0"))], [3])
     self.assertTrue(0.0 <= out["auc"] <= 1.0 and out["logloss"] > 0.0, out)
     self.assertGreater(out["pd"], 0.0)  # two seeds, two different models

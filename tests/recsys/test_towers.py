@@ -1,5 +1,8 @@
 """Towers from config: shapes, counts, features, quality on the simulator, sharded == single-device step."""
 import dataclasses
+import functools
+import shutil
+import tempfile
 
 import chex
 import jax
@@ -7,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl.testing import absltest, parameterized
-from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from jaxml.recsys import config, features, simulator, towers, train
+from jaxml import train as jt
+from jaxml.recsys import config, experiment, features, simulator, towers, train
 
 FC = config.FeatureConfig(n_dense=3, vocab_sizes=(11, 7, 5, 9), multi_hot_vocab_sizes=(13,), embed_dim=8,
                           dense_hidden=(8,), row_multiple=16)
@@ -43,6 +47,61 @@ class TowerShapesTest(chex.TestCase):
     leaves = jax.tree_util.tree_leaves(params)
     self.assertEqual(towers.param_count(params), sum(x.size for x in leaves))
     self.assertGreater(towers.flops_per_example(cfg), towers.dense_flops_per_example(cfg))  # + dense-feature MLP
+
+
+class ApplyChecksBatchTest(chex.TestCase):
+  """`towers.apply` checks the keys it reads at trace time; before, bad batches gave logits without an error."""
+
+  CFG = config.TowerConfig(features=FC, hidden=(8,))
+
+  def setUp(self):
+    super().setUp()
+    self.params = towers.init(jax.random.PRNGKey(0), self.CFG)
+    self.inputs = train.model_inputs(_batch())
+
+  def apply(self, variant, **over):
+    batch = {**self.inputs, **over}
+    return variant(lambda p, b: towers.apply(p, b, self.CFG))(self.params, batch)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_wrong_column_count_names_key_and_shapes(self):
+    with self.assertRaisesRegex(ValueError, r"batch\['cat'\] has shape \(6, 1\), expected \[B, 4\] int32"):
+      self.apply(self.variant, cat=self.inputs["cat"][:, :1])
+    with self.assertRaisesRegex(ValueError, r"batch\['dense'\] has shape \(6, 2\), expected \[B, 3\] float32"):
+      self.apply(self.variant, dense=self.inputs["dense"][:, :2])
+    with self.assertRaisesRegex(ValueError, r"batch\['multi'\] has shape \(6, 3\), expected \[B, 1, L\] int32"):
+      self.apply(self.variant, multi=self.inputs["multi"][:, 0])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_float_ids_name_key_and_dtype(self):
+    with self.assertRaisesRegex(TypeError, r"batch\['cat'\] must hold integer ids \(\[B, 4\] int32\), got dtype float32"):
+      self.apply(self.variant, cat=self.inputs["cat"].astype(jnp.float32))
+    with self.assertRaisesRegex(TypeError, r"batch\['multi'\] must hold integer ids.*got dtype bool"):
+      self.apply(self.variant, multi=self.inputs["multi"] > 0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_missing_key_and_mismatched_rows(self):
+    batch = dict(self.inputs)
+    del batch["multi"]
+    with self.assertRaisesRegex(ValueError, r"batch is missing 'multi'"):
+      self.variant(lambda p, b: towers.apply(p, b, self.CFG))(self.params, batch)
+    with self.assertRaisesRegex(ValueError, r"batch\['cat'\] has 5 rows, batch\['dense'\] has 6"):
+      self.apply(self.variant, cat=self.inputs["cat"][:5])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_keys_the_tower_does_not_read_are_ignored(self):
+    # The trainer passes label / weight / group / teacher next to the features.
+    extras = {"weight": jnp.ones(6), "teacher": jnp.full(6, 0.5), "anything": jnp.zeros((2, 7, 1), jnp.float32)}
+    features_only = {k: v for k, v in self.inputs.items() if k in train.MODEL_KEYS}
+    with_extras = self.variant(lambda p, b: towers.apply(p, b, self.CFG))(self.params, {**self.inputs, **extras})
+    plain = towers.apply(self.params, features_only, self.CFG)
+    np.testing.assert_allclose(np.asarray(with_extras), np.asarray(plain), rtol=1e-6)
+
+  def test_host_check_batch_agrees(self):
+    bad = dict(_batch(), cat=_batch()["cat"].astype(np.float64))
+    with self.assertRaisesRegex(TypeError, r"batch\['cat'\] must hold integer ids"):
+      features.check_batch(bad, FC)
+    features.check_batch(_batch(), FC)  # the same batch with int32 ids passes
 
 
 class DhenChunksTest(chex.TestCase):
@@ -121,6 +180,14 @@ class FeaturesTest(chex.TestCase):
 
 
 class TrainingTest(chex.TestCase):
+  """Training through `jaxml.train` (`experiment.train_tower`, or the core's step with RECSYS_RULES)."""
+
+  LOOP = experiment.LoopConfig(mesh=(1, 1, 1), checkpoint_every=1000, log_every=500, tensorboard=False)
+
+  def tmpdir(self):
+    path = tempfile.mkdtemp(prefix="jaxml_towers_")
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
 
   def test_tower_gets_close_to_the_oracle_auc(self):
     sim = simulator.CTRSimulator(simulator.SimulatorConfig(n_dense=2, vocab_sizes=(20, 10, 10, 5), base_rate=0.2,
@@ -128,13 +195,33 @@ class TrainingTest(chex.TestCase):
     tr, te = sim.sample(60000, 0), sim.sample(20000, 1)
     cfg = config.TowerConfig(features=sim.feature_config(8), kind="dcnv2", hidden=(32, 16), cross_layers=3)
     tc = train.TrainConfig(steps=1000, batch_size=256, learning_rate=3e-3)
-    params, info = train.fit(cfg, tc, train.iterate(tr, 256, 1000))
-    ours = train.evaluate(te["label"], train.predict(params, te, cfg))
+    result = experiment.train_tower(cfg, tc, train.batches(tr, 256, seed=0), self.tmpdir(), self.LOOP,
+                                    print_fn=lambda s: None)
+    ours = train.evaluate(te["label"], train.predict(result.state.params, te, cfg))
     oracle = train.evaluate(te["label"], te["prob"])
     self.assertGreater(ours["auc"], oracle["auc"] - 0.02, (ours, oracle))
     self.assertLess(ours["logloss"], oracle["logloss"] + 0.015, (ours, oracle))
     self.assertGreater(ours["auc"], 0.5 + 0.8 * (oracle["auc"] - 0.5), (ours, oracle))
-    self.assertEqual(info["steps"], 1000)
+    self.assertEqual((result.step, int(result.state.step)), (1000, 1000))
+
+  def test_optimizers_match_optax(self):
+    # The core's factory with TrainConfig's settings gives optax.adam / adagrad / sgd's updates, bit for bit.
+    cfg = config.TowerConfig(features=FC, hidden=(8,))
+    batch = train.model_inputs(_batch(8, seed=1))
+    params = towers.init(jax.random.PRNGKey(0), cfg)
+    loss = functools.partial(train.loss_fn, cfg=cfg, tc=train.TrainConfig())
+    grad = jax.jit(jax.grad(lambda p: loss(p, batch)[0]))
+
+    def three_steps(tx):
+      p, opt_state = params, tx.init(params)
+      for _ in range(3):
+        updates, opt_state = tx.update(grad(p), opt_state, p)
+        p = optax.apply_updates(p, updates)
+      return p
+
+    for kind, reference in (("adam", optax.adam), ("adagrad", optax.adagrad), ("sgd", optax.sgd)):
+      tx, _ = train.optimizer(train.TrainConfig(optimizer=kind, learning_rate=0.01))
+      chex.assert_trees_all_equal(three_steps(tx), three_steps(reference(0.01)), custom_message=kind)
 
   @parameterized.named_parameters(
       ("dcnv2", dict(kind="dcnv2", cross_rank=4)),
@@ -145,32 +232,40 @@ class TrainingTest(chex.TestCase):
     self.assertGreaterEqual(jax.device_count(), 8, "needs the 8 virtual CPU devices of tests/conftest.py")
     cfg = config.TowerConfig(features=FC, hidden=(16,), **kw)
     tc = train.TrainConfig(optimizer="sgd", learning_rate=0.5, loss="logloss+rank")
-    opt = train.make_optimizer(tc)
-    step = train.make_step(cfg, tc, opt)
-    batch = train.model_inputs(_batch(16, seed=7))
-    state = train.init_state(jax.random.PRNGKey(2), cfg, opt)
+    tx, _ = train.optimizer(tc)
+    step = jt.make_train_step(functools.partial(train.loss_fn, cfg=cfg, tc=tc), tx)
+    init_fn = lambda r: towers.init(r, cfg)  # noqa: E731
+    batch = _batch(16, seed=7)
+    state, _ = jt.init_train_state(init_fn, tx, jax.random.PRNGKey(2))
     single = jax.jit(step)
-    s1, m1 = single(state, batch)
-    s1, m1b = single(s1, batch)
+    s1, m1 = single(state, train.model_inputs(batch))
+    s1, m1b = single(s1, train.model_inputs(batch))
 
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-    sharded, s_state, b_shard = train.shard_step(step, state, batch, mesh, "data", ("data", "model"))
+    mesh = jt.make_mesh(4, 1, 2)   # batch over data * fsdp = 4, table rows over all 8 devices
+    s_state, shardings = jt.init_train_state(init_fn, tx, jax.random.PRNGKey(2), mesh, train.RECSYS_RULES)
+    chex.assert_trees_all_equal(jax.device_get(s_state.params), jax.device_get(state.params))
     table = s_state.params["features"]["table"]
+    self.assertEqual(table.sharding.spec, P(("data", "fsdp", "tensor"), None))
     self.assertEqual(table.addressable_shards[0].data.shape[0], FC.table_rows // 8)  # rows split 8 ways
-    sb = jax.device_put(batch, b_shard)
+    self.assertEqual(shardings.params["top"][0]["w"].spec, P())                      # dense layers replicated
+    sharded = jt.jit_train_step(step, shardings, jt.batch_sharding(mesh))
+    sb = jt.global_batch({k: v for k, v in batch.items() if k in ("dense", "cat", "multi", "label", "group")},
+                         jt.batch_sharding(mesh))
     s2, m2 = sharded(s_state, sb)
     s2, m2b = sharded(s2, sb)
+    self.assertEqual(s2.params["features"]["table"].sharding.spec, P(("data", "fsdp", "tensor"), None))
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(m2b["loss"], m1b["loss"], rtol=1e-5)
     chex.assert_trees_all_close(jax.device_get(s2.params), jax.device_get(s1.params), rtol=1e-4, atol=1e-6)
 
   def test_nan_loss_raises(self):
     cfg = config.TowerConfig(features=FC, hidden=(8,))
-    tc = train.TrainConfig(steps=1, learning_rate=1e30, optimizer="sgd")
+    tc = train.TrainConfig(steps=2, batch_size=8, learning_rate=1e30, optimizer="sgd")
     b = _batch(8)
     b["dense"] = b["dense"] * 1e30
-    with self.assertRaises(FloatingPointError):
-      train.fit(cfg, tc, [b, b])
+    with self.assertRaises(jt.NonFiniteLossError) as cm:
+      experiment.train_tower(cfg, tc, lambda step: b, self.tmpdir(), self.LOOP, print_fn=lambda s: None)
+    self.assertEqual(cm.exception.step, 1)   # the first loss already overflows
 
 
 if __name__ == "__main__":
