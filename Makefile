@@ -20,6 +20,7 @@ $(PEER)/.installed: requirements/peer.txt
 	$(PEER)/bin/pip install -q --upgrade pip
 	$(PEER)/bin/pip install -q torch==2.13.0
 	$(PEER)/bin/pip install -q -r requirements/peer.txt
+	$(PEER)/bin/pip install -q --no-deps recbole==1.2.1  # metric functions only (tests/peer_scripts/recbole_metrics.py)
 	touch $@
 
 venv: $(VENV)/.installed

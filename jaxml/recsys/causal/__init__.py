@@ -1,0 +1,24 @@
+"""Causal recommendation: debiasing logged (missing-not-at-random) feedback.
+
+Modules:
+  estimators  naive / IPS / SNIPS / DR risk of a predictor from logged data
+  propensity  naive Bayes (MAR sample), logistic (features), popularity propensities
+  simulator   a ratings world with known truth: ratings, propensities, MAR splits, stages
+  mf          matrix factorisation and the MF-IPS loss for `jaxml.train`
+  metrics     Recall/NDCG/HR@K over full rankings; MSE/MAE/AUC on a mask
+  data        the Coat data set (shipped with the package)
+
+References: Schnabel et al., "Recommendations as Treatments: Debiasing Learning
+and Evaluation" (ICML 2016); Wang et al., "Doubly Robust Joint Learning for
+Recommendation on Data Missing Not at Random" (ICML 2019).
+"""
+from jaxml.recsys.causal import data, estimators, metrics, mf, propensity, simulator  # noqa: F401
+from jaxml.recsys.causal.data import load_coat  # noqa: F401
+from jaxml.recsys.causal.estimators import dr_bias, dr_risk, ips_risk, naive_risk, snips_risk  # noqa: F401
+from jaxml.recsys.causal.metrics import (hit_rate_at_k, masked_auc, masked_mae, masked_mse,  # noqa: F401
+                                         ndcg_at_k, recall_at_k)
+from jaxml.recsys.causal.mf import ips_weights, mf_apply, mf_init, mf_ips_loss, mf_scores, observed_batch  # noqa: F401
+from jaxml.recsys.causal.propensity import (logistic_propensity, logistic_propensity_fit,  # noqa: F401
+                                            naive_bayes_propensity, popularity_propensity, rating_propensities)
+from jaxml.recsys.causal.simulator import (RatingSimConfig, RatingSimulator, confounded_config,  # noqa: F401
+                                           schnabel_config)
