@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from jaxml import nn
 from jaxml.diffusion.sde import SDE, _bcast
+from jaxml.nn import ParamSpec, dense, dense_spec, init_from_specs
 from jaxml.nn.layers import layer_norm
 
 Array = jax.Array
@@ -27,49 +29,8 @@ Params = dict
 
 
 def time_embedding(t_B: Array, dim: int, max_period: float = 10000.0) -> Array:
-  """Sinusoidal embedding of `1000 t` (DDPM / Transformer style): `[B, dim]`."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = 1000.0 * t_B[:, None].astype(jnp.float32) * freqs[None]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
-
-
-class ParamSpec(NamedTuple):
-  """A leaf to initialise: `N(0, std^2)` when `std > 0`, else the constant `value`."""
-
-  shape: tuple[int, ...]
-  std: float = 0.0
-  value: float = 0.0
-
-
-def init_from_specs(rng: Array, specs) -> Params:
-  """Fills a pytree of `ParamSpec`s from ONE normal draw.
-
-  Many small `jax.random.normal` calls each inline a threefry hash, which makes
-  the init program slow to compile on CPU; one draw sliced into leaves is fast.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
-  sizes = [math.prod(l.shape) if l.std > 0 else 0 for l in leaves]
-  noise = jax.random.normal(rng, (max(sum(sizes), 1),))
-  out, offset = [], 0
-  for leaf, n in zip(leaves, sizes):
-    if leaf.std > 0:
-      out.append(leaf.std * noise[offset:offset + n].reshape(leaf.shape))
-      offset += n
-    else:
-      out.append(jnp.full(leaf.shape, leaf.value, jnp.float32))
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def _dense_spec(fan_in, fan_out, scale=1.0):
-  return {"w": ParamSpec((fan_in, fan_out), scale / math.sqrt(fan_in)), "b": ParamSpec((fan_out,))}
-
-
-def _dense(p, x):
-  return x @ p["w"] + p["b"]
+  """`nn.sinusoidal_embedding` of `1000 t` (DDPM / Transformer style): `[B, dim]` float32."""
+  return nn.sinusoidal_embedding(1000.0 * t_B.astype(jnp.float32), dim, max_period)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -89,12 +50,11 @@ class ScoreMLPConfig:
 
 
 def mlp_init(rng: Array, cfg: ScoreMLPConfig) -> Params:
-  layers, fan_in = [], cfg.data_dim
-  for _ in range(cfg.depth):
-    layers.append(_dense_spec(fan_in, cfg.hidden))
-    fan_in = cfg.hidden
-  specs = {"embed": _dense_spec(cfg.embed_dim, cfg.hidden), "layers": layers,
-           "out": _dense_spec(cfg.hidden, cfg.data_dim, scale=1e-2)}
+  """`{"embed", "layers", "out"}`: fan-in scaled normal weights (the output layer's 100x
+  smaller), zero biases, all from one normal draw (`nn.init_from_specs`)."""
+  specs = {"embed": dense_spec(cfg.embed_dim, cfg.hidden),
+           "layers": nn.mlp_specs((cfg.data_dim,) + (cfg.hidden,) * cfg.depth),
+           "out": dense_spec(cfg.hidden, cfg.data_dim, scale=1e-2)}
   return init_from_specs(rng, specs)
 
 
@@ -102,14 +62,10 @@ def mlp_apply(params: Params, x_BxD: Array, t_B: Array, cfg: ScoreMLPConfig) -> 
   """`[B, D] x [B] -> [B, D]`; the time embedding is added after the first layer."""
   if x_BxD.ndim != 2 or x_BxD.shape[-1] != cfg.data_dim:
     raise ValueError(f"mlp_apply: x must be [batch, {cfg.data_dim}], got {x_BxD.shape}")
-  emb = _dense(params["embed"], time_embedding(t_B, cfg.embed_dim))
-  h = x_BxD
-  for i, layer in enumerate(params["layers"]):
-    h = _dense(layer, h)
-    if i == 0:
-      h = h + emb
-    h = jax.nn.silu(h)
-  return _dense(params["out"], h)
+  emb = dense(params["embed"], time_embedding(t_B, cfg.embed_dim))
+  first, *rest = params["layers"]
+  h = jax.nn.silu(dense(first, x_BxD) + emb)
+  return nn.mlp([*rest, params["out"]], h, act=jax.nn.silu)
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -141,7 +97,7 @@ def _conv(p, x_BxHxWxC):
 
 def _res_spec(cin, cout, embed_dim):
   p = {"norm1": {"scale": ParamSpec((cin,), value=1.0), "bias": ParamSpec((cin,))}, "conv1": _conv_spec(cin, cout),
-       "temb": _dense_spec(embed_dim, cout), "norm2": {"scale": ParamSpec((cout,), value=1.0), "bias": ParamSpec((cout,))},
+       "temb": dense_spec(embed_dim, cout), "norm2": {"scale": ParamSpec((cout,), value=1.0), "bias": ParamSpec((cout,))},
        "conv2": _conv_spec(cout, cout, scale=1e-1)}
   if cin != cout:
     p["skip"] = _conv_spec(cin, cout, k=1)
@@ -150,7 +106,7 @@ def _res_spec(cin, cout, embed_dim):
 
 def _res(p, x, emb):
   h = jax.nn.silu(layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"]))
-  h = _conv(p["conv1"], h) + _dense(p["temb"], emb)[:, None, None, :]
+  h = _conv(p["conv1"], h) + dense(p["temb"], emb)[:, None, None, :]
   h = jax.nn.silu(layer_norm(h, p["norm2"]["scale"], p["norm2"]["bias"]))
   h = _conv(p["conv2"], h)
   skip = _conv(p["skip"], x) if "skip" in p else x
@@ -170,7 +126,7 @@ def unet_init(rng: Array, cfg: UNetConfig) -> Params:
   c1, c2 = cfg.base, 2 * cfg.base
   e = cfg.embed_dim
   specs = {
-      "embed1": _dense_spec(e, e), "embed2": _dense_spec(e, e),
+      "embed1": dense_spec(e, e), "embed2": dense_spec(e, e),
       "stem": _conv_spec(cfg.channels, c1),
       "down": _res_spec(c1, c1, e),
       "mid": _res_spec(c1, c2, e),
@@ -187,7 +143,7 @@ def unet_apply(params: Params, x_BxHxWxC: Array, t_B: Array, cfg: UNetConfig) ->
   if x_BxHxWxC.ndim != 4 or tuple(x_BxHxWxC.shape[1:]) != expected:
     raise ValueError(f"unet_apply: x must be [batch, {expected[0]}, {expected[1]}, {expected[2]}], got {x_BxHxWxC.shape}")
   emb = time_embedding(t_B, cfg.embed_dim)
-  emb = _dense(params["embed2"], jax.nn.silu(_dense(params["embed1"], emb)))
+  emb = dense(params["embed2"], jax.nn.silu(dense(params["embed1"], emb)))
   h = _res(params["down"], _conv(params["stem"], x_BxHxWxC), emb)  # H
   m = _res(params["mid"], _down(h), emb)  # H/2
   u = _res(params["up"], jnp.concatenate([_up(m), h], -1), emb)  # H

@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxml.generative.nets import mlp_apply, mlp_init
+from jaxml import nn
 
 Array = jax.Array
 
@@ -43,19 +43,19 @@ class VAEConfig:
 def init(rng: Array, cfg: VAEConfig) -> dict:
   e_rng, d_rng = jax.random.split(rng)
   hid = (cfg.hidden,) * cfg.depth
-  return {"enc": mlp_init(e_rng, (cfg.data_dim,) + hid + (2 * cfg.latent_dim,), out_scale=0.1),
-          "dec": mlp_init(d_rng, (cfg.latent_dim,) + hid + (cfg.data_dim,)),
+  return {"enc": nn.mlp_init(e_rng, (cfg.data_dim,) + hid + (2 * cfg.latent_dim,), out_scale=0.1, single_draw=True),
+          "dec": nn.mlp_init(d_rng, (cfg.latent_dim,) + hid + (cfg.data_dim,), single_draw=True),
           "log_sigma": jnp.zeros((cfg.data_dim,))}
 
 
 def encode(params, x_BxD):
-  out = mlp_apply(params["enc"], x_BxD)
+  out = nn.mlp(params["enc"], x_BxD, act=jax.nn.silu)
   mu, log_sigma = jnp.split(out, 2, axis=-1)
   return mu, log_sigma
 
 
 def decode(params, z_BxL):
-  return mlp_apply(params["dec"], z_BxL)
+  return nn.mlp(params["dec"], z_BxL, act=jax.nn.silu)
 
 
 def elbo(params, rng: Array, x_BxD: Array, cfg: VAEConfig) -> tuple[Array, dict]:

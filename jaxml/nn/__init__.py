@@ -1,3 +1,8 @@
-"""Shared layers: norms, rotary embeddings, attention, MLPs."""
-from jaxml.nn.layers import (KVCache, apply_rope, apply_rope_tables, cached_attention, split_cached_attention, rope_tables, causal_mask, cross_attention, dot_product_attention, first_argmax, layer_norm,
-                             linear, normal_init, rms_norm, rope_frequencies, swiglu, swiglu_hidden_dim, keys_layout, values_layout, write_cache)
+"""Shared layers: initialisers, norms, rotary and sinusoidal embeddings, attention, dense layers and MLPs,
+cross-entropy."""
+from jaxml.nn.init import ParamSpec, fan_in_normal, init_from_specs, normal_init
+from jaxml.nn.layers import (KVCache, apply_rope, apply_rope_tables, attention_core, cached_attention, causal_mask,
+                             cross_attention, cross_entropy, dot_product_attention, first_argmax, keys_layout,
+                             layer_norm, linear, rms_norm, rope_frequencies, rope_tables, sinusoidal_embedding,
+                             split_cached_attention, swiglu, swiglu_hidden_dim, values_layout, write_cache)
+from jaxml.nn.mlp import dense, dense_init, dense_spec, mlp, mlp_init, mlp_specs

@@ -4,7 +4,8 @@ Every function here takes arrays and returns arrays; parameters are passed in
 explicitly, so the same code runs under `jax.jit`, `jax.pmap`, `jax.lax.scan`
 and with sharded inputs. Shapes are named in argument names: B batch, T query
 length, S key length, D model width, H query heads, K key/value heads,
-Dh head width, F hidden width.
+N heads of `attention_core` (kv heads, or plain heads), Dh head width,
+F hidden width, V vocabulary.
 """
 from __future__ import annotations
 
@@ -16,15 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxml.nn.init import normal_init  # noqa: F401  (`layers.normal_init`, as before)
+
 Array = jax.Array
-
-
-# ----------------------------------------------------------------------------- init
-
-
-def normal_init(rng: Array, shape: tuple[int, ...], std: float, dtype=jnp.float32) -> Array:
-  """Truncated-free normal init, `N(0, std^2)`."""
-  return (std * jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- norm
@@ -108,6 +103,36 @@ def apply_rope(x_BxTxNxDh: Array, positions_BxT: Array, theta: float = 10000.0) 
   return apply_rope_tables(x_BxTxNxDh, cos, sin)
 
 
+# ----------------------------------------------------------------------------- sinusoidal
+
+
+def sinusoidal_embedding(x: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal features of a scalar per row (Transformer positions, DDPM time steps).
+
+  `[sin(x f_0), ..., sin(x f_{h-1}), cos(x f_0), ..., cos(x f_{h-1})]` with
+  `h = dim // 2` and `f_j = max_period^(-j / h)`: periods from `2 pi` to nearly
+  `2 pi max_period`. An odd `dim` gets one trailing zero. Scale `x` first to
+  put its range on these periods (diffusion times `t` in [0, 1] enter as `1000 t`).
+
+  Args:
+    x: `[...]` positions or times, any real or integer dtype (computed in float32).
+    dim: the embedding width, positive.
+    max_period: the longest period divided by `2 pi`.
+
+  Returns:
+    `[..., dim]` float32.
+  """
+  if dim <= 0:
+    raise ValueError(f"sinusoidal_embedding: dim must be positive, got {dim}")
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = x[..., None].astype(jnp.float32) * freqs
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, 1)])
+  return emb
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -160,13 +185,13 @@ def cached_attention(q_BxTxHxDh: Array, k_BxKxSxDh: Array, v_BxKxDhxS: Array, ma
 
   Queries are scaled by `1 / sqrt(Dh)` before the score product (`[T, Dh]` per
   head rather than the `[T, S]` scores) and arranged heads-major, the `n_rep`
-  query heads that share a kv head stacked as `n_rep * T` rows. The gradient is
-  hand-written (`_grouped_attention`).
+  query heads that share a kv head stacked as `n_rep * T` rows, for
+  `attention_core` (which has the hand-written backward).
   """
   B, T, H, Dh = q_BxTxHxDh.shape
   K = k_BxKxSxDh.shape[1]
   q_BxKxMxDh = _queries_heads_major(q_BxTxHxDh, K)
-  out = _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, _mask_heads_major(mask_Bx1xTxS, H // K))
+  out = attention_core(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, _mask_heads_major(mask_Bx1xTxS, H // K))
   return _heads_minor(out, T, H)
 
 
@@ -219,49 +244,101 @@ def split_cached_attention(q_BxTxHxDh: Array, parts: Sequence[tuple[Array, Array
   return _heads_minor(out, T, H)
 
 
-def _grouped_attention_fwd(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS):
-  scores = jnp.einsum("bkmd,bksd->bkms", q_BxKxMxDh, k_BxKxSxDh, preferred_element_type=jnp.float32)
-  if mask_Bx1xMxS is not None:
-    scores = jnp.where(mask_Bx1xMxS, scores, jnp.finfo(jnp.float32).min)
-  probs_BxKxMxS = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkms,bkds->bkmd", probs_BxKxMxS.astype(v_BxKxDhxS.dtype), v_BxKxDhxS)
-  return out, (q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS, probs_BxKxMxS, out)
+def attention_core(q_BxNxTxDh: Array, k_BxNxSxDh: Array, v_BxNxDhxS: Array,
+                   mask_BxNxTxS: Array | None = None) -> Array:
+  """`softmax(q k^T) v` per (batch, head), with a hand-written backward pass.
+
+  The core under `cached_attention` (Llama: `N` kv heads, each one's `n_rep`
+  query heads stacked as `n_rep * T` query rows) and under
+  `jaxml.recsys.modules.feature_attention` (DHEN: `N` heads over feature rows).
+  Nothing is scaled here: the caller folds `1 / sqrt(Dh)` into the queries or
+  their weights. Values come transposed, `[Dh, S]` per head (the decode layout
+  of a KV cache; a self-attention caller transposes its `[S, Dh]` values in the
+  same copy that splits the heads). Scores and softmax are float32; a masked
+  score is the float32 minimum, so a row with no visible key attends uniformly
+  (finite, no NaN) and its scores get no gradient.
+
+  The backward pass (the same function as autodiff of the forward; only the
+  layout of the gradient products changes): autodiff writes `dK = dS^T Q` and
+  `dV = P^T dO`, batched products that contract the second-to-last axis of
+  both operands, which XLA:CPU runs on a slow path (outside its YNNPACK dot
+  fusions) or after transposing the `[T, S]` operand. Here the small `Q` and
+  `dO` (`[T, Dh]`) are transposed instead (held by `optimization_barrier`, so
+  XLA does not fold the transposes back into the dots) and `dK^T = Q^T dS`,
+  `dV = dO^T P` computed; `dV` comes out in the `[Dh, S]` values layout. The
+  softmax backward uses `rowsum(P * dP) = rowsum(O * dO)` (the FlashAttention
+  identity), a reduction over `Dh` instead of over `S`. Only `P` `[B, N, T, S]`
+  is kept for the backward pass, as autodiff keeps it.
+
+  Args:
+    q_BxNxTxDh: queries `[B, N, T, Dh]`, already scaled.
+    k_BxNxSxDh: keys `[B, N, S, Dh]`.
+    v_BxNxDhxS: values, transposed: `[B, N, Dh, S]`.
+    mask_BxNxTxS: optional bool, True where a query may see a key; any shape
+      that broadcasts to `[B, N, T, S]` (`[B, 1, T, S]` shares it over heads).
+
+  Returns:
+    `[B, N, T, Dh]` in the values' dtype.
+  """
+  for name, a in (("q_BxNxTxDh", q_BxNxTxDh), ("k_BxNxSxDh", k_BxNxSxDh), ("v_BxNxDhxS", v_BxNxDhxS)):
+    if a.ndim != 4:
+      raise ValueError(f"attention_core: {name} must have 4 axes, got shape {a.shape}")
+  (B, N, T, Dh), S = q_BxNxTxDh.shape, k_BxNxSxDh.shape[2]
+  if k_BxNxSxDh.shape != (B, N, S, Dh):
+    raise ValueError(f"attention_core: k_BxNxSxDh must be [{B}, {N}, S, {Dh}] for q {q_BxNxTxDh.shape}, "
+                     f"got {k_BxNxSxDh.shape}")
+  if v_BxNxDhxS.shape != (B, N, Dh, S):
+    raise ValueError(f"attention_core: v_BxNxDhxS must be [{B}, {N}, {Dh}, {S}] (values transposed), "
+                     f"got {v_BxNxDhxS.shape}")
+  if mask_BxNxTxS is not None and not _broadcasts_to(mask_BxNxTxS.shape, (B, N, T, S)):
+    raise ValueError(f"attention_core: mask_BxNxTxS must broadcast to [{B}, {N}, {T}, {S}], got {mask_BxNxTxS.shape}")
+  return _attention_core(q_BxNxTxDh, k_BxNxSxDh, v_BxNxDhxS, mask_BxNxTxS)
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+  if len(shape) != len(target):
+    return False
+  try:
+    return np.broadcast_shapes(shape, target) == target
+  except ValueError:
+    return False
+
+
+def _attention_fwd(q_BxNxTxDh, k_BxNxSxDh, v_BxNxDhxS, mask_BxNxTxS):
+  scores = jnp.einsum("bntd,bnsd->bnts", q_BxNxTxDh, k_BxNxSxDh, preferred_element_type=jnp.float32)
+  if mask_BxNxTxS is not None:
+    scores = jnp.where(mask_BxNxTxS, scores, jnp.finfo(jnp.float32).min)
+  probs_BxNxTxS = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bnts,bnds->bntd", probs_BxNxTxS.astype(v_BxNxDhxS.dtype), v_BxNxDhxS)
+  return out, (q_BxNxTxDh, k_BxNxSxDh, v_BxNxDhxS, mask_BxNxTxS, probs_BxNxTxS, out)
 
 
 @jax.custom_vjp
-def _grouped_attention(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS):
-  """Softmax attention per (batch, kv head), rows `M` = query heads x positions; mask optional."""
-  return _grouped_attention_fwd(q_BxKxMxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xMxS)[0]
+def _attention_core(q_BxNxTxDh, k_BxNxSxDh, v_BxNxDhxS, mask_BxNxTxS):
+  return _attention_fwd(q_BxNxTxDh, k_BxNxSxDh, v_BxNxDhxS, mask_BxNxTxS)[0]
 
 
-def _grouped_attention_bwd(res, dout_BxKxMxDh):
-  """The attention gradient with every batched product in a form XLA:CPU's library path takes.
-
-  Autodiff writes `dK = dS^T Q` and `dV = P^T dO`, batched products that
-  contract the second-to-last axis of both operands, which XLA:CPU runs on a
-  slow path or after transposing the `[M, S]` operand. Here the small `Q` and
-  `dO` (`[M, Dh]`) are transposed instead (held by `optimization_barrier`) and
-  `dK^T = Q^T dS`, `dV = dO^T P` computed; `dV` comes out in the `[Dh, S]`
-  values layout. The softmax backward uses `rowsum(P * dP) = rowsum(O * dO)`,
-  a reduction over `Dh` instead of over `S`. Masked scores get no gradient
-  (as autodiff through `where` gives them), also in rows with no visible key.
-  """
+def _attention_bwd(res, dout_BxNxTxDh):
+  """`attention_core`'s gradient (see its docstring)."""
   q, k, v, mask, probs, out = res
-  dout = dout_BxKxMxDh.astype(v.dtype)
-  dprobs = jnp.einsum("bkmd,bkds->bkms", dout, v, preferred_element_type=jnp.float32)
+  dout = dout_BxNxTxDh.astype(v.dtype)
+  dprobs = jnp.einsum("bntd,bnds->bnts", dout, v, preferred_element_type=jnp.float32)
   row = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   dscores = probs * (dprobs - row)
   if mask is not None:
     dscores = jnp.where(mask, dscores, 0.0)
   dscores = dscores.astype(q.dtype)
-  dq = jnp.einsum("bkms,bksd->bkmd", dscores, k)
+  dq = jnp.einsum("bnts,bnsd->bntd", dscores, k)
   qT, doutT = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3), jnp.swapaxes(dout, 2, 3)))
-  dkT = jnp.einsum("bkdm,bkms->bkds", qT, dscores)
-  dv = jnp.einsum("bkdm,bkms->bkds", doutT, probs.astype(v.dtype))
+  dkT = jnp.einsum("bndt,bnts->bnds", qT, dscores)
+  dv = jnp.einsum("bndt,bnts->bnds", doutT, probs.astype(v.dtype))
+  # Held apart from the layout changes that follow (the swap below, the callers' transposes): the
+  # DHEN dense step took 4-10% more CPU time without this barrier, the Llama step the same.
+  dkT, dv = jax.lax.optimization_barrier((dkT, dv))
   return dq, jnp.swapaxes(dkT, 2, 3), dv, None
 
 
-_grouped_attention.defvjp(_grouped_attention_fwd, _grouped_attention_bwd)
+_attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
 class KVCache(NamedTuple):
@@ -393,12 +470,58 @@ def _linear_2d_bwd(out_dtype, res, dy_NxF):
 _linear_2d.defvjp(_linear_2d_fwd, _linear_2d_bwd)
 
 
-def first_argmax(x: Array) -> Array:
-  """`jnp.argmax(x, axis=-1)` (the first index on ties), as two plain reductions.
+# ----------------------------------------------------------------------------- outputs
 
-  XLA:CPU runs argmax's (value, index) pair reduction several times slower than
-  a max followed by a min over the matching indices.
+
+def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array | None = None) -> tuple[Array, Array]:
+  """Mean token cross-entropy (nats) over the counted tokens, and their number.
+
+  Each token's loss is `logsumexp(logits) - onehot(target) . logits`: the value
+  of `-log_softmax(logits)[target]`, but its gradient `softmax - onehot` is a
+  dense elementwise product instead of a scatter into the `[B, T, V]` gradient
+  (faster on XLA:CPU). Computed in float32.
+
+  Args:
+    logits_BxTxV: `[B, T, V]` (any leading axes, vocabulary last), any float dtype.
+    targets_BxT: `[B, T]` integer ids in `[0, V)`.
+    mask_BxT: optional `[B, T]`, nonzero (or True) for the tokens to count; None counts all.
+
+  Returns:
+    `(loss, n)`: float32 scalars, `n = max(sum(mask), 1)` and `loss = sum(nll * mask) / n`
+    (a fully masked batch gives loss 0 and `n = 1`).
   """
-  best = jnp.max(x, axis=-1, keepdims=True)
+  if logits_BxTxV.shape[:-1] != targets_BxT.shape:
+    raise ValueError(f"cross_entropy: targets_BxT {targets_BxT.shape} must be logits_BxTxV's leading shape "
+                     f"{logits_BxTxV.shape[:-1]}")
+  if mask_BxT is not None and mask_BxT.shape != targets_BxT.shape:
+    raise ValueError(f"cross_entropy: mask_BxT {mask_BxT.shape} must have targets_BxT's shape {targets_BxT.shape}")
+  logits = logits_BxTxV.astype(jnp.float32)
+  onehot = jax.nn.one_hot(targets_BxT, logits.shape[-1], dtype=jnp.float32)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(onehot * logits, axis=-1)
+  mask = jnp.ones_like(nll) if mask_BxT is None else mask_BxT.astype(jnp.float32)
+  n = jnp.maximum(mask.sum(), 1.0)
+  return (nll * mask).sum() / n, n
+
+
+def first_argmax(x: Array) -> Array:
+  """`jnp.argmax(x, axis=-1)`, as two plain reductions; always an index in `[0, x.shape[-1])`.
+
+  The first index of the maximum on ties. A row holding NaN gives the index of
+  its first NaN (as `jnp.argmax`, which treats NaN as the maximum), so an
+  all-NaN row gives 0. XLA:CPU runs argmax's (value, index) pair reduction
+  several times slower than a max followed by a min over the matching indices.
+
+  Args:
+    x: `[..., N]` with `N >= 1`, any real dtype.
+
+  Returns:
+    `[...]` int32 indices.
+  """
+  if x.ndim == 0 or x.shape[-1] == 0:
+    raise ValueError(f"first_argmax: x needs a non-empty last axis, got shape {x.shape}")
+  best = jnp.max(x, axis=-1, keepdims=True)  # NaN when the row has one
+  hit = x == best
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    hit = hit | jnp.isnan(x)
   ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  return jnp.min(jnp.where(x == best, ids, x.shape[-1]), axis=-1)
+  return jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1)

@@ -16,13 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxml import nn
+from jaxml.nn import dense as linear, dense_init  # noqa: F401  (the towers' names for nn's dense layer)
 from jaxml.nn.layers import layer_norm
 
 Array = jax.Array
-
-
-def _normal(rng, shape, fan_in):
-  return jax.random.normal(rng, shape, jnp.float32) / jnp.sqrt(jnp.float32(fan_in))
 
 
 # ----------------------------------------------------------------------------- activations
@@ -46,53 +44,18 @@ def activation(name: str, beta: float = 1.0) -> Callable[[Array], Array]:
 
 
 # ----------------------------------------------------------------------------- dense layers
-
-
-def dense_init(rng: Array, n_in: int, n_out: int) -> dict:
-  """`y = x w + b`, w: [n_in, n_out]."""
-  return {"w": _normal(rng, (n_in, n_out), n_in), "b": jnp.zeros((n_out,), jnp.float32)}
-
-
-def bottleneck_init(rng: Array, n_in: int, n_out: int, rank: int) -> dict:
-  """Low-rank factorised dense layer `y = (x u) v + b`, u: [n_in, k], v: [k, n_out].
-
-  Multiply-adds per example: `k (n_in + n_out)` instead of `n_in n_out`.
-  """
-  ku, kv = jax.random.split(rng)
-  return {"u": _normal(ku, (n_in, rank), n_in), "v": _normal(kv, (rank, n_out), rank),
-          "b": jnp.zeros((n_out,), jnp.float32)}
-
-
-def linear_init(rng: Array, n_in: int, n_out: int, rank: int = 0) -> dict:
-  """A dense layer, factorised through `rank` when `0 < rank < min(n_in, n_out)`."""
-  if 0 < rank < min(n_in, n_out):
-    return bottleneck_init(rng, n_in, n_out, rank)
-  return dense_init(rng, n_in, n_out)
-
-
-def linear(p: dict, x: Array) -> Array:
-  """Applies a `dense_init` or `bottleneck_init` layer to `[..., n_in]`."""
-  if "u" in p:
-    return (x @ p["u"]) @ p["v"] + p["b"]
-  return x @ p["w"] + p["b"]
+# Dense layers, bottlenecks and MLPs are `jaxml.nn`'s: `linear` is `nn.dense` and
+# `dense_init` is `nn.dense_init`; `mlp_init` / `mlp` below keep the towers' call form.
 
 
 def mlp_init(rng: Array, n_in: int, widths: tuple[int, ...], rank: int = 0) -> list[dict]:
-  """MLP layers of the given widths (a pyramid when widths shrink); `rank` > 0 adds bottlenecks."""
-  keys = jax.random.split(rng, max(len(widths), 1))
-  layers, d = [], n_in
-  for k, w in zip(keys, widths):
-    layers.append(linear_init(k, d, w, rank))
-    d = w
-  return layers
+  """`nn.mlp_init(rng, (n_in, *widths), rank=rank)`: a pyramid when the widths shrink; `rank` > 0 adds bottlenecks."""
+  return nn.mlp_init(rng, (n_in, *widths), rank=rank)
 
 
 def mlp(layers: list[dict], x: Array, act: Callable[[Array], Array] = jax.nn.relu, final_act: bool = True) -> Array:
-  for i, p in enumerate(layers):
-    x = linear(p, x)
-    if final_act or i < len(layers) - 1:
-      x = act(x)
-  return x
+  """`nn.mlp`, with `act` after the last layer too by default (the towers' hidden stacks)."""
+  return nn.mlp(layers, x, act=act, final_act=final_act)
 
 
 # ----------------------------------------------------------------------------- DCN-v2 cross
@@ -106,11 +69,12 @@ def cross_init(rng: Array, dim: int, rank: int = 0, experts: int = 1) -> dict:
   """
   kw, kv, ku, kg = jax.random.split(rng, 4)
   if rank == 0:
-    return {"w": _normal(kw, (dim, dim), dim), "b": jnp.zeros((dim,), jnp.float32)}
+    return {"w": nn.fan_in_normal(kw, (dim, dim), dim), "b": jnp.zeros((dim,), jnp.float32)}
   if experts == 1:
-    return {"v": _normal(kv, (dim, rank), dim), "u": _normal(ku, (rank, dim), rank), "b": jnp.zeros((dim,), jnp.float32)}
-  return {"v": _normal(kv, (experts, dim, rank), dim), "u": _normal(ku, (experts, rank, dim), rank),
-          "b": jnp.zeros((experts, dim), jnp.float32), "g": _normal(kg, (dim, experts), dim)}
+    return {"v": nn.fan_in_normal(kv, (dim, rank), dim), "u": nn.fan_in_normal(ku, (rank, dim), rank),
+            "b": jnp.zeros((dim,), jnp.float32)}
+  return {"v": nn.fan_in_normal(kv, (experts, dim, rank), dim), "u": nn.fan_in_normal(ku, (experts, rank, dim), rank),
+          "b": jnp.zeros((experts, dim), jnp.float32), "g": nn.fan_in_normal(kg, (dim, experts), dim)}
 
 
 def cross(p: dict, x0_BxN: Array, xl_BxN: Array) -> Array:
@@ -158,7 +122,7 @@ def dot_interaction(x_BxFxD: Array) -> Array:
 
 def lce_init(rng: Array, rows_in: int, rows_out: int) -> dict:
   """Linear compression embedding: `w` [M, K] mixes K feature rows into M rows."""
-  return {"w": _normal(rng, (rows_out, rows_in), rows_in)}
+  return {"w": nn.fan_in_normal(rng, (rows_out, rows_in), rows_in)}
 
 
 def lce(p: dict, e_BxKxD: Array) -> Array:
@@ -183,52 +147,7 @@ def lce_decomposed(w_user_MxKu: Array, w_cand_MxKc: Array, e_user_UxKuxD: Array,
 
 def attention_init(rng: Array, dim: int) -> dict:
   ks = jax.random.split(rng, 4)
-  return {n: _normal(k, (dim, dim), dim) for n, k in zip(("wq", "wk", "wv", "wo"), ks)}
-
-
-def _attention_fwd(q_BxHxFxDh: Array, k_BxHxFxDh: Array, v_BxHxFxDh: Array):
-  s_BxHxFxF = jnp.einsum("bhtd,bhsd->bhts", q_BxHxFxDh, k_BxHxFxDh)
-  p_BxHxFxF = jax.nn.softmax(s_BxHxFxF, axis=-1)
-  o = jnp.einsum("bhts,bhsd->bhtd", p_BxHxFxF, v_BxHxFxDh)
-  return o, (q_BxHxFxDh, k_BxHxFxDh, v_BxHxFxDh, p_BxHxFxF, o)
-
-
-def _attention_bwd(res, do: Array):
-  """Backward of softmax attention with every batched matmul in the `[.., m, k] @ [.., k, n]`
-  or `[.., m, k] @ [.., n, k]^T` form (contracted axis last in memory on the left operand).
-
-  Autodiff writes `dK = dS^T Q` and `dV = P^T dO` as batched dots that contract the
-  second-to-last axis of both operands; XLA:CPU leaves such dots out of its fast
-  (YNNPACK) dot fusions and runs them on a much slower path. Here `Q^T` and `dO^T` (the
-  small `[.., Dh, F]` operands) are transposed explicitly and `dK^T = Q^T dS`,
-  `dV^T = dO^T P` computed instead; `optimization_barrier` keeps XLA from folding the
-  transposes back into the dots. `rowsum(dP * P) = rowsum(dO * O)` (the
-  FlashAttention identity) avoids one pass over the `[B, H, F, F]` tensor.
-  """
-  q, k, v, p, o = res
-  dp_BxHxFxF = jnp.einsum("bhtd,bhsd->bhts", do, v)
-  ds_BxHxFxF = p * (dp_BxHxFxF - jnp.sum(do * o, axis=-1, keepdims=True))  # dL/d(scores)
-  dq = jnp.einsum("bhts,bhsd->bhtd", ds_BxHxFxF, k)
-  qT, doT = jax.lax.optimization_barrier((jnp.swapaxes(q, 2, 3), jnp.swapaxes(do, 2, 3)))
-  dkT = jnp.einsum("bhdt,bhts->bhds", qT, ds_BxHxFxF)
-  dvT = jnp.einsum("bhdt,bhts->bhds", doT, p)
-  dkT, dvT = jax.lax.optimization_barrier((dkT, dvT))
-  return dq, jnp.swapaxes(dkT, 2, 3), jnp.swapaxes(dvT, 2, 3)
-
-
-@jax.custom_vjp
-def attention_core(q_BxHxFxDh: Array, k_BxHxFxDh: Array, v_BxHxFxDh: Array) -> Array:
-  """`softmax(q k^T) v` per (example, head), heads-major `[B, H, F, Dh]`; the caller
-  scales q (`feature_attention` folds `1 / sqrt(Dh)` into the query weights).
-
-  Same function as autodiff of `_attention_fwd`; the custom backward only
-  changes how the gradient matmuls are laid out (see `_attention_bwd`). Only the
-  probabilities `[B, H, F, F]` are kept for the backward pass, as autodiff keeps them.
-  """
-  return _attention_fwd(q_BxHxFxDh, k_BxHxFxDh, v_BxHxFxDh)[0]
-
-
-attention_core.defvjp(_attention_fwd, _attention_bwd)
+  return {n: nn.fan_in_normal(k, (dim, dim), dim) for n, k in zip(("wq", "wk", "wv", "wo"), ks)}
 
 
 def feature_attention(p: dict, x_BxFxD: Array, n_heads: int) -> Array:
@@ -238,15 +157,18 @@ def feature_attention(p: dict, x_BxFxD: Array, n_heads: int) -> Array:
   on the fly, parameters stay `wq`, `wk`, `wv`) and the output projection as
   `[B F, D] @ [D, D]`: 2-D matmuls whose weight gradients are 2-D too. The
   `1 / sqrt(Dh)` score scale is folded into the `[D, D]` query weights (scaling the
-  `[B, H, F, F]` scores or the `[B, H, F, Dh]` queries costs a pass over them).
+  `[B, H, F, F]` scores or the `[B, H, F, Dh]` queries costs a pass over them). The
+  softmax attention itself is `nn.attention_core` (hand-written backward), with the
+  values transposed to its `[B, H, Dh, F]` layout by the copy that splits the heads.
   """
   b, f, d = x_BxFxD.shape
   dh = d // n_heads
   scale = 1.0 / jnp.sqrt(jnp.float32(dh))
   w_Dx3D = jnp.concatenate([p["wq"] * scale, p["wk"], p["wv"]], axis=1)
   qkv = (x_BxFxD.reshape(b * f, d) @ w_Dx3D).reshape(b, f, 3, n_heads, dh)
-  q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each [B, H, F, Dh]
-  o_BxHxFxDh = attention_core(q, k, v)
+  q, k = jnp.transpose(qkv[:, :, :2], (2, 0, 3, 1, 4))  # each [B, H, F, Dh]
+  vT = jnp.transpose(qkv[:, :, 2], (0, 2, 3, 1))  # [B, H, Dh, F]
+  o_BxHxFxDh = nn.attention_core(q, k, vT)
   o_BFxD = jnp.transpose(o_BxHxFxDh, (0, 2, 1, 3)).reshape(b * f, d)
   return (o_BFxD @ p["wo"]).reshape(b, f, d)
 

@@ -102,6 +102,46 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     got = nn.split_cached_attention(q, list(zip(ks, vs, masks)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("no_mask", False), ("mask", True))
+  def test_attention_core_value_and_gradients_equal_autodiff_of_plain_softmax_attention(self, masked):
+    """`attention_core` (values `[Dh, S]`, hand-written backward) against autodiff of the textbook form."""
+    rng = np.random.default_rng(11)
+    B, N, T, S, Dh = 2, 3, 5, 7, 4
+    q = jnp.asarray(rng.normal(size=(B, N, T, Dh)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, N, S, Dh)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, N, S, Dh)), jnp.float32)  # the plain [S, Dh] layout
+    ct = jnp.asarray(rng.normal(size=(B, N, T, Dh)), jnp.float32)
+    mask = None
+    if masked:  # shared over heads; row (0, 0) sees no key at all
+      mask = jnp.asarray(rng.random((B, 1, T, S)) < 0.6).at[0, 0, 0].set(False)
+
+    def plain(q, k, v):
+      s = jnp.einsum("bntd,bnsd->bnts", q, k)
+      if mask is not None:
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+      return jnp.sum(jnp.einsum("bnts,bnsd->bntd", jax.nn.softmax(s, axis=-1), v) * ct)
+
+    def core(q, k, v):
+      return jnp.sum(nn.attention_core(q, k, jnp.swapaxes(v, 2, 3), mask) * ct)
+
+    got = self.variant(jax.value_and_grad(core, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    if masked:  # the row without visible keys: uniform weights, finite, no gradient into q
+      out = nn.attention_core(q, k, jnp.swapaxes(v, 2, 3), mask)
+      np.testing.assert_allclose(out[0, :, 0], jnp.broadcast_to(v[0].mean(axis=1), (N, Dh)), rtol=1e-5, atol=1e-6)
+      np.testing.assert_array_equal(got[1][0][0, :, 0], 0.0)
+
+  def test_attention_core_rejects_mismatched_layouts(self):
+    q, k = jnp.zeros((2, 3, 5, 4)), jnp.zeros((2, 3, 7, 4))
+    with self.assertRaisesRegex(ValueError, r"v_BxNxDhxS must be \[2, 3, 4, 7\]"):
+      nn.attention_core(q, k, jnp.zeros((2, 3, 7, 4)))  # values not transposed
+    with self.assertRaisesRegex(ValueError, "k_BxNxSxDh"):
+      nn.attention_core(q, jnp.zeros((2, 3, 7, 8)), jnp.zeros((2, 3, 8, 7)))
+    with self.assertRaisesRegex(ValueError, "mask_BxNxTxS"):
+      nn.attention_core(q, k, jnp.zeros((2, 3, 4, 7)), jnp.ones((2, 1, 5, 6), bool))
+
   def test_cache_forms_round_trip(self):
     cache = nn.KVCache.zeros(3, 2, 5, 2, 4)
     cache = nn.KVCache(k=cache.k + jnp.arange(3.0)[:, None, None, None, None], v=cache.v - 1.0)
@@ -176,7 +216,30 @@ class RopeTest(chex.TestCase):
     self.assertNotAlmostEqual(score(7, 3), score(7, 5), places=3)
 
 
-class NormAndMlpTest(chex.TestCase):
+class SinusoidalEmbeddingTest(chex.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(8, 9)
+  def test_columns_are_sines_then_cosines_of_geometric_frequencies(self, dim):
+    x = jnp.asarray([0.0, 1.0, 37.5, 1000.0])
+    got = np.asarray(nn.sinusoidal_embedding(x, dim, max_period=500.0), np.float64)
+    half = dim // 2
+    freqs = 500.0 ** (-np.arange(half) / half)
+    args = np.asarray(x, np.float64)[:, None] * freqs
+    np.testing.assert_allclose(got[:, :half], np.sin(args), atol=2e-4)  # float32 arguments up to 1000
+    np.testing.assert_allclose(got[:, half:2 * half], np.cos(args), atol=2e-4)
+    self.assertEqual(got.shape, (4, dim))
+    if dim % 2:
+      np.testing.assert_array_equal(got[:, -1], 0.0)
+
+  def test_any_leading_shape(self):
+    x = jnp.arange(6.0).reshape(2, 3)
+    flat = nn.sinusoidal_embedding(x.reshape(6), 4)
+    np.testing.assert_array_equal(nn.sinusoidal_embedding(x, 4), flat.reshape(2, 3, 4))
+    with self.assertRaisesRegex(ValueError, "dim"):
+      nn.sinusoidal_embedding(x, 0)
+
+
+class NormAndMlpTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_rms_norm(self):
@@ -213,6 +276,51 @@ class NormAndMlpTest(chex.TestCase):
     np.testing.assert_array_equal(nn.first_argmax(x), [1, 0])
     r = jax.random.normal(jax.random.PRNGKey(0), (4, 7, 33))
     np.testing.assert_array_equal(nn.first_argmax(r), jnp.argmax(r, axis=-1))
+    ints = jnp.asarray([[3, 9, 9, 1], [-4, -4, -5, -6]], jnp.int32)
+    np.testing.assert_array_equal(nn.first_argmax(ints), [1, 0])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_first_argmax_of_rows_with_nan_is_the_first_nan_and_in_range(self):
+    nan, inf = np.nan, np.inf
+    x = jnp.asarray([[nan, nan, nan, nan],  # all NaN: 0 (it used to be 4, out of range)
+                     [1.0, nan, 7.0, nan],  # partly NaN: the first NaN, as jnp.argmax
+                     [2.0, 7.0, 7.0, -inf],  # tie: the first maximum
+                     [-inf, -inf, -inf, -inf],
+                     [inf, 1.0, inf, nan]])
+    got = np.asarray(self.variant(nn.first_argmax)(x))
+    np.testing.assert_array_equal(got, [0, 1, 1, 0, 3])
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+    self.assertEqual(got.dtype, np.int32)
+
+  @parameterized.named_parameters(("no_mask", False), ("mask", True))
+  def test_cross_entropy_equals_log_softmax_gather(self, masked):
+    rng = np.random.default_rng(12)
+    logits = jnp.asarray(rng.normal(scale=3.0, size=(2, 6, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, size=(2, 6)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, size=(2, 6)), jnp.float32) if masked else None
+    logp = jax.nn.log_softmax(logits, axis=-1)  # the plain form: -log_softmax gathered at the targets
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    weights = jnp.ones_like(nll) if mask is None else mask
+    loss, n = nn.cross_entropy(logits, targets, mask)
+    np.testing.assert_allclose(loss, jnp.sum(nll * weights) / jnp.sum(weights), rtol=1e-6)
+    self.assertEqual(float(n), float(jnp.sum(weights)))
+    # the gradient: (softmax - onehot) * mask / n, the dense form of the scatter autodiff gives the gather
+    grad = jax.grad(lambda l: nn.cross_entropy(l, targets, mask)[0])(logits)
+    want = jax.grad(lambda l: jnp.sum(-jnp.take_along_axis(jax.nn.log_softmax(l), targets[..., None], axis=-1)[..., 0]
+                                      * weights) / jnp.sum(weights))(logits)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+
+  def test_cross_entropy_of_bfloat16_logits_and_an_empty_mask(self):
+    logits = jnp.asarray(np.random.default_rng(13).normal(size=(1, 3, 5)), jnp.bfloat16)
+    targets = jnp.asarray([[0, 4, 2]])
+    loss, n = nn.cross_entropy(logits, targets)
+    self.assertEqual((loss.dtype, float(n)), (jnp.float32, 3.0))
+    want = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), targets[..., None], axis=-1).mean()
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    loss, n = nn.cross_entropy(logits, targets, jnp.zeros((1, 3)))
+    self.assertEqual((float(loss), float(n)), (0.0, 1.0))  # nothing counted: 0, with the count clamped to 1
+    with self.assertRaisesRegex(ValueError, "targets_BxT"):
+      nn.cross_entropy(logits, targets[:, :2])
 
   def test_swiglu_hidden_dims_of_published_models(self):
     # Llama 2 paper / params.json: 7B 11008, 13B 13824, 70B 28672.

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from jaxml import nn
 from jaxml.nn.layers import layer_norm
 from jaxml.recsys import config, modules, towers
 
@@ -173,12 +174,28 @@ class FusedAttentionAndLceTest(chex.TestCase):
     grad = lambda f: jax.grad(lambda p, x: jnp.sum(f(p, x)), argnums=(0, 1))
     self.assertEqual(towers.matmul_flops(grad(fused), p, x), towers.matmul_flops(grad(unfused), p, x))
 
-  def test_attention_core_backward_equals_autodiff(self):
-    q, k, v, do = (_x(44 + i, (B, 2, 7, 3)) for i in range(4))
-    plain = lambda q, k, v: modules._attention_fwd(q, k, v)[0]  # no custom rule
-    _, vjp = jax.vjp(plain, q, k, v)
-    _, vjp_custom = jax.vjp(modules.attention_core, q, k, v)
-    chex.assert_trees_all_close(vjp_custom(do), vjp(do), rtol=1e-5, atol=1e-5)
+  @parameterized.parameters(1, 2, 3)
+  def test_feature_attention_through_nn_core_equals_plain_autodiff_to_1e5(self, n_heads):
+    """DHEN's attention through `nn.attention_core` (hand-written backward) against the plain
+    fused-projection form, softmax attention left to autodiff: the values and gradients the
+    recsys core with its own backward gave before the two cores became one."""
+
+    def plain(p, x):
+      b, f, d = x.shape
+      dh = d // n_heads
+      w = jnp.concatenate([p["wq"] / jnp.sqrt(jnp.float32(dh)), p["wk"], p["wv"]], axis=1)
+      q, k, v = jnp.transpose((x @ w).reshape(b, f, 3, n_heads, dh), (2, 0, 3, 1, 4))
+      probs = jax.nn.softmax(jnp.einsum("bhtd,bhsd->bhts", q, k), axis=-1)
+      return jnp.transpose(jnp.einsum("bhts,bhsd->bhtd", probs, v), (0, 2, 1, 3)).reshape(b, f, d) @ p["wo"]
+
+    p = modules.attention_init(jax.random.PRNGKey(44), D)
+    x = _x(45, (B, 7, D))
+    ct = _x(46, (B, 7, D))
+    np.testing.assert_allclose(modules.feature_attention(p, x, n_heads), plain(p, x), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda p, x: jnp.sum(f(p, x) * ct)
+    got = jax.jit(jax.value_and_grad(loss(lambda p, x: modules.feature_attention(p, x, n_heads)), argnums=(0, 1)))(p, x)
+    want = jax.value_and_grad(loss(plain), argnums=(0, 1))(p, x)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
   @parameterized.named_parameters(
       ("attention_linear_projected_shortcut", ("attention", "linear"), (None, 3), "concat"),
@@ -221,8 +238,8 @@ class ActivationAndBottleneckTest(chex.TestCase):
   @parameterized.parameters((64, 32, 8), (256, 128, 16), (100, 100, 10))
   def test_bottleneck_cuts_matmul_flops_by_k_n_plus_m_over_nm(self, n, m, k):
     x = jnp.zeros((2, n))
-    full = towers.matmul_flops(modules.linear, modules.linear_init(jax.random.PRNGKey(0), n, m), x)
-    low = towers.matmul_flops(modules.linear, modules.linear_init(jax.random.PRNGKey(0), n, m, rank=k), x)
+    full = towers.matmul_flops(nn.dense, nn.dense_init(jax.random.PRNGKey(0), n, m), x)
+    low = towers.matmul_flops(nn.dense, nn.dense_init(jax.random.PRNGKey(0), n, m, rank=k), x)
     self.assertAlmostEqual(low / full, k * (n + m) / (n * m), places=9)
 
   def test_bottleneck_tower_counts_fewer_flops_and_params(self):
