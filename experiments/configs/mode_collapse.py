@@ -3,6 +3,9 @@
     python -m experiments.mode_collapse --workdir=workdirs/mode_collapse
     python -m experiments.mode_collapse --workdir=workdirs/mode_collapse_small --config=experiments/configs/mode_collapse.py:small
     python -m experiments.mode_collapse --workdir=workdirs/gan_long --config=experiments/configs/mode_collapse.py:gan_long
+
+Every field of `jaxml.generative.study.StudyConfig` is listed (so that each can be set with --config.<field>=...);
+the default variant equals the dataclass's defaults (a test keeps them equal).
 """
 import ml_collections
 
@@ -30,7 +33,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.sampler = "euler_maruyama"  # euler_maruyama, reverse_diffusion, pc or ode
   c.sampler_steps = 250  # reverse-time steps
   c.num_eval = 2500  # samples scored per seed (as in VEEGAN / PacGAN)
-  c.chunk = 250  # training steps per compiled lax.scan
+  c.steps_per_call = 250  # training steps per compiled call (lax.scan); divides num_steps and checkpoint_every
+  c.checkpoint_every = 1000  # steps between each pair's checkpoints (pairs/<dataset>_<model>/checkpoints)
+  c.allow_fresh_start = False  # start a pair over when its checkpoints exist but none restores
   if variant == "small":  # seconds: for tests and smoke runs
     c.datasets = ("mix1d_sep4",)
     c.num_seeds = 2
@@ -40,13 +45,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.depth = 2
     c.sampler_steps = 20
     c.num_eval = 500
-    c.chunk = 30
+    c.steps_per_call = 30
+    c.checkpoint_every = 30
   elif variant == "gan_long":  # minutes: the GAN alone at the usual GAN rate and 25k steps (8x the budget)
     c.datasets = ("ring8", "grid25")
     c.models = ("gan",)
     c.gan_learning_rate = 1e-4
     c.num_steps = 25000
-    c.chunk = 500
+    c.steps_per_call = 500
   elif variant:
     raise ValueError(f"unknown config variant {variant!r}; expected '', 'small' or 'gan_long'")
   return c

@@ -11,17 +11,29 @@ Options (Lipschitz control of `D`):
   (Mescheder et al., arXiv 1801.04406), the gradient penalty suited to the
   non-saturating loss (WGAN-GP's two-sided penalty belongs with the WGAN loss).
 One training step is one `D` update followed by one `G` update, each with Adam.
+
+Training runs on `jaxml.train`: `init_state(rng, cfg)` is a `TrainState` whose
+`params` are `{"gen", "disc"}`, whose `opt_state` holds both players' Adam
+states under the same keys and whose `extras` are `{"sn_u": [...]}`, the
+power-iteration vectors (carried, and checkpointed, with or without spectral
+norm). `make_train_step(cfg, batch_size, ...)` is the family's own step
+`(state, batch) -> (state, metrics)` for `jaxml.train.train`:
+
+    state = gan.init_state(jax.random.PRNGKey(0), cfg)
+    step = jax.jit(gan.make_train_step(cfg, 256, sample_fn=ds.sample, steps_per_call=50), donate_argnums=0)
+    result = jt.train(step, state, None, num_steps=3000, workdir=workdir, steps_per_call=50)
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxml.generative.nets import mlp_apply, mlp_init
+from jaxml import nn
+from jaxml import train as jt
 
 Array = jax.Array
 
@@ -50,12 +62,17 @@ def _sizes(cfg: GANConfig, fan_in: int, fan_out: int):
 
 
 def init(rng: Array, cfg: GANConfig) -> dict:
-  g_rng, d_rng, u_rng = jax.random.split(rng, 3)
-  gen = mlp_init(g_rng, _sizes(cfg, cfg.latent_dim, cfg.data_dim))
-  disc = mlp_init(d_rng, _sizes(cfg, cfg.data_dim, 1))
-  u_keys = jax.random.split(u_rng, len(disc))
-  sn_u = [_normalize(jax.random.normal(k, (layer["w"].shape[1],))) for k, layer in zip(u_keys, disc)]
-  return {"gen": gen, "disc": disc, "sn_u": sn_u}
+  """`{"gen": G's layers, "disc": D's layers}` (`nn.mlp_init`)."""
+  g_rng, d_rng = jax.random.split(rng)
+  gen = nn.mlp_init(g_rng, _sizes(cfg, cfg.latent_dim, cfg.data_dim), single_draw=True)
+  disc = nn.mlp_init(d_rng, _sizes(cfg, cfg.data_dim, 1), single_draw=True)
+  return {"gen": gen, "disc": disc}
+
+
+def init_sn_vectors(rng: Array, disc) -> list:
+  """One random unit vector `u [out]` per layer of `D`: the start of the power iterations."""
+  keys = jax.random.split(rng, len(disc))
+  return [_normalize(jax.random.normal(k, (layer["w"].shape[1],))) for k, layer in zip(keys, disc)]
 
 
 def _normalize(v):
@@ -77,16 +94,15 @@ def spectral_weights(disc, sn_u):
 
 
 def generate(gen, z_BxL: Array) -> Array:
-  return mlp_apply(gen, z_BxL, act=jax.nn.relu)
+  return nn.mlp(gen, z_BxL, act=jax.nn.relu)
 
 
 def discriminate(disc, x_BxD: Array, cfg: GANConfig, sn_u=None) -> tuple[Array, Any]:
   """Logits `[B]` and the updated power-iteration vectors (unchanged without spectral norm)."""
   if cfg.spectral_norm:
     weights, sn_u = spectral_weights(disc, sn_u)
-  else:
-    weights = None
-  logits = mlp_apply(disc, x_BxD, act=lambda h: jax.nn.leaky_relu(h, 0.2), weights=weights)
+    disc = [dict(layer, w=w) for layer, w in zip(disc, weights)]
+  logits = nn.mlp(disc, x_BxD, act=lambda h: jax.nn.leaky_relu(h, 0.2))
   return logits[:, 0], sn_u
 
 
@@ -110,45 +126,80 @@ def g_loss_fn(gen, disc, sn_u, z, cfg: GANConfig):
   return jnp.mean(jax.nn.softplus(-d_fake))
 
 
-class GANState(NamedTuple):
-  params: dict
-  g_opt: Any
-  d_opt: Any
-  rng: Array
 
 
-class GANTrainer(NamedTuple):
-  init: Callable[[Array], GANState]
-  run_chunk: Callable[[GANState], tuple[GANState, dict]]
+def optimizer(cfg: GANConfig) -> optax.GradientTransformation:
+  """Adam(`learning_rate`, b1=`beta1`), the optimizer of each player (each keeps its own state)."""
+  return optax.adam(cfg.learning_rate, b1=cfg.beta1)
 
 
-def make_trainer(cfg: GANConfig, sample_batch: Callable[[Array], Array], batch_size: int,
-                 chunk: int = 100) -> GANTrainer:
-  """Pure `init(rng)` and `run_chunk(state)` (`chunk` steps under `lax.scan`; vmap over seeds)."""
-  tx_g = optax.adam(cfg.learning_rate, b1=cfg.beta1)
-  tx_d = optax.adam(cfg.learning_rate, b1=cfg.beta1)
+def init_state(rng: Array, cfg: GANConfig) -> jt.TrainState:
+  """A fresh `TrainState` (module docstring): both players, both Adam states, the `sn_u` vectors.
 
-  def init_state(rng):
-    p_rng, rng = jax.random.split(rng)
-    params = init(p_rng, cfg)
-    return GANState(params, tx_g.init(params["gen"]), tx_d.init(params["disc"]), rng)
+  Args:
+    rng: the run's key, split into the parameter key (and from it the `sn_u` key)
+      and the state's key (the steps draw from `fold_in(state.rng, step)`).
+    cfg: the GAN.
 
-  def one_step(state, _):
-    rng, b_rng, z1, z2 = jax.random.split(state.rng, 4)
-    p = state.params
-    real = sample_batch(b_rng)
-    (d_loss, new_u), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-        p["disc"], p["gen"], p["sn_u"], real, jax.random.normal(z1, (batch_size, cfg.latent_dim)), cfg)
-    d_upd, d_opt = tx_d.update(d_grads, state.d_opt, p["disc"])
+  Returns:
+    The state at step 0 (vmap this function over keys for an ensemble of seeds).
+  """
+  p_rng, s_rng = jax.random.split(rng)
+  params = init(p_rng, cfg)
+  tx = optimizer(cfg)
+  opt_state = {"gen": tx.init(params["gen"]), "disc": tx.init(params["disc"])}
+  extras = {"sn_u": init_sn_vectors(jax.random.fold_in(p_rng, 1), params["disc"])}
+  return jt.TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
+                       rng=jnp.asarray(s_rng, jnp.uint32), extras=extras)
+
+
+def make_train_step(cfg: GANConfig, batch_size: int, *, sample_fn: Callable[[Array, int], Array] | None = None,
+                    steps_per_call: int = 1) -> Callable[[jt.TrainState, Any], tuple[jt.TrainState, dict]]:
+  """The GAN's step for `jaxml.train.train`: one `D` update, then one `G` update against the new `D`.
+
+  Args:
+    cfg: the GAN.
+    batch_size: `B`, the number of latent draws per update (and of real samples
+      when `sample_fn` draws them).
+    sample_fn: `sample_fn(rng, B) -> [B, data_dim]`, real data drawn inside the
+      step from its key (pure JAX; the step then takes a batch of None). None:
+      the step's batch is the real data `[B, data_dim]`.
+    steps_per_call: k steps per call under `lax.scan` (`jt.scan_steps`).
+
+  Returns:
+    `step(state, batch) -> (state, metrics)` with metrics `d_loss`, `g_loss`,
+    `loss = d_loss + g_loss` (what the loop's NaN guard reads and logs; 3 log 2
+    at the players' equilibrium `D = 1/2`), `d_grad_norm`, `g_grad_norm` and
+    `grad_norm`, the norm of both gradients together. The keys of step `t` come
+    from `jt.step_rng(state)`, so a resumed run draws what an uninterrupted one does.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  tx = optimizer(cfg)
+  d_grad = jax.value_and_grad(d_loss_fn, has_aux=True)
+  g_grad = jax.value_and_grad(g_loss_fn)
+
+  def step(state: jt.TrainState, batch: Any) -> tuple[jt.TrainState, dict[str, Array]]:
+    b_rng, z1_rng, z2_rng = jax.random.split(jt.step_rng(state), 3)
+    if batch is None:
+      if sample_fn is None:
+        raise ValueError("the GAN step got a batch of None but no sample_fn to draw real data with")
+      real = sample_fn(b_rng, batch_size)
+    else:
+      real = batch
+    p, opt = state.params, state.opt_state
+    (d_loss, sn_u), d_grads = d_grad(p["disc"], p["gen"], state.extras["sn_u"], real,
+                                     jax.random.normal(z1_rng, (batch_size, cfg.latent_dim)), cfg)
+    d_upd, d_opt = tx.update(d_grads, opt["disc"], p["disc"])
     disc = optax.apply_updates(p["disc"], d_upd)
-    g_loss, g_grads = jax.value_and_grad(g_loss_fn)(p["gen"], disc, new_u,
-                                                    jax.random.normal(z2, (batch_size, cfg.latent_dim)), cfg)
-    g_upd, g_opt = tx_g.update(g_grads, state.g_opt, p["gen"])
+    g_loss, g_grads = g_grad(p["gen"], disc, sn_u, jax.random.normal(z2_rng, (batch_size, cfg.latent_dim)), cfg)
+    g_upd, g_opt = tx.update(g_grads, opt["gen"], p["gen"])
     gen = optax.apply_updates(p["gen"], g_upd)
-    new = GANState({"gen": gen, "disc": disc, "sn_u": new_u}, g_opt, d_opt, rng)
-    return new, {"d_loss": d_loss, "g_loss": g_loss}
+    d_norm, g_norm = optax.tree.norm(d_grads), optax.tree.norm(g_grads)
+    metrics = {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss, "d_grad_norm": d_norm,
+               "g_grad_norm": g_norm, "grad_norm": jnp.sqrt(d_norm**2 + g_norm**2)}
+    new_state = state._replace(params={"gen": gen, "disc": disc}, opt_state={"gen": g_opt, "disc": d_opt},
+                               step=state.step + 1, extras={"sn_u": sn_u})
+    return new_state, metrics
 
-  def run_chunk(state):
-    return jax.lax.scan(one_step, state, None, length=chunk)
-
-  return GANTrainer(init_state, run_chunk)
+  return jt.scan_steps(step, steps_per_call)

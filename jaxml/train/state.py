@@ -66,7 +66,9 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
     A `TrainState` with `step == 0`.
   """
   return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                    rng=jnp.asarray(rng, jnp.uint32), ema_params=params if ema else None, extras=extras)
+                    rng=jnp.asarray(rng, jnp.uint32),
+                    # A copy: sharing the parameters' buffers would make a donating step donate them twice.
+                    ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None, extras=extras)
 
 
 def _builder(init_fn, tx, ema, extras_fn):

@@ -1,5 +1,6 @@
-"""DSM is minimised by the true score; DDPM L_simple by the true noise predictor; training lowers losses."""
+"""DSM is minimised by the true score; DDPM L_simple by the true noise predictor; training on the core lowers them."""
 import functools
+import tempfile
 
 from absl.testing import absltest, parameterized
 import chex
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxml import train as jt
 import jaxml.diffusion as jd
 
 MIX = jd.GaussianMixture.create([[-1.0, 0.0], [1.0, 0.5]], [0.3, 0.2], [0.4, 0.6])
@@ -45,29 +47,56 @@ class DSMTest(chex.TestCase, parameterized.TestCase):
     self.assertLess(l_opt, float(jd.ddpm_eps_loss(rng, ddpm, zero, x0)))
     self.assertLess(l_opt, float(jd.ddpm_eps_loss(rng, ddpm, scaled, x0)))
 
-  def test_ema_update_formula(self):
-    ema = {"a": jnp.ones(3), "b": [jnp.zeros(2)]}
-    new = {"a": jnp.full(3, 3.0), "b": [jnp.full(2, 10.0)]}
-    out = jd.ema_update(ema, new, 0.9)
-    np.testing.assert_allclose(out["a"], 0.9 * 1.0 + 0.1 * 3.0)
-    np.testing.assert_allclose(out["b"][0], 0.1 * 10.0)
-
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_score_output_shape_is_checked(self):
+    # A [B, 1] output for [B, 2] data used to broadcast into a finite loss without an error.
+    sde, x0 = jd.VPSDE(), MIX.sample(jax.random.PRNGKey(0), 16)
+    bad = lambda x, t: -x[:, :1]  # noqa: E731
+    dsm = self.variant(lambda x: jd.dsm_loss(jax.random.PRNGKey(1), sde, bad, x))
+    with self.assertRaisesRegex(ValueError, r"score_fn\(x, t\) must return x's shape \(16, 2\).*\(16, 1\)"):
+      dsm(x0)
+    ddpm = self.variant(lambda x: jd.ddpm_eps_loss(jax.random.PRNGKey(1), jd.DDPMSchedule(), bad, x))
+    with self.assertRaisesRegex(ValueError, r"eps_fn\(x, t\) must return x's shape \(16, 2\).*\(16, 1\)"):
+      ddpm(x0)
+    with self.assertRaisesRegex(TypeError, r"score_fn\(x, t\) must return a floating array"):
+      jd.dsm_loss(jax.random.PRNGKey(1), sde, lambda x, t: jnp.zeros(x.shape, jnp.int32), x0)
 
 class TrainingTest(chex.TestCase):
 
   def test_mlp_dsm_training_lowers_loss(self):
+    # The experiment's recipe on the core: data drawn inside the step from its key, 100 steps per call.
     sde = jd.VPSDE()
     cfg = jd.ScoreMLPConfig(data_dim=2, hidden=32, depth=2)
     apply = lambda p, x, t: jd.mlp_apply(p, x, t, cfg)  # noqa: E731
 
-    def loss_fn(params, rng, batch):
-      return jd.dsm_loss(rng, sde, functools.partial(jd.precondition, sde, apply, params), batch)
+    def loss_fn(params, batch, rng):
+      b_rng, l_rng = jax.random.split(rng)
+      return jd.dsm_loss(l_rng, sde, functools.partial(jd.precondition, sde, apply, params), MIX.sample(b_rng, 128)), {}
 
-    params = jd.mlp_init(jax.random.PRNGKey(0), cfg)
-    state, losses = jd.fit(jax.random.PRNGKey(1), loss_fn, params, lambda r: MIX.sample(r, 128), num_steps=300,
-                           learning_rate=3e-3, chunk=100)
+    tx = optax.adam(3e-3)
+    step = jax.jit(jt.make_train_step(loss_fn, tx, ema_decay=0.999, ema_warmup=True, steps_per_call=100))
+    state = jt.create_train_state(jd.mlp_init(jax.random.PRNGKey(0), cfg), tx, jax.random.PRNGKey(1), ema=True)
+    losses = []
+    for _ in range(3):
+      state, metrics = step(state, None)
+      losses.append(np.asarray(metrics["loss"]))
+    losses = np.concatenate(losses)
+    self.assertEqual(losses.shape, (300,))
     self.assertLess(losses[-100:].mean(), 0.9 * losses[:20].mean())
     self.assertEqual(int(state.step), 300)
+
+  def test_ema_keeps_the_old_trainers_warm_up(self):
+    # ema_t = d_t ema_{t-1} + (1 - d_t) params_t with d_t = min(0.999, (1 + t) / (10 + t)), t = updates before.
+    tx = optax.sgd(0.1)
+    loss_fn = lambda p, b, r: (jnp.sum((p["w"] - 3.0) ** 2), {})  # noqa: E731
+    step = jax.jit(jt.make_train_step(loss_fn, tx, ema_decay=0.999, ema_warmup=True))
+    state = jt.create_train_state({"w": jnp.zeros(2)}, tx, jax.random.PRNGKey(0), ema=True)
+    ema = np.zeros(2)
+    for t in range(4):
+      state, _ = step(state, None)
+      d = min(0.999, (1.0 + t) / (10.0 + t))
+      ema = d * ema + (1.0 - d) * np.asarray(state.params["w"])
+    np.testing.assert_allclose(np.asarray(state.ema_params["w"]), ema, rtol=1e-6)
 
   def test_unet_on_digits_lowers_loss(self):
     images, labels = jd.load_digits()
@@ -106,10 +135,13 @@ class TrainingTest(chex.TestCase):
     self.assertLess(np.mean(losses[-15:]), 0.8 * np.mean(losses[:10]))
 
   def test_nan_loss_raises(self):
-    params = {"w": jnp.ones(2)}
-    with self.assertRaisesRegex(FloatingPointError, "non-finite loss"):
-      jd.fit(jax.random.PRNGKey(0), lambda p, r, b: jnp.sum(p["w"]) * jnp.nan, params, lambda r: jnp.zeros(2),
-             num_steps=4, chunk=2)
+    tx = optax.adam(1e-3)
+    step = jax.jit(jt.make_train_step(lambda p, b, r: (jnp.sum(p["w"]) * jnp.nan, {}), tx, steps_per_call=2))
+    state = jt.create_train_state({"w": jnp.ones(2)}, tx, jax.random.PRNGKey(0))
+    with tempfile.TemporaryDirectory() as d:
+      with self.assertRaisesRegex(jt.NonFiniteLossError, "loss is nan.* at step 1 "):
+        jt.train(step, state, None, num_steps=4, workdir=d, steps_per_call=2, tensorboard=False, plot=False,
+                 print_fn=lambda s: None)
 
   def test_net_shape_errors(self):
     with self.assertRaisesRegex(ValueError, "x must be"):

@@ -1,7 +1,7 @@
-"""GAN and VAE steps reduce their losses; spectral norm and R1 behave; the study writes results.json."""
-import dataclasses
-import json
+"""GAN and VAE steps reduce their losses; spectral norm and R1 behave; the GAN trains and resumes on the core."""
+import functools
 import os
+import shutil
 import tempfile
 
 from absl.testing import absltest, parameterized
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxml import train as jt
 from jaxml.generative import gan, get_dataset, vae
-from jaxml.generative.study import METRICS, run_from_config
 
 DS = get_dataset("mix1d_sep4")
 
@@ -23,6 +23,7 @@ class GANTest(chex.TestCase, parameterized.TestCase):
   def test_d_and_g_updates_reduce_their_losses(self, spectral_norm, gp_weight):
     cfg = gan.GANConfig(data_dim=1, latent_dim=2, hidden=16, depth=2, spectral_norm=spectral_norm, gp_weight=gp_weight)
     params = gan.init(jax.random.PRNGKey(0), cfg)
+    sn_u = gan.init_sn_vectors(jax.random.PRNGKey(3), params["disc"])
     real = DS.sample(jax.random.PRNGKey(1), 256)
     z = jax.random.normal(jax.random.PRNGKey(2), (256, cfg.latent_dim))
     tx = optax.adam(1e-2)
@@ -31,7 +32,7 @@ class GANTest(chex.TestCase, parameterized.TestCase):
     def d_steps(disc):
       def body(carry, _):
         disc, opt = carry
-        (loss, _), g = jax.value_and_grad(gan.d_loss_fn, has_aux=True)(disc, params["gen"], params["sn_u"], real, z, cfg)
+        (loss, _), g = jax.value_and_grad(gan.d_loss_fn, has_aux=True)(disc, params["gen"], sn_u, real, z, cfg)
         upd, opt = tx.update(g, opt)
         return (optax.apply_updates(disc, upd), opt), loss
       return jax.lax.scan(body, (disc, tx.init(disc)), None, length=30)
@@ -43,7 +44,7 @@ class GANTest(chex.TestCase, parameterized.TestCase):
     def g_steps(gen):
       def body(carry, _):
         gen, opt = carry
-        loss, g = jax.value_and_grad(gan.g_loss_fn)(gen, disc, params["sn_u"], z, cfg)
+        loss, g = jax.value_and_grad(gan.g_loss_fn)(gen, disc, sn_u, z, cfg)
         upd, opt = tx.update(g, opt)
         return (optax.apply_updates(gen, upd), opt), loss
       return jax.lax.scan(body, (gen, tx.init(gen)), None, length=30)
@@ -54,7 +55,7 @@ class GANTest(chex.TestCase, parameterized.TestCase):
   def test_spectral_norm_divides_by_top_singular_value(self):
     cfg = gan.GANConfig(data_dim=2, hidden=16, depth=2, spectral_norm=True)
     params = gan.init(jax.random.PRNGKey(0), cfg)
-    u = params["sn_u"]
+    u = gan.init_sn_vectors(jax.random.PRNGKey(1), params["disc"])
     for _ in range(50):  # power iterations converge
       weights, u = gan.spectral_weights(params["disc"], u)
     for w in weights:
@@ -65,7 +66,7 @@ class GANTest(chex.TestCase, parameterized.TestCase):
     cfg = gan.GANConfig(data_dim=2, hidden=32, depth=3, spectral_norm=True)
     params = gan.init(jax.random.PRNGKey(0), cfg)
     disc = jax.tree_util.tree_map(lambda w: 5.0 * w, params["disc"])
-    u = params["sn_u"]
+    u = gan.init_sn_vectors(jax.random.PRNGKey(3), disc)
     for _ in range(50):  # converge the persistent power-iteration vectors, as training does
       _, u = gan.spectral_weights(disc, u)
     x = jax.random.normal(jax.random.PRNGKey(1), (512, 2))
@@ -81,15 +82,70 @@ class GANTest(chex.TestCase, parameterized.TestCase):
     base = gan.GANConfig(data_dim=1, latent_dim=2, hidden=16, depth=2)
     pen = gan.GANConfig(data_dim=1, latent_dim=2, hidden=16, depth=2, gp_weight=10.0)
     params = gan.init(jax.random.PRNGKey(0), base)
+    sn_u = gan.init_sn_vectors(jax.random.PRNGKey(3), params["disc"])
     real = DS.sample(jax.random.PRNGKey(1), 64)
     z = jax.random.normal(jax.random.PRNGKey(2), (64, 2))
-    l0, _ = gan.d_loss_fn(params["disc"], params["gen"], params["sn_u"], real, z, base)
-    l1, _ = gan.d_loss_fn(params["disc"], params["gen"], params["sn_u"], real, z, pen)
+    l0, _ = gan.d_loss_fn(params["disc"], params["gen"], sn_u, real, z, base)
+    l1, _ = gan.d_loss_fn(params["disc"], params["gen"], sn_u, real, z, pen)
     self.assertGreater(float(l1), float(l0))
 
   def test_bad_config(self):
     with self.assertRaisesRegex(ValueError, "hidden"):
       gan.GANConfig(hidden=0)
+
+
+class GANTrainingTest(absltest.TestCase):
+  """The GAN's own step on `jaxml.train`: a resumed run is the uninterrupted one, bit for bit."""
+
+  CFG = gan.GANConfig(data_dim=1, latent_dim=2, hidden=16, depth=2, spectral_norm=True, learning_rate=1e-3)
+
+  def tmpdir(self):
+    path = tempfile.mkdtemp(prefix="jaxml_gan_")
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+  def train(self, step, workdir, num_steps, k):
+    init = functools.partial(gan.init_state, cfg=self.CFG)
+    ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"), every=k, async_save=False)
+    try:
+      state, start = jt.restore_or_init(ckpt, jax.eval_shape(init, jax.random.PRNGKey(0)),
+                                        lambda: init(jax.random.PRNGKey(0)))
+      result = jt.train(step, state, None, num_steps=num_steps, workdir=workdir, start_step=start, steps_per_call=k,
+                        checkpointer=ckpt, log_every=k, tensorboard=False, plot=False, print_fn=lambda s: None)
+    finally:
+      ckpt.close()
+    return start, result
+
+  def test_resumed_training_equals_uninterrupted(self):
+    k = 5
+    step = jax.jit(gan.make_train_step(self.CFG, 64, sample_fn=DS.sample, steps_per_call=k), donate_argnums=0)
+    _, full = self.train(step, self.tmpdir(), 20, k)
+    workdir = self.tmpdir()
+    self.train(step, workdir, 10, k)              # "interrupted" after 10 steps (checkpoints at 5 and 10)
+    start, resumed = self.train(step, workdir, 20, k)
+    self.assertEqual(start, 10)
+    self.assertEqual(int(resumed.state.step), 20)
+    chex.assert_trees_all_equal(jax.device_get(resumed.state), jax.device_get(full.state))
+    # Both players and the power-iteration vectors moved (the output layer's u is [1], a unit vector: +-1).
+    fresh = gan.init_state(jax.random.PRNGKey(0), self.CFG)
+    moved = [(a.size, not np.array_equal(a, b)) for a, b in zip(
+        jax.tree_util.tree_leaves(jax.device_get((fresh.params, fresh.extras))),
+        jax.tree_util.tree_leaves(jax.device_get((full.state.params, full.state.extras))))]
+    self.assertTrue(all(changed for size, changed in moved if size > 1), moved)
+    record = full.history[-1]
+    for name in ("loss", "d_loss", "g_loss", "grad_norm", "d_grad_norm", "g_grad_norm"):
+      self.assertTrue(np.isfinite(record[name]), name)
+    self.assertAlmostEqual(record["loss"], record["d_loss"] + record["g_loss"], places=5)
+
+  def test_non_finite_data_raises_the_cores_error(self):
+    step = jax.jit(gan.make_train_step(self.CFG, 8, steps_per_call=2))   # real data from the batch
+    state = gan.init_state(jax.random.PRNGKey(0), self.CFG)
+    batch = lambda s: np.full((8, 1), np.nan if s == 2 else 0.5, np.float32)  # noqa: E731
+    with self.assertRaisesRegex(jt.NonFiniteLossError, "at step 3"):
+      jt.train(step, state, batch, num_steps=6, workdir=self.tmpdir(), steps_per_call=2, tensorboard=False,
+               plot=False, print_fn=lambda s: None)
+    with self.assertRaisesRegex(ValueError, "batch_size must be positive"):
+      gan.make_train_step(self.CFG, 0)
 
 
 class VAETest(chex.TestCase, parameterized.TestCase):
@@ -131,84 +187,6 @@ class VAETest(chex.TestCase, parameterized.TestCase):
   def test_bad_config(self):
     with self.assertRaisesRegex(ValueError, "decoder"):
       vae.VAEConfig(decoder="poisson")
-
-
-class StudyTest(absltest.TestCase):
-
-  def test_small_config_writes_results(self):
-    from experiments.configs.mode_collapse import get_config
-    cfg = get_config("small")
-    with tempfile.TemporaryDirectory() as d:
-      results = run_from_config(cfg, d, log=lambda s: None)
-      with open(os.path.join(d, "results.json")) as f:
-        on_disk = json.load(f)
-      self.assertTrue(os.path.exists(os.path.join(d, "samples.png")))
-      self.assertTrue(os.path.exists(os.path.join(d, "table.md")))
-    self.assertEqual(set(on_disk), set(cfg.datasets))
-    for dname in cfg.datasets:
-      self.assertEqual(set(on_disk[dname]), {"gan", "vae", "diffusion"})
-      for model in on_disk[dname].values():
-        self.assertEqual(set(model), set(METRICS))
-        self.assertEqual(len(model["modes_captured"]), cfg.num_seeds)
-    self.assertEqual(on_disk, json.loads(json.dumps(results)))
-
-  def test_interrupted_study_resumes_with_the_same_results(self):
-    from experiments.configs.mode_collapse import get_config
-    cfg = get_config("small")
-    with tempfile.TemporaryDirectory() as d:
-      first = json.loads(json.dumps(run_from_config(cfg, d, log=lambda s: None)))
-      # An interruption while the VAE trained: later pairs and the final files never got written.
-      for name in ("results.json", "table.md", "samples.png", "pairs/mix1d_sep4__vae.json",
-                   "pairs/mix1d_sep4__diffusion.json"):
-        os.remove(os.path.join(d, name))
-      lines = []
-      second = json.loads(json.dumps(run_from_config(cfg, d, log=lines.append)))
-      self.assertTrue(os.path.exists(os.path.join(d, "samples.png")))
-      with open(os.path.join(d, "results.json")) as f:
-        self.assertEqual(json.load(f), second)
-    self.assertEqual(second, first)  # seeds follow the pair, so resuming changes nothing
-    loaded = [l for l in lines if "earlier run" in l]
-    self.assertEqual(len(loaded), 1)
-    self.assertIn("gan", loaded[0])
-
-  def test_every_config_variant_is_a_valid_study(self):
-    from experiments.configs.mode_collapse import get_config
-    from jaxml.generative.study import config_from_dict
-    base, _, long = (dataclasses.asdict(config_from_dict(get_config(v).to_dict())) for v in ("", "small", "gan_long"))
-    # The long-budget GAN is the study's GAN with only its budget and rate changed (same networks, batch, eval).
-    self.assertEqual({k for k in base if base[k] != long[k]},
-                     {"datasets", "models", "gan_learning_rate", "num_steps", "chunk"})
-    self.assertEqual(long["models"], ("gan",))
-    self.assertGreater(long["num_steps"], 8 * base["num_steps"])
-    with self.assertRaisesRegex(ValueError, "unknown config variant"):
-      get_config("huge")
-
-  def test_resuming_with_another_config_raises(self):
-    from experiments.configs.mode_collapse import get_config
-    cfg = get_config("small")
-    cfg.models = ("gan",)
-    with tempfile.TemporaryDirectory() as d:
-      run_from_config(cfg, d, log=lambda s: None)
-      cfg.num_steps = cfg.num_steps + 1
-      with self.assertRaisesRegex(ValueError, "num_steps"):
-        run_from_config(cfg, d, log=lambda s: None)
-      # Finished pairs whose configuration file is gone cannot be trusted either.
-      os.remove(os.path.join(d, "config.json"))
-      with self.assertRaisesRegex(ValueError, "configuration is unknown"):
-        run_from_config(cfg, d, log=lambda s: None)
-      # With no finished pair there is nothing to mix up: the new configuration simply starts.
-      os.remove(os.path.join(d, "pairs", "mix1d_sep4__gan.json"))
-      run_from_config(cfg, d, log=lambda s: None)
-      with open(os.path.join(d, "config.json")) as f:
-        on_disk = json.load(f)
-      self.assertEqual(on_disk["config"]["num_steps"], cfg.num_steps)
-      self.assertEqual(set(on_disk["seconds"]), {"mix1d_sep4/gan"})
-
-  def test_bad_config(self):
-    with self.assertRaisesRegex(ValueError, "unknown study config keys"):
-      run_from_config({"nope": 1}, "/nonexistent")
-    with self.assertRaisesRegex(ValueError, "unknown model"):
-      run_from_config({"models": ("flow",)}, "/nonexistent")
 
 
 if __name__ == "__main__":
