@@ -142,7 +142,9 @@ def _generate_buffer(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, mi
       picked = jnp.take_along_axis(scaled, nxt[:, None], axis=-1, mode="clip")[:, 0]
       logp = picked - jax.nn.logsumexp(scaled, axis=-1)
       logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(new, logp, 0.0), cur, axis=1)
-    finite = jnp.all(jnp.isfinite(last_logits), axis=-1)
+    # max propagates NaN and +inf: one reduction (the one greedy sampling computes anyway, so XLA
+    # shares it) flags a row with any NaN or +inf logit, or with all logits -inf.
+    finite = jnp.isfinite(jnp.max(last_logits, axis=-1))
     bad = jnp.where(new & ~finite & (bad < 0), cur, bad)
     if eos_id is not None:
       done = done | (~in_prompt & (nxt == eos_id))

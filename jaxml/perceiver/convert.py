@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from jaxml import checkpoint_files
 from jaxml.perceiver import model
 from jaxml.perceiver.config import PerceiverConfig
 
@@ -201,42 +202,12 @@ def config_to_hf(cfg: PerceiverConfig, dtype: str = "float32") -> dict:
 # ----------------------------------------------------------------------------- files
 
 
-def _read_json(p: pathlib.Path) -> dict:
-  if not p.exists():
-    raise FileNotFoundError(f"{p.name} not found in {p.parent}")
-  try:
-    return json.loads(p.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{p} is not valid JSON: {e}") from e
-
-
 def _read_safetensors(root: pathlib.Path) -> dict[str, np.ndarray]:
-  """model.safetensors, or the shards its index lists."""
-  from safetensors.numpy import load_file
-  index = root / "model.safetensors.index.json"
-  if index.exists():
-    weight_map = _read_json(index).get("weight_map") or {}
-    files = sorted(set(weight_map.values()))
-    if not files:
-      raise ValueError(f"{index} has no weight_map")
-  elif (root / "model.safetensors").exists():
-    files = ["model.safetensors"]
-  else:
-    raise FileNotFoundError(f"{root}: no model.safetensors (or model.safetensors.index.json)")
-  tensors: dict[str, np.ndarray] = {}
-  for name in files:
-    f = root / name
-    if not f.exists():
-      raise FileNotFoundError(f"{root}: shard {name} is missing")
-    try:
-      part = load_file(str(f))
-    except Exception as e:  # noqa: BLE001  (safetensors raises its own error type for corrupt files)
-      raise ValueError(f"cannot read {f}: corrupted or not a safetensors file ({e})") from e
-    dup = set(part) & set(tensors)
-    if dup:
-      raise ValueError(f"{f}: tensor(s) {sorted(dup)[:5]} also appear in another shard")
-    tensors.update(part)
-  return tensors
+  """model.safetensors, or the shards its index lists (the readers `jaxml.llama` uses too)."""
+  files = checkpoint_files.hf_weight_files(root)
+  if any(f.suffix == ".bin" for f in files):
+    raise ValueError(f"{root}: only safetensors folders are read for Perceiver, found {[f.name for f in files]}")
+  return checkpoint_files.read_hf_weights(files)
 
 
 def _dtype(dtype: str | None, tensors: dict[str, np.ndarray], source: str) -> np.dtype:
@@ -270,7 +241,7 @@ def from_hf(path: PathLike, *, dtype: str | None = None, **config_overrides) -> 
   root = pathlib.Path(path)
   if not root.is_dir():
     raise FileNotFoundError(f"from_hf: {root} is not a directory")
-  cfg = config_from_hf(_read_json(root / "config.json"), **config_overrides)
+  cfg = config_from_hf(checkpoint_files.read_json(root / "config.json"), **config_overrides)
   tensors = _read_safetensors(root)
   np_dtype = _dtype(dtype, tensors, str(root))
   table = _table(cfg)
