@@ -37,6 +37,15 @@ optional clipping around the rollout's values (as in OpenAI baselines and
 MOSS-RLHF):
 
     L_V = 0.5 * mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)
+
+Group advantages for G responses to one prompt with rewards r_1..r_G (one
+sequence-level advantage per response; as trl 1.16.0's GRPO and RLOO trainers):
+
+    GRPO (Shao et al. 2024, arXiv 2402.03300):   A_i = (r_i - mean r) / (std r + 1e-4)
+             std with Bessel's correction (N - 1), per group ("group") or over
+             the whole batch ("batch"); "none" leaves A_i = r_i - mean r
+    RLOO (Ahmadian et al. 2024, arXiv 2402.14740):  A_i = r_i - mean_{j != i} r_j
+                                                     = G / (G - 1) * (r_i - mean r)
 """
 from __future__ import annotations
 
@@ -272,3 +281,52 @@ def ppo_value_loss(values: Array, old_values: Array, returns: Array, mask: Array
       "value_error": masked_mean(jax.lax.stop_gradient(unclipped), mask),
   }
   return loss, metrics
+
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def _check_groups(name: str, rewards: Array) -> None:
+  if jnp.ndim(rewards) != 2 or jnp.shape(rewards)[1] < 2:
+    raise ValueError(f"{name} must be [prompts, G] with G >= 2 responses per prompt, got shape {jnp.shape(rewards)}")
+
+
+def grpo_advantages(rewards_PxG: Array, *, scale_rewards: str = "group", eps: float = 1e-4) -> Array:
+  """GRPO's group-relative advantages (module docstring).
+
+  Args:
+    rewards_PxG: `[P, G]` rewards of G responses to each of P prompts.
+    scale_rewards: "group" (divide by each group's std), "batch" (by the
+      std over all P * G rewards) or "none" (no division), as trl's GRPO.
+    eps: added to the std (trl: 1e-4).
+
+  Returns:
+    `[P, G]` float32 advantages.
+  """
+  _check_groups("rewards_PxG", rewards_PxG)
+  if scale_rewards not in SCALE_REWARDS:
+    raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+  r = jnp.asarray(rewards_PxG, jnp.float32)
+  centred = r - jnp.mean(r, axis=1, keepdims=True)
+  if scale_rewards == "none":
+    return centred
+  if scale_rewards == "group":
+    std = jnp.std(r, axis=1, keepdims=True, ddof=1)
+  else:
+    std = jnp.std(r, ddof=1)
+  return centred / (std + eps)
+
+
+def rloo_advantages(rewards_PxG: Array) -> Array:
+  """RLOO's leave-one-out advantages (module docstring).
+
+  Args:
+    rewards_PxG: `[P, G]` rewards of G >= 2 responses to each of P prompts.
+
+  Returns:
+    `[P, G]` float32: each reward minus the mean of its G - 1 siblings.
+  """
+  _check_groups("rewards_PxG", rewards_PxG)
+  r = jnp.asarray(rewards_PxG, jnp.float32)
+  g = r.shape[1]
+  return r - (jnp.sum(r, axis=1, keepdims=True) - r) / (g - 1)

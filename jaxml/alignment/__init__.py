@@ -9,7 +9,8 @@ names: `gae`, `kl_penalty`, `whiten`, `ppo_policy_loss`, `ppo_value_loss`,
 """
 from jaxml.alignment import losses  # noqa: F401
 from jaxml.alignment.losses import DPO_LOSS_TYPES, dpo_loss, reward_loss, slic_loss  # noqa: F401
-from jaxml.rl import gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, whiten  # noqa: F401
+from jaxml.rl import (gae, grpo_advantages, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss,  # noqa: F401
+                      rloo_advantages, whiten)
 from jaxml.alignment import reward_model  # noqa: F401,E402
 from jaxml.alignment.reward_model import (from_policy, reward_model_apply, reward_model_init,  # noqa: F401,E402
                                           reward_model_loss)

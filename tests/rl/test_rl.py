@@ -268,5 +268,32 @@ class PpoValueLossTest(chex.TestCase):
       rl.ppo_value_loss(z, z, jnp.zeros(4), z)
 
 
+class GroupAdvantageTest(chex.TestCase):
+  """GRPO and RLOO as trl 1.16.0 computes them (grpo_trainer.py / rloo_trainer.py, `_generate_and_score_completions`)."""
+
+  def test_hand_values(self):
+    r = np.asarray([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 1.0, 1.0]])
+    std0 = np.sqrt(14.0 / 3.0)                       # Bessel-corrected, as trl's nanstd
+    std1 = np.sqrt(1.0 / 3.0)
+    want = np.asarray([[-2, -1, 0, 3], [-0.5, -0.5, 0.5, 0.5]]) / np.asarray([[std0 + 1e-4], [std1 + 1e-4]])
+    np.testing.assert_allclose(rl.grpo_advantages(r), want, rtol=1e-6)
+    np.testing.assert_allclose(rl.grpo_advantages(r, scale_rewards="none"), r - r.mean(1, keepdims=True), rtol=1e-6)
+    batch_std = np.std(r, ddof=1)
+    np.testing.assert_allclose(rl.grpo_advantages(r, scale_rewards="batch"),
+                               (r - r.mean(1, keepdims=True)) / (batch_std + 1e-4), rtol=1e-6)
+    # RLOO: each reward minus the mean of its siblings = G/(G-1) (r - mean r).
+    np.testing.assert_allclose(rl.rloo_advantages(r)[0], [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0], rtol=1e-6)
+    np.testing.assert_allclose(rl.rloo_advantages(r), 4 / 3 * (r - r.mean(1, keepdims=True)), rtol=1e-6)
+
+  def test_equal_rewards_give_zero_advantage_and_bad_shapes_raise(self):
+    r = np.full((2, 3), 0.7)
+    np.testing.assert_allclose(rl.grpo_advantages(r), 0.0, atol=1e-6)
+    np.testing.assert_allclose(rl.rloo_advantages(r), 0.0, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "rewards_PxG must be"):
+      rl.rloo_advantages(np.ones((4, 1)))
+    with self.assertRaisesRegex(ValueError, "scale_rewards must be one of"):
+      rl.grpo_advantages(r, scale_rewards="std")
+
+
 if __name__ == "__main__":
   absltest.main()
