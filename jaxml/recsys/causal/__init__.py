@@ -5,6 +5,7 @@ Modules:
   propensity  naive Bayes (MAR sample), logistic (features), popularity propensities
   simulator   a ratings world with known truth: ratings, propensities, MAR splits, stages
   mf          matrix factorisation and the MF-IPS loss for `jaxml.train`
+  popularity  PDA / PD (popularity-aware BPR, PD and PDA inference) and MACR on any backbone score
   metrics     Recall/NDCG/HR@K over full rankings; MSE/MAE/AUC on a mask
   data        the Coat data set (shipped with the package)
 
@@ -12,7 +13,9 @@ References: Schnabel et al., "Recommendations as Treatments: Debiasing Learning
 and Evaluation" (ICML 2016); Wang et al., "Doubly Robust Joint Learning for
 Recommendation on Data Missing Not at Random" (ICML 2019).
 """
-from jaxml.recsys.causal import data, estimators, metrics, mf, propensity, simulator  # noqa: F401
+from jaxml.recsys.causal import data, estimators, metrics, mf, popularity, propensity, simulator  # noqa: F401
+from jaxml.recsys.causal.popularity import (macr_loss, macr_score, pd_inference, pda_bpr_loss,  # noqa: F401
+                                            pda_inference, pda_score, stage_popularity)
 from jaxml.recsys.causal.data import load_coat  # noqa: F401
 from jaxml.recsys.causal.estimators import dr_bias, dr_risk, ips_risk, naive_risk, snips_risk  # noqa: F401
 from jaxml.recsys.causal.metrics import (hit_rate_at_k, masked_auc, masked_mae, masked_mse,  # noqa: F401
