@@ -388,20 +388,20 @@ class CheckpointTest(parameterized.TestCase):
     pc.to_hf(cfg, params, root)
     return root
 
-  def _round_trip(self, cfg, params):
+  def _assert_round_trip(self, cfg, params):
     cfg2, params2 = pc.from_hf(self._export(cfg, params))
     self.assertEqual(cfg2, cfg)
     chex.assert_trees_all_equal(params2, params)
 
   def test_round_trip_masked_lm(self):
-    self._round_trip(MLM, P_MLM)
+    self._assert_round_trip(MLM, P_MLM)
 
   def test_round_trip_fourier_classifier(self):
     """transformers' Fourier classifier: 3 channels and 64 bands up to 224 x 224, on any image size."""
     cfg = pc.PerceiverConfig(task="classifier", inputs="pixels", num_latents=3, d_latents=8,
                              num_cross_attention_heads=1, num_self_attention_heads=2, num_self_attends_per_block=2,
                              num_classes=4)
-    self._round_trip(cfg, pc.init(jax.random.PRNGKey(3), cfg))
+    self._assert_round_trip(cfg, pc.init(jax.random.PRNGKey(3), cfg))
 
   def test_bad_checkpoints_name_the_key(self):
     from safetensors.numpy import load_file, save_file
