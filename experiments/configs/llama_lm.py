@@ -49,7 +49,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = (-1, 1, 1)                # (data, fsdp, tensor) mesh sizes; -1 = all remaining devices
   # --- checkpoints and logging
   c.checkpoint_every = 100           # save every this many steps (and at the end / on SIGTERM)
-  c.keep = 3                         # newest checkpoints kept on disk
+  c.keep = 3                         # this run's newest checkpoints kept (earlier runs' are never deleted)
   c.async_checkpoint = True          # write checkpoints in a background thread
   c.log_every = 20                   # progress line + metrics.jsonl/TensorBoard record every this many steps
   c.eval_batches = 4                 # held-out batches for the final eval loss (0 skips)
