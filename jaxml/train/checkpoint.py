@@ -168,6 +168,7 @@ class Checkpointer:
                                                  enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=self._options)
     self._written: list[int] = []   # steps this run saved, oldest first
+    self._pending: set[int] = set()  # of those, the ones not yet confirmed good (never pruned)
 
   def all_steps(self) -> list[int]:
     """The step folders on disk, ascending."""
@@ -187,8 +188,17 @@ class Checkpointer:
     """Whether `save(step, ...)` would save without `force`."""
     return step % self.every == 0 and step not in self._manager.all_steps()
 
-  def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, *, force: bool = False, confirmed: bool = True) -> bool:
     """Saves `state` at `step` if due (or `force`), then prunes this run's old checkpoints.
+
+    Args:
+      step: the step number (the folder's name).
+      state: the pytree to save.
+      force: save even when `step` is not a multiple of `every`.
+      confirmed: False for a state not yet known good (the training loop confirms it with
+        `confirm` once its next loss has been seen); pruning keeps the `keep` newest
+        confirmed checkpoints and never removes an unconfirmed one, so a last good state
+        survives whatever `keep` is.
 
     Returns:
       Whether a save started.
@@ -198,12 +208,21 @@ class Checkpointer:
     started = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     if started:
       self._written.append(step)
+      if not confirmed:
+        self._pending.add(step)
       self._prune()
     return started
 
+  def confirm(self, step: int) -> None:
+    """Marks this run's checkpoint at `step` as a good state (see `save`), then prunes."""
+    if step in self._pending:
+      self._pending.discard(step)
+      self._prune()
+
   def _prune(self) -> None:
-    while len(self._written) > self.keep:
-      old = self._written.pop(0)
+    good = [s for s in self._written if s not in self._pending]
+    for old in good[:max(len(good) - self.keep, 0)]:
+      self._written.remove(old)
       self._manager.wait_until_finished()
       self._manager.delete(old)
 
@@ -231,6 +250,7 @@ class Checkpointer:
       raise ValueError(f"step {step} was not written by this run; refusing to move it")
     self._manager.wait_until_finished()
     self._written.remove(step)
+    self._pending.discard(step)
     dst = self._move_aside(step, "nonfinite")
     _log(f"checkpoint: step {step} set aside to {os.path.relpath(dst, self.directory)} ({reason})")
     return dst

@@ -372,6 +372,7 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, batch_fn:
     for s in list(unconfirmed):
       if s <= confirmed_upto:
         unconfirmed.remove(s)
+        checkpointer.confirm(s)
     now = time.perf_counter()
     if not compile_reported:
       compile_reported = True
@@ -406,7 +407,13 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, batch_fn:
       window, window_steps, t_window = [], 0, time.perf_counter()
 
   def save_final(s: int, st: Any) -> None:
-    if checkpointer is None or s in checkpointer.all_steps() or s == first_step:
+    """The end (or SIGTERM) state: no next loss exists, so finite parameters are the criterion."""
+    if checkpointer is None or s == first_step:
+      return
+    if s in checkpointer.all_steps():
+      if s in unconfirmed and bool(_all_finite(st.params)):
+        unconfirmed.remove(s)
+        checkpointer.confirm(s)   # as good as a final state can be known; lets `keep` prune older ones
       return
     if not bool(_all_finite(st.params)):
       raise NonFiniteLossError(f"the parameters at step {s} are not finite; not saving them. The newest "
@@ -428,7 +435,7 @@ def train(step_fn: Callable[[Any, Any], tuple[Any, dict]], state: Any, batch_fn:
           # The metrics of this call come with the state it produced: read them
           # first, so a checkpoint is never written after a known-bad loss.
           process((call_start, metrics))
-          checkpointer.save(step, state)
+          checkpointer.save(step, state, confirmed=False)
           unconfirmed.append(step)
         else:
           pending = (call_start, metrics)

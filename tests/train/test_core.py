@@ -158,6 +158,21 @@ class CoreTest(chex.TestCase):
     self.assertEqual((start, again.step), (1, 8))
     self.assertTrue(np.all(np.isfinite(np.asarray(again.state.params["w"]))))
 
+  def test_keep_one_never_prunes_the_last_good_checkpoint(self):
+    # With keep=1, saving an unconfirmed state must not delete the confirmed one before it.
+    workdir = self.tmpdir()
+    with self.assertRaises(jt.NonFiniteLossError) as cm:
+      run(workdir, 8, keep=1, scale_at=2, scale=1e30)
+    self.assertEqual(cm.exception.last_good_step, 1)
+    ckpt = jt.Checkpointer(os.path.join(workdir, "ckpt"), every=1)
+    self.assertEqual(ckpt.all_steps(), [1])
+    ckpt.close()
+    _, done = run(workdir, 6, keep=1)         # a clean run keeps only its newest checkpoint
+    ckpt = jt.Checkpointer(os.path.join(workdir, "ckpt"), every=1)
+    self.assertEqual(ckpt.all_steps(), [1, 6])   # step 1 came from the earlier run: never deleted
+    ckpt.close()
+    self.assertEqual(done.step, 6)
+
   def test_no_good_checkpoint_left_when_the_first_update_poisons(self):
     workdir = self.tmpdir()
     with self.assertRaisesRegex(jt.NonFiniteLossError, "no good checkpoint remains"):
