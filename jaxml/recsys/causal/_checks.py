@@ -17,9 +17,9 @@ def is_concrete(x) -> bool:
 
 
 def same_shape(ref_name: str, ref, **others) -> None:
-  """Raises unless every array in `others` has the shape of `ref`."""
+  """Raises unless every array in `others` has the shape of `ref` (None entries: optional, skipped)."""
   for name, value in others.items():
-    if np.shape(value) != np.shape(ref):
+    if value is not None and np.shape(value) != np.shape(ref):
       raise ValueError(f"{name} has shape {tuple(np.shape(value))} but {ref_name} has shape "
                        f"{tuple(np.shape(ref))}; they must match")
 

@@ -45,10 +45,11 @@ Array = jax.Array
 
 def _prepare(errors_UxI, observed_UxI, propensities_UxI=None, clip=None, **extra):
   _checks.matrix("errors_UxI", errors_UxI)
-  others = {"observed_UxI": observed_UxI, **extra}
-  if propensities_UxI is not None:
-    others["propensities_UxI"] = propensities_UxI
-  _checks.same_shape("errors_UxI", errors_UxI, **others)
+  for name, value in extra.items():
+    if value is None:
+      raise ValueError(f"{name} is required (a [users, items] matrix like errors_UxI)")
+  _checks.same_shape("errors_UxI", errors_UxI, observed_UxI=observed_UxI, propensities_UxI=propensities_UxI,
+                     **extra)
   _checks.mask("observed_UxI", observed_UxI)
   if propensities_UxI is not None:
     _checks.propensities("propensities_UxI", propensities_UxI)

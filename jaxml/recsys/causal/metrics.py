@@ -37,10 +37,7 @@ Array = jax.Array
 
 def _check_ranking(scores_UxI, relevant_UxI, exclude_UxI, k):
   _checks.matrix("scores_UxI", scores_UxI)
-  others = {"relevant_UxI": relevant_UxI}
-  if exclude_UxI is not None:
-    others["exclude_UxI"] = exclude_UxI
-  _checks.same_shape("scores_UxI", scores_UxI, **others)
+  _checks.same_shape("scores_UxI", scores_UxI, relevant_UxI=relevant_UxI, exclude_UxI=exclude_UxI)
   _checks.mask("relevant_UxI", relevant_UxI)
   if exclude_UxI is not None:
     _checks.mask("exclude_UxI", exclude_UxI)

@@ -144,10 +144,7 @@ def observed_batch(ratings_UxI, observed_UxI, weights_UxI=None) -> dict:
     in row-major cell order.
   """
   _checks.matrix("ratings_UxI", ratings_UxI)
-  others = {"observed_UxI": observed_UxI}
-  if weights_UxI is not None:
-    others["weights_UxI"] = weights_UxI
-  _checks.same_shape("ratings_UxI", ratings_UxI, **others)
+  _checks.same_shape("ratings_UxI", ratings_UxI, observed_UxI=observed_UxI, weights_UxI=weights_UxI)
   _checks.mask("observed_UxI", observed_UxI)
   users, items = np.nonzero(np.asarray(observed_UxI))
   if users.size == 0:
