@@ -46,8 +46,22 @@ sequence-level advantage per response; as trl 1.16.0's GRPO and RLOO trainers):
              the whole batch ("batch"); "none" leaves A_i = r_i - mean r
     RLOO (Ahmadian et al. 2024, arXiv 2402.14740):  A_i = r_i - mean_{j != i} r_j
                                                      = G / (G - 1) * (r_i - mean r)
+
+Running moments of a stream (reward scaling / normalisation with statistics
+kept across rollouts, as MOSS-RLHF's `RunningMoments`): after batches
+x^(1..k) with counts n_j, means m_j and (1/n) variances v_j, the state holds
+the count, mean and (1/N) variance of their concatenation, merged one batch at
+a time (Chan et al. 1979):
+
+    N' = N + n,   d = m - M,   M' = M + d n / N',
+    V' = (N V + n v + d^2 N n / N') / N'
+
+`moments_std` is the standard deviation with Bessel's correction,
+sqrt(V N / (N - 1)) (MOSS-RLHF's `running.std`).
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -330,3 +344,59 @@ def rloo_advantages(rewards_PxG: Array) -> Array:
   r = jnp.asarray(rewards_PxG, jnp.float32)
   g = r.shape[1]
   return r - (jnp.sum(r, axis=1, keepdims=True) - r) / (g - 1)
+
+
+class MomentsState(NamedTuple):
+  """Count, mean and (1/N) variance of every value seen so far (float32 scalars)."""
+  count: Array
+  mean: Array
+  var: Array
+
+
+class RunningMoments(NamedTuple):
+  """Running mean/variance as a pair of pure functions (the optax style).
+
+  Attributes:
+    init: `init() -> MomentsState` (count 0, mean 0, variance 0).
+    update: `update(state, x, mask=None) -> MomentsState`: merges the entries
+      of `x` where `mask` is nonzero (all of them without a mask).
+  """
+  init: Callable[[], MomentsState]
+  update: Callable[..., MomentsState]
+
+
+def running_moments() -> RunningMoments:
+  """The running moments of the module docstring.
+
+  Returns:
+    A `RunningMoments`; its state is a pytree (it can live in
+    `TrainState.extras` and be checkpointed).
+  """
+
+  def init() -> MomentsState:
+    # Three buffers, not one shared: a step that donates its state donates each leaf once.
+    return MomentsState(count=jnp.zeros((), jnp.float32), mean=jnp.zeros((), jnp.float32),
+                        var=jnp.zeros((), jnp.float32))
+
+  def update(state: MomentsState, x: Array, mask: Array | None = None) -> MomentsState:
+    x = jnp.asarray(x, jnp.float32)
+    mask = jnp.ones(x.shape, jnp.float32) if mask is None else jnp.broadcast_to(jnp.asarray(mask, jnp.float32),
+                                                                              x.shape)
+    n = jnp.sum(mask)
+    m = masked_mean(x, mask)
+    v = masked_mean(jnp.square(x - m), mask)
+    total = state.count + n
+    safe = jnp.where(total > 0, total, 1.0)
+    delta = m - state.mean
+    mean = state.mean + delta * n / safe
+    var = (state.count * state.var + n * v + jnp.square(delta) * state.count * n / safe) / safe
+    return MomentsState(count=total, mean=jnp.where(total > 0, mean, 0.0), var=jnp.where(total > 0, var, 0.0))
+
+  return RunningMoments(init=init, update=update)
+
+
+def moments_std(state: MomentsState, eps: float = 0.0) -> Array:
+  """The standard deviation with Bessel's correction, `sqrt(V N / (N - 1) + eps)` (1 while N <= 1)."""
+  n = state.count
+  corrected = state.var * n / jnp.where(n > 1, n - 1, 1.0)
+  return jnp.where(n > 1, jnp.sqrt(corrected + eps), 1.0)
