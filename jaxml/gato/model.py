@@ -24,6 +24,7 @@ FFN; the Llama decoder's SwiGLU has 3 matrices, so the presets use its usual wid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -119,7 +120,13 @@ def _extra_specs(cfg: GatoConfig) -> Params:
 
 
 def init(rng: jax.Array, cfg: GatoConfig) -> Params:
-  """Parameters: the Llama decoder's (`llama.init`) and Gato's embeddings (module docstring)."""
+  """Parameters: the Llama decoder's (`llama.init`) and Gato's embeddings (module docstring). Compiled once per
+  config (one program instead of dozens of small eager ones)."""
+  return _init(rng, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _init(rng: jax.Array, cfg: GatoConfig) -> Params:
   k1, k2 = jax.random.split(rng)
   dec = llama.init(k1, cfg.llama())
   if cfg.tie_embeddings:
