@@ -368,6 +368,71 @@ def token_values(value_params: Params, tokens_BxT: Array, mask_BxT: Array, promp
   return h.astype(jnp.float32) @ value_params["score"]
 
 
+
+def process_scores(ppo_cfg: PPOConfig, raw_B: Array, moments: rl.MomentsState) -> tuple[Array, rl.MomentsState]:
+  """Reward scaling / normalisation with running moments, then clipping (module docstring).
+
+  Args:
+    ppo_cfg: reads `reward_scaling`, `reward_norm`, `reward_clip`.
+    raw_B: `[B]` scores from `reward_fn`.
+    moments: the running moments before this batch.
+
+  Returns:
+    `(score_B, moments after this batch)`; the moments are updated first and used at once.
+  """
+  mom = rl.running_moments().update(moments, raw_B)
+  score = jnp.asarray(raw_B, jnp.float32)
+  if ppo_cfg.reward_norm:
+    score = (score - mom.mean) / rl.moments_std(mom)
+  elif ppo_cfg.reward_scaling:
+    score = score / rl.moments_std(mom)
+  if ppo_cfg.reward_clip is not None:
+    score = jnp.clip(score, -ppo_cfg.reward_clip, ppo_cfg.reward_clip)
+  return score, mom
+
+
+def compute_advantages(ppo_cfg: PPOConfig, score_B: Array, old_logp_BxN: Array, ref_logp_BxN: Array,
+                       old_values_BxN: Array, mask_BxN: Array) -> tuple[Array, Array, Array]:
+  """Token rewards and advantages of a rollout (module docstring).
+
+  Args:
+    ppo_cfg: the estimator, KL penalty, GAE and advantage switches.
+    score_B: processed scores (`process_scores`), landing on each row's last valid token.
+    old_logp_BxN, ref_logp_BxN: rollout and reference log-probs of the response tokens.
+    old_values_BxN: the critic's values (ignored by "grpo"/"rloo").
+    mask_BxN: the response mask (contiguous from column 0).
+
+  Returns:
+    `(advantages_BxN, returns_BxN, kl_BxN)`, 0 where the mask is 0 (returns are 0 for
+    "grpo"/"rloo"); `kl_BxN` the per-token `kl_estimator` values.
+  """
+  m = jnp.asarray(mask_BxN, jnp.float32)
+  N = m.shape[1]
+  kl_tok = rl.kl_penalty(old_logp_BxN, ref_logp_BxN, ppo_cfg.kl_estimator) * m
+  kl_reward = ppo_cfg.kl_mode == "as_reward" and ppo_cfg.kl_coef > 0
+  if ppo_cfg.advantage_estimator == "gae":
+    last = jnp.maximum(jnp.sum(m, axis=1).astype(jnp.int32) - 1, 0)
+    at_last = (jnp.arange(N, dtype=jnp.int32)[None, :] == last[:, None]).astype(jnp.float32) * m
+    rewards = score_B[:, None] * at_last - (ppo_cfg.kl_coef * kl_tok if kl_reward else 0.0)
+    advantages, returns = rl.gae(rewards, old_values_BxN * m, m, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam)
+  else:
+    G = ppo_cfg.group_size
+    seq = score_B - (ppo_cfg.kl_coef * jnp.sum(kl_tok, axis=1) if kl_reward else 0.0)
+    if seq.shape[0] % G:
+      raise ValueError(f"score_B has {seq.shape[0]} rows, not a multiple of group_size={G}")
+    groups = seq.reshape(-1, G)
+    if ppo_cfg.advantage_estimator == "grpo":
+      adv = rl.grpo_advantages(groups, scale_rewards=ppo_cfg.scale_rewards)
+    else:
+      adv = rl.rloo_advantages(groups)
+    advantages = adv.reshape(-1)[:, None] * m
+    returns = jnp.zeros_like(m)
+  if ppo_cfg.advantage_norm:
+    advantages = rl.whiten(advantages, m)
+  if ppo_cfg.advantage_clip is not None:
+    advantages = jnp.clip(advantages, -ppo_cfg.advantage_clip, ppo_cfg.advantage_clip) * m
+  return advantages, returns, kl_tok
+
 def _check_batch(batch, policy_cfg, ppo_cfg, max_new_tokens, min_prompt_len):
   if not isinstance(batch, dict) or "prompts" not in batch or "prompt_lengths" not in batch:
     raise ValueError("batch must be a dict with 'prompts' [B, P] int32 (left-padded) and 'prompt_lengths' [B]")
@@ -410,14 +475,14 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
   Returns:
     `rollout(params, extras, batch, rng) -> (experience, new_extras, metrics)`, pure and
     jit-able; `experience` holds `[R, ...]` arrays (R = B * group_size): tokens, mask,
-    response_mask, old_logp, ref_logp, old_values, advantages, returns, scores.
+    response_mask, old_logp, ref_logp, old_values, advantages, returns, scores (processed),
+    raw_scores.
   """
   value_cfg = policy_cfg if value_cfg is None else value_cfg
   N = int(max_new_tokens)
   _gen._check_sampling(policy_cfg, N, ppo_cfg.temperature, None, None, eos_id, jax.random.PRNGKey(0))
   if int(min_prompt_len) != min_prompt_len or min_prompt_len < 1:
     raise ValueError(f"min_prompt_len must be a positive int, got {min_prompt_len}")
-  moments = rl.running_moments()
   gae_mode = ppo_cfg.advantage_estimator == "gae"
   G = ppo_cfg.group_size
 
@@ -452,40 +517,13 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
     sg = jax.lax.stop_gradient
     old_logp, entropy = token_logprobs(sg(policy), tokens, mask, P, policy_cfg, temperature=ppo_cfg.temperature)
     ref_logp, _ = token_logprobs(sg(ref), tokens, mask, P, policy_cfg, temperature=ppo_cfg.temperature)
-    kl_tok = rl.kl_penalty(old_logp, ref_logp, ppo_cfg.kl_estimator) * m
+    old_values = token_values(sg(params["value"]), tokens, mask, P, value_cfg) * m if gae_mode else jnp.zeros_like(m)
+    score, mom = process_scores(ppo_cfg, raw, extras["reward_moments"])
+    advantages, returns, kl_tok = compute_advantages(ppo_cfg, score, old_logp, ref_logp, old_values, m)
     kl_seq_k1 = jnp.sum((old_logp - ref_logp) * m, axis=1)
-    # Score processing: running moments first updated with this batch (MOSS's order).
-    mom = moments.update(extras["reward_moments"], raw)
-    score = raw
-    std = rl.moments_std(mom)
-    if ppo_cfg.reward_norm:
-      score = (score - mom.mean) / std
-    elif ppo_cfg.reward_scaling:
-      score = score / std
-    if ppo_cfg.reward_clip is not None:
-      score = jnp.clip(score, -ppo_cfg.reward_clip, ppo_cfg.reward_clip)
-    last = jnp.maximum(n_new - 1, 0)
-    at_last = (jnp.arange(N, dtype=jnp.int32)[None, :] == last[:, None]).astype(jnp.float32) * m
-    kl_reward = ppo_cfg.kl_mode == "as_reward" and ppo_cfg.kl_coef > 0
-    if gae_mode:
-      old_values = token_values(sg(params["value"]), tokens, mask, P, value_cfg) * m
-      rewards = score[:, None] * at_last - (ppo_cfg.kl_coef * kl_tok if kl_reward else 0.0)
-      advantages, returns = rl.gae(rewards, old_values, m, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam)
-    else:
-      seq = score - (ppo_cfg.kl_coef * jnp.sum(kl_tok, axis=1) if kl_reward else 0.0)
-      groups = seq.reshape(R // G, G)
-      if ppo_cfg.advantage_estimator == "grpo":
-        adv = rl.grpo_advantages(groups, scale_rewards=ppo_cfg.scale_rewards)
-      else:
-        adv = rl.rloo_advantages(groups)
-      advantages = adv.reshape(R)[:, None] * m
-      old_values = returns = jnp.zeros_like(m)
-    if ppo_cfg.advantage_norm:
-      advantages = rl.whiten(advantages, m)
-    if ppo_cfg.advantage_clip is not None:
-      advantages = jnp.clip(advantages, -ppo_cfg.advantage_clip, ppo_cfg.advantage_clip) * m
     experience = dict(tokens=tokens, mask=mask, response_mask=m, old_logp=old_logp, ref_logp=ref_logp,
-                      old_values=old_values, advantages=sg(advantages), returns=sg(returns), scores=score)
+                      old_values=old_values, advantages=sg(advantages), returns=sg(returns), scores=score,
+                      raw_scores=raw)
     kl = jnp.mean(kl_seq_k1)
     generation_ok = jnp.all(bad < 0)
     guard = jnp.isfinite(kl) & generation_ok
@@ -501,7 +539,7 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
         "response_length": jnp.mean(n_new.astype(jnp.float32)),
         "advantages": rl.masked_mean(advantages, m),
         "reward_mean": mom.mean,
-        "reward_std": std,
+        "reward_std": rl.moments_std(mom),
     }
     if gae_mode:
       metrics["returns"] = rl.masked_mean(returns, m)

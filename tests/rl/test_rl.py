@@ -295,5 +295,36 @@ class GroupAdvantageTest(chex.TestCase):
       rl.grpo_advantages(r, scale_rewards="std")
 
 
+class RunningMomentsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_equal_numpy_moments_of_the_concatenated_stream(self):
+    rng = np.random.default_rng(12)
+    moments = rl.running_moments()
+    update = self.variant(moments.update)
+    state = moments.init()
+    seen = []
+    for i, n in enumerate([1, 7, 3, 12]):
+      x = rng.normal(loc=2.0 + i, scale=0.5 + i, size=(n,)).astype(np.float32)
+      mask = (rng.random(n) < 0.7).astype(np.float32) if i == 2 else None
+      state = update(state, x, mask)
+      seen.append(x if mask is None else x[mask > 0])
+      stream = np.concatenate(seen).astype(np.float64)
+      self.assertEqual(float(state.count), stream.size)
+      self.assertAlmostEqual(float(state.mean), stream.mean(), places=5)
+      self.assertAlmostEqual(float(state.var), stream.var(), places=4)
+      if stream.size > 1:
+        self.assertAlmostEqual(float(rl.moments_std(state)), stream.std(ddof=1), places=4)
+
+  def test_empty_start_and_empty_batch(self):
+    moments = rl.running_moments()
+    state = moments.init()
+    self.assertEqual(float(rl.moments_std(state)), 1.0)   # nothing seen: no scaling
+    state = moments.update(state, jnp.array([1.0, 3.0]))
+    same = moments.update(state, jnp.array([5.0, 7.0]), jnp.zeros(2))   # a batch with nothing valid
+    chex.assert_trees_all_close(same, state)
+    self.assertAlmostEqual(float(state.var), 1.0, places=6)
+
+
 if __name__ == "__main__":
   absltest.main()

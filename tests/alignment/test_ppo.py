@@ -1,0 +1,398 @@
+"""PPO-RLHF: the rollout's layout, PPO = the plain policy gradient on a fresh rollout, each switch
+doing what it says, GRPO/RLOO groups, resume through the training core, the KL stop, bad input."""
+import functools
+import os
+import shutil
+import signal
+import tempfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+from jaxml import alignment, llama, rl
+from jaxml import train as jt
+from jaxml.alignment import ppo
+
+CFG = llama.LlamaConfig(vocab_size=16, dim=32, n_layers=2, n_heads=2, multiple_of=16, max_seq_len=16)
+EOS = 1
+B, P, N = 4, 4, 6
+POLICY = llama.init(jax.random.PRNGKey(0), CFG)
+REWARD_MODEL = alignment.reward_model_init(jax.random.PRNGKey(1), CFG)
+LENGTHS = np.array([4, 1, 3, 4], np.int32)   # min 1: the rollout's default min_prompt_len, as generate_arrays'
+
+
+def left_padded(rng, lengths, width=P):
+  out = np.zeros((len(lengths), width), np.int32)
+  for i, n in enumerate(lengths):
+    out[i, width - n:] = rng.integers(2, CFG.vocab_size, size=n)
+  return out
+
+
+PROMPTS = left_padded(np.random.default_rng(0), LENGTHS)
+BATCH = {"prompts": PROMPTS, "prompt_lengths": LENGTHS}
+
+
+def last_token_reward(tokens, mask, prompt_len):
+  """The id at the last position where the mask is 1 (where a reward model reads its score)."""
+  del prompt_len
+  idx = jnp.max(mask * jnp.arange(mask.shape[1])[None], axis=1)
+  return jnp.take_along_axis(tokens, idx[:, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+def perturbed(params, scale, seed):
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+# A policy a little away from the reference, so the KL and the ratios are not trivially 0 / 1.
+MOVED = perturbed(POLICY, 0.02, 5)
+# The configs whose rollout / step get compiled (a few, shared by the tests). GAE: PPO with the
+# token-level KL in the reward and no reward/advantage processing, no clipping (the policy-gradient
+# test), gamma = lam = 1 (returns are reward-to-go); max_kl for the stop test.
+GAE = ppo.PPOConfig(kl_coef=0.1, reward_scaling=False, reward_norm=False, reward_clip=None, advantage_norm=False,
+                    value_clip=None, gamma=1.0, lam=1.0, clip_surrogate=False, vf_coef=0.5, max_kl=1e-3)
+RLOO = ppo.ppo_preset("rloo", group_size=3, kl_coef=0.0, clip_surrogate=False)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_rollout(pcfg):
+  return jax.jit(ppo.make_rollout(CFG, pcfg, last_token_reward, max_new_tokens=N, eos_id=EOS))
+
+
+def rollout(pcfg, params, extras=None, key=jax.random.PRNGKey(6)):
+  extras = extras or {"ref": POLICY, "reward_moments": rl.running_moments().init()}
+  return jitted_rollout(pcfg)(params, extras, BATCH, key)
+
+
+@functools.lru_cache(maxsize=None)
+def gae_experience():
+  return rollout(GAE, {"policy": MOVED, "value": REWARD_MODEL})
+
+
+class RolloutTest(chex.TestCase):
+
+  def test_layout_matches_generate_arrays_and_the_score_lands_on_the_last_response_token(self):
+    exp, _, metrics = gae_experience()
+    # The same draw by the public generator on the prompts placed at the start of each row.
+    right = np.zeros_like(PROMPTS)
+    for i, n in enumerate(LENGTHS):
+      right[i, :n] = PROMPTS[i, P - n:]
+    new, logp, n_new = llama.generate_arrays(MOVED, CFG, right, LENGTHS, N, temperature=1.0, eos_id=EOS,
+                                             rng=jax.random.PRNGKey(6))
+    tokens, mask, m = map(np.asarray, (exp["tokens"], exp["mask"], exp["response_mask"]))
+    np.testing.assert_array_equal(tokens[:, P:], np.asarray(new))
+    np.testing.assert_array_equal(m.sum(1), np.asarray(n_new))
+    np.testing.assert_array_equal(mask[:, :P], np.arange(P)[None] >= (P - LENGTHS)[:, None])
+    np.testing.assert_array_equal(mask[:, P:], m)
+    # Rollout log-probs (training forward, left-padded) equal the sampler's where the mask is 1.
+    np.testing.assert_allclose(np.asarray(exp["old_logp"]) * m, np.asarray(logp) * m, atol=2e-5)
+    # The score is the token at the last response position (EOS when one was drawn).
+    last = tokens[np.arange(B), P + np.asarray(n_new) - 1]
+    np.testing.assert_array_equal(np.asarray(exp["scores"]), last.astype(np.float32))
+    self.assertTrue(np.any(np.asarray(n_new) < N) and np.any(last == EOS), "the test wants a row ended by EOS")
+    # gamma = lam = 1: the return at the first response token is score - kl_coef * sum_t k1_t.
+    k1 = (np.asarray(exp["old_logp"]) - np.asarray(exp["ref_logp"])) * m
+    np.testing.assert_allclose(np.asarray(exp["returns"])[:, 0], last - 0.1 * k1.sum(1), rtol=1e-5, atol=1e-5)
+    self.assertAlmostEqual(float(metrics["kl"]), float(k1.sum(1).mean()), places=5)
+    self.assertNotEqual(float(metrics["kl"]), 0.0)
+
+  def test_reward_switches(self):
+    exp, _, _ = gae_experience()
+    raw = np.asarray(exp["raw_scores"], np.float64)
+    moments = rl.running_moments()
+    prior = moments.update(moments.init(), jnp.array([0.0, 1.0, 5.0]))
+    stream = np.concatenate([[0.0, 1.0, 5.0], raw])
+    mean, std = stream.mean(), stream.std(ddof=1)
+    for cfg, want in ((GAE, raw),
+                      (GAE.replace(reward_scaling=True), raw / std),
+                      (GAE.replace(reward_norm=True), (raw - mean) / std),
+                      (GAE.replace(reward_norm=True, reward_clip=0.3), np.clip((raw - mean) / std, -0.3, 0.3))):
+      score, mom = ppo.process_scores(cfg, exp["raw_scores"], prior)
+      np.testing.assert_allclose(np.asarray(score), want, rtol=1e-5, atol=1e-6)
+      self.assertEqual(float(mom.count), stream.size)
+
+  def test_advantage_switches(self):
+    exp, _, _ = gae_experience()
+    args = (exp["scores"], exp["old_logp"], exp["ref_logp"], exp["old_values"], exp["response_mask"])
+    plain, ret, _ = ppo.compute_advantages(GAE, *args)
+    np.testing.assert_allclose(plain, exp["advantages"], atol=1e-6)      # the rollout's own
+    normed, _, _ = ppo.compute_advantages(GAE.replace(advantage_norm=True), *args)
+    clipped, _, _ = ppo.compute_advantages(GAE.replace(advantage_norm=True, advantage_clip=0.5), *args)
+    m = np.asarray(exp["response_mask"]) > 0
+    a = np.asarray(normed)[m]
+    self.assertAlmostEqual(float(a.mean()), 0.0, places=5)
+    self.assertAlmostEqual(float(a.std()), 1.0, places=4)
+    raw = np.asarray(plain)[m].astype(np.float64)
+    np.testing.assert_allclose(a, (raw - raw.mean()) / raw.std(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(clipped)[m], np.clip(a, -0.5, 0.5), atol=1e-6)
+    self.assertGreater(np.abs(a).max(), 0.5)
+    np.testing.assert_array_equal(np.asarray(normed)[~m], 0.0)
+    # No KL in the reward (kl_coef 0): the returns change by exactly the KL-to-go.
+    no_kl, ret0, kl_tok = ppo.compute_advantages(GAE.replace(kl_coef=0.0), *args)
+    to_go = np.cumsum(np.asarray(kl_tok)[:, ::-1], axis=1)[:, ::-1] * m
+    np.testing.assert_allclose(np.asarray(ret0) - np.asarray(ret), 0.1 * to_go, atol=1e-5)
+    # k3 instead of k1 in the reward: the per-token penalty is the k3 estimate.
+    _, _, k3 = ppo.compute_advantages(GAE.replace(kl_estimator="k3"), *args)
+    np.testing.assert_allclose(k3, rl.kl_penalty(exp["old_logp"], exp["ref_logp"], "k3") * m, atol=1e-7)
+
+  def test_grpo_and_rloo_groups(self):
+    G = RLOO.group_size
+    exp, _, _ = rollout(RLOO, {"policy": MOVED, "value": {}})
+    tokens, m = np.asarray(exp["tokens"]), np.asarray(exp["response_mask"])
+    self.assertEqual(tokens.shape[0], B * G)
+    np.testing.assert_array_equal(tokens[:, :P], np.repeat(PROMPTS, G, axis=0))   # rows of a prompt adjacent
+    scores = np.asarray(exp["raw_scores"]).reshape(B, G)
+    self.assertFalse(np.all(scores == scores[:, :1]), "the test wants some group with different scores")
+    np.testing.assert_allclose(exp["advantages"], np.asarray(rl.rloo_advantages(scores)).reshape(-1)[:, None] * m,
+                               rtol=1e-5, atol=1e-6)
+    grpo = ppo.ppo_preset("grpo", group_size=G, kl_coef=0.0)
+    adv, _, _ = ppo.compute_advantages(grpo, exp["raw_scores"], exp["old_logp"], exp["ref_logp"], exp["old_values"],
+                                       exp["response_mask"])
+    np.testing.assert_allclose(adv, np.asarray(rl.grpo_advantages(scores)).reshape(-1)[:, None] * m, rtol=1e-5,
+                               atol=1e-6)
+    # RLOO with the KL in the reward: each sequence score is first lowered by kl_coef * sum_t k1.
+    kl_seq = ((np.asarray(exp["old_logp"]) - np.asarray(exp["ref_logp"])) * m).sum(1)
+    adv, _, _ = ppo.compute_advantages(RLOO.replace(kl_coef=0.5), exp["raw_scores"], exp["old_logp"],
+                                       exp["ref_logp"], exp["old_values"], exp["response_mask"])
+    want = rl.rloo_advantages((np.asarray(exp["raw_scores"]) - 0.5 * kl_seq).reshape(B, G))
+    np.testing.assert_allclose(adv, np.asarray(want).reshape(-1)[:, None] * m, rtol=1e-5, atol=1e-5)
+
+
+# Plain SGD at lr 1 (a parameter's change is minus its gradient), except lr 0 at the optimizer's
+# second update (the KL-stop test holds the policy there for one step).
+SGD = optax.sgd(lambda count: jnp.where(count == 1, 0.0, 1.0))
+
+
+@functools.lru_cache(maxsize=None)
+def sgd_step(pcfg):
+  return jax.jit(ppo.make_step(CFG, pcfg, last_token_reward, max_new_tokens=N, eos_id=EOS, tx=SGD))
+
+
+def fresh_state(pcfg, policy=MOVED, ref=POLICY, tx=None):
+  return ppo.init_state(jax.random.PRNGKey(2), policy, ref, REWARD_MODEL, pcfg, policy_cfg=CFG, tx=tx)
+
+
+class PolicyGradientTest(chex.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters("gae", "rloo")
+  def test_one_epoch_unclipped_fresh_rollout_is_the_policy_gradient(self, estimator):
+    pcfg = GAE if estimator == "gae" else RLOO
+    state = fresh_state(pcfg, tx=SGD)
+    exp, _, _ = rollout(pcfg, state.params, state.extras, key=jax.random.fold_in(jt.step_rng(state), 0))
+    before = jax.device_get(state.params["policy"])
+    new_state, metrics = sgd_step(pcfg)(state, BATCH)
+    moved = jax.tree_util.tree_map(lambda a, b: a - b, before, jax.device_get(new_state.params["policy"]))
+    tokens, mask, m, adv = exp["tokens"], exp["mask"], exp["response_mask"], exp["advantages"]
+    n = jnp.sum(m)
+    if estimator == "rloo":
+      # One advantage per sequence: -(1/n) sum_b A_b log pi(y_b | x_b), with llama.sequence_logprobs.
+      loss_mask = jnp.concatenate([jnp.zeros((tokens.shape[0], P)), m], axis=1)
+
+      def pg(p):
+        return -jnp.sum(adv[:, 0] * llama.sequence_logprobs(p, tokens, loss_mask, CFG, attention_mask_BxT=mask)) / n
+    else:
+      # Per-token advantages: the full log-softmax at the positions before each response token.
+      def pg(p):
+        h = llama.decoder(p, llama.embed(p, tokens, CFG), CFG, attention_mask=mask)
+        logp = jax.nn.log_softmax(llama.head(p, h, CFG), axis=-1)[:, P - 1:-1]
+        picked = jnp.take_along_axis(logp, tokens[:, P:, None], axis=-1)[..., 0]
+        return -jnp.sum(adv * picked * m) / n
+    grads = jax.device_get(jax.grad(pg)(MOVED))
+    chex.assert_trees_all_close(moved, grads, rtol=2e-4, atol=2e-6)
+    self.assertGreater(float(optax.tree.norm(grads)), 1e-3)
+    self.assertEqual(float(metrics["clip_fraction"]), 0.0)
+    self.assertAlmostEqual(float(metrics["ratio"]), 1.0, places=5)   # a fresh rollout
+
+
+class LossSwitchTest(chex.TestCase):
+
+  def test_each_term_adds_what_it_should(self):
+    exp, _, _ = gae_experience()
+    critic = perturbed(REWARD_MODEL, 0.05, 9)
+    params = {"policy": MOVED, "value": critic}
+    ptx = {"tokens": jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, size=(2, 9)), jnp.int32)}
+    loss = lambda cfg, *a: ppo.make_loss(CFG, cfg)(params, exp, *a)  # noqa: E731
+    base, bm = loss(GAE)
+    m = exp["response_mask"]
+    logp, ent = ppo.token_logprobs(MOVED, exp["tokens"], exp["mask"], P, CFG)
+    np.testing.assert_allclose(logp * m, exp["old_logp"] * m, atol=1e-6)
+    with_ent, _ = loss(GAE.replace(entropy_coef=0.1))
+    self.assertAlmostEqual(float(with_ent - base), -0.1 * float(rl.masked_mean(ent, m)), places=5)
+    with_ptx, _ = loss(GAE.replace(ptx_coef=0.5), ptx)
+    self.assertAlmostEqual(float(with_ptx - base), 0.5 * float(llama.loss_fn(MOVED, ptx, CFG)[0]), places=5)
+    as_loss, _ = loss(GAE.replace(kl_mode="as_loss", kl_estimator="k3"))
+    k3 = rl.masked_mean(rl.kl_penalty(logp, exp["ref_logp"], "k3"), m)
+    self.assertAlmostEqual(float(as_loss - base), 0.1 * float(k3), places=5)
+    # The critic moved away from the rollout's values: with a tight clip some tokens clip, none without.
+    values = ppo.token_values(critic, exp["tokens"], exp["mask"], P, CFG)
+    c = 0.5 * float(np.median(np.abs(np.asarray(values - exp["old_values"]))[np.asarray(m) > 0]))
+    clipped, cm = loss(GAE.replace(value_clip=c))
+    want, _ = rl.ppo_value_loss(values, exp["old_values"], exp["returns"], m, clip_eps=c)
+    self.assertGreater(float(cm["value_clip_fraction"]), 0.0)
+    self.assertEqual(float(bm["value_clip_fraction"]), 0.0)
+    self.assertAlmostEqual(float(cm["value_loss"]), float(want), places=5)
+    # Clipped surrogate on: the loss is the clipped one (ratios are 1 here, so the same value).
+    surrogate, sm = loss(GAE.replace(clip_surrogate=True))
+    self.assertAlmostEqual(float(surrogate), float(base), places=6)
+
+  def test_without_importance_sampling_the_gradient_is_the_same_on_a_fresh_rollout(self):
+    exp, _, _ = gae_experience()
+    params = {"policy": MOVED, "value": REWARD_MODEL}
+    g_is = jax.grad(lambda p: ppo.make_loss(CFG, GAE)(p, exp)[0])(params)
+    g_pg = jax.grad(lambda p: ppo.make_loss(CFG, GAE.replace(importance_sampling=False))(p, exp)[0])(params)
+    chex.assert_trees_all_close(g_is, g_pg, rtol=1e-4, atol=1e-7)
+    self.assertGreater(float(optax.tree.norm(g_is["policy"])), 1e-3)
+
+  def test_inits_and_optimizer(self):
+    s = ppo.init_state(jax.random.PRNGKey(0), POLICY, POLICY, REWARD_MODEL, GAE, policy_cfg=CFG)
+    chex.assert_trees_all_equal(s.params["value"], REWARD_MODEL)
+    chex.assert_trees_all_equal(s.params["policy"], POLICY)
+    s = ppo.init_state(jax.random.PRNGKey(0), MOVED, POLICY, None, GAE.replace(critic_init="policy",
+                                                                             policy_init="random"), policy_cfg=CFG)
+    chex.assert_trees_all_equal(s.params["value"]["layers"], MOVED["layers"])   # the SFT decoder, a fresh head
+    self.assertGreater(float(jnp.abs(s.params["policy"]["output"] - MOVED["output"]).max()), 1e-3)
+    chex.assert_trees_all_equal(s.extras["ref"], POLICY)
+    s = ppo.init_state(jax.random.PRNGKey(0), POLICY, POLICY, None, RLOO, policy_cfg=CFG)
+    self.assertEqual(s.params["value"], {})   # no critic for GRPO / RLOO
+    # Global clipping over policy and critic together, then one Adam per model at its own rate.
+    g = jax.tree_util.tree_map(lambda x: 1e3 * jnp.ones_like(x), {"policy": POLICY, "value": REWARD_MODEL})
+    norm = float(optax.tree.norm(g))
+    for clip in (1.0, None):
+      tx = ppo.make_optimizer(GAE.replace(max_grad_norm=clip, policy_lr=1.0, value_lr=2.0))
+      updates, opt_state = tx.update(g, tx.init(g))
+      # Adam's first step is -lr * g / (|g| + eps) per entry, g the (clipped) gradient.
+      gc = 1e3 * (clip / norm if clip else 1.0)
+      step = gc / (gc + GAE.adam_eps)
+      np.testing.assert_allclose(updates["policy"]["norm"], -1.0 * step, rtol=1e-5)
+      np.testing.assert_allclose(updates["value"]["norm"], -2.0 * step, rtol=1e-5)
+      # Adam's first moment holds (1 - b1) times the (clipped) gradient of both models together.
+      mu = [v for _, v in optax.tree_utils.tree_get_all_with_path(opt_state, "mu")]
+      self.assertLen(mu, 2)
+      want = (1 - GAE.adam_b1) * (1.0 if clip else float(optax.tree.norm(g)))
+      self.assertAlmostEqual(float(optax.tree.norm(mu)) / want, 1.0, places=4)
+
+
+# --- through the training core: resume, the KL stop ---
+
+RESUME_CFG = ppo.ppo_preset("ppo_max", policy_lr=3e-3, value_lr=3e-3, num_minibatches=2, ppo_epochs=2)
+
+
+@functools.lru_cache(maxsize=None)
+def resume_step():
+  return jax.jit(ppo.make_step(CFG, RESUME_CFG, last_token_reward, max_new_tokens=N, eos_id=EOS), donate_argnums=0)
+
+
+def batch_fn(step, sigterm_at=None):
+  if sigterm_at is not None and step == sigterm_at:
+    os.kill(os.getpid(), signal.SIGTERM)
+  rng = np.random.default_rng([7, step])
+  lengths = rng.integers(1, P + 1, size=B).astype(np.int32)
+  return {"prompts": left_padded(rng, lengths), "prompt_lengths": lengths}
+
+
+def train(workdir, num_steps, step, init, *, sigterm_at=None):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                    jax.eval_shape(init))
+  ckpt = jt.Checkpointer(os.path.join(workdir, "ckpt"), every=1, keep=10, async_save=False)
+  try:
+    state, start = jt.restore_or_init(ckpt, abstract, init)
+    result = jt.train(step, state, functools.partial(batch_fn, sigterm_at=sigterm_at), num_steps=num_steps,
+                      workdir=workdir, start_step=start, checkpointer=ckpt, tensorboard=False, plot=False,
+                      finite_keys=ppo.FINITE_KEYS, log_every=1, print_fn=lambda s: None)
+  finally:
+    ckpt.close()
+  return start, result
+
+
+class CoreTest(chex.TestCase):
+
+  def tmpdir(self):
+    path = tempfile.mkdtemp(prefix="jaxml_ppo_")
+    self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+  def test_sigterm_and_resume_equal_an_uninterrupted_run_bitwise(self):
+    init = lambda: ppo.init_state(jax.random.PRNGKey(4), POLICY, POLICY, REWARD_MODEL, RESUME_CFG,  # noqa: E731
+                                  policy_cfg=CFG)
+    _, whole = train(self.tmpdir(), 4, resume_step(), init)
+    workdir = self.tmpdir()
+    _, first = train(workdir, 4, resume_step(), init, sigterm_at=2)
+    self.assertTrue(first.preempted)
+    self.assertEqual(first.step, 3)
+    start, second = train(workdir, 4, resume_step(), init)
+    self.assertEqual((start, second.step), (3, 4))
+    chex.assert_trees_all_equal(jax.device_get(second.state), jax.device_get(whole.state))
+    self.assertEqual(second.history[-1]["reward"], whole.history[-1]["reward"])   # the same rollout drawn
+    self.assertEqual(float(whole.state.extras["reward_moments"].count), 4 * B)
+    self.assertGreater(len({r["reward"] for r in whole.history}), 1)   # fresh rollouts every step
+
+  def test_kl_over_max_kl_or_nan_stops_and_keeps_the_last_good_checkpoint(self):
+    # GAE's step (max_kl 1e-3) from policy == reference, the optimizer one update in: update 1 has
+    # lr 0 (KL stays 0 at rollouts 1 and 2), update 2 lr 1 (rollout 3 beyond max_kl).
+    def init():
+      state = fresh_state(GAE, policy=POLICY, tx=SGD)
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      return state._replace(opt_state=SGD.update(zeros, state.opt_state)[1])
+    state, kls = init(), []
+    for s in range(3):
+      state, metrics = sgd_step(GAE)(state, batch_fn(s))
+      kls.append(float(metrics["kl"]))
+    self.assertEqual(kls[:2], [0.0, 0.0])
+    self.assertGreater(kls[2], GAE.max_kl, "the test wants the third rollout beyond max_kl")
+    workdir = self.tmpdir()
+    with self.assertRaises(jt.NonFiniteLossError) as cm:
+      train(workdir, 5, sgd_step(GAE), init)
+    # Rollout 3 measured the state after update 2: that state is discarded, state 1 is the last good one.
+    self.assertEqual((cm.exception.step, cm.exception.last_good_step), (3, 1))
+    self.assertIn("kl_guard is nan at step 3", str(cm.exception))
+    ckpt = jt.Checkpointer(os.path.join(workdir, "ckpt"), every=1)
+    self.assertEqual(ckpt.all_steps(), [1])
+    ckpt.close()
+    # A NaN reference makes the KL NaN at the first rollout: nothing good is kept.
+    nan_ref = jax.tree_util.tree_map(lambda x: x * jnp.nan, POLICY)
+    init = lambda: fresh_state(GAE, policy=POLICY, ref=nan_ref, tx=SGD)  # noqa: E731
+    with self.assertRaisesRegex(jt.NonFiniteLossError, "kl_guard is nan at step 1.*no good checkpoint remains"):
+      train(self.tmpdir(), 2, sgd_step(GAE), init)
+
+
+class BadInputTest(chex.TestCase):
+
+  def test_clear_errors_before_compute(self):
+    step = ppo.make_step(CFG, GAE, last_token_reward, max_new_tokens=N, eos_id=EOS)
+    state = fresh_state(GAE)
+    wide = {"prompts": np.ones((B, 11), np.int32), "prompt_lengths": np.full((B,), 11, np.int32)}
+    with self.assertRaisesRegex(ValueError, r"batch\['prompts'\] width P=11 \+ max_new_tokens=6"):
+      step(state, wide)
+    with self.assertRaisesRegex(TypeError, r"batch\['prompts'\] must be an integer"):
+      step(state, {**BATCH, "prompts": PROMPTS.astype(np.float32)})
+    with self.assertRaisesRegex(ValueError, r"batch\['prompt_lengths'\] must be \[B=4\]"):
+      step(state, {**BATCH, "prompt_lengths": LENGTHS[:3]})
+    with self.assertRaisesRegex(ValueError, r"batch\['prompt_lengths'\] must lie in"):
+      step(state, {**BATCH, "prompt_lengths": np.array([4, 0, 3, 4], np.int32)})
+    with self.assertRaisesRegex(ValueError, "ptx_coef > 0 needs"):
+      ppo.make_step(CFG, GAE.replace(ptx_coef=1.0), last_token_reward, max_new_tokens=N, eos_id=EOS)(state, BATCH)
+    other = llama.init(jax.random.PRNGKey(0), CFG.replace(n_layers=3))
+    with self.assertRaisesRegex(ValueError, "ref_params"):
+      ppo.init_state(jax.random.PRNGKey(0), POLICY, other, REWARD_MODEL, GAE, policy_cfg=CFG)
+    with self.assertRaisesRegex(ValueError, "value_params is None"):
+      ppo.init_state(jax.random.PRNGKey(0), POLICY, POLICY, None, GAE, policy_cfg=CFG)
+    with self.assertRaisesRegex(ValueError, "value_params must be a reward-model tree"):
+      ppo.init_state(jax.random.PRNGKey(0), POLICY, POLICY, POLICY, GAE, policy_cfg=CFG)
+    with self.assertRaisesRegex(ValueError, r"state.extras\['ref'\]"):
+      step(state._replace(extras={**state.extras, "ref": other}), BATCH)
+    with self.assertRaisesRegex(ValueError, "group_size must be >= 2"):
+      ppo.ppo_preset("grpo", group_size=1)
+    with self.assertRaisesRegex(ValueError, "unknown PPO preset"):
+      ppo.ppo_preset("ppo-max")
+    with self.assertRaisesRegex(ValueError, "num_minibatches"):
+      ppo.make_step(CFG, GAE.replace(num_minibatches=3), last_token_reward, max_new_tokens=N, eos_id=EOS)(state, BATCH)
+
+
+if __name__ == "__main__":
+  absltest.main()
