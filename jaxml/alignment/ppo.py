@@ -593,6 +593,41 @@ def make_loss(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, *, value_cfg: l
   return loss
 
 
+def make_update(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, tx: optax.GradientTransformation, *,
+                value_cfg: llama.LlamaConfig | None = None):
+  """The update of one PPO iteration: `ppo_epochs` shuffled passes in `num_minibatches` minibatches.
+
+  Returns:
+    `update(params, opt_state, experience, ptx, key) -> (params, opt_state, metrics)`, pure
+    and jit-able; `key` draws each epoch's permutation (`fold_in(key, epoch)`); metrics are
+    the minibatch losses' metrics plus `loss` and `grad_norm`, averaged over the updates.
+  """
+  grad_fn = jax.value_and_grad(make_loss(policy_cfg, ppo_cfg, value_cfg=value_cfg), has_aux=True)
+  E, M = int(ppo_cfg.ppo_epochs), int(ppo_cfg.num_minibatches)
+
+  def update(params, opt_state, experience, ptx, key):
+    R = experience["tokens"].shape[0]
+    if R % M:
+      raise ValueError(f"the rollout's {R} rows must divide into num_minibatches={M}")
+    order = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), R) for e in range(E)])
+    order = order.reshape(E * M, R // M)
+
+    def one(carry, idx):
+      params, opt_state = carry
+      mb = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), experience)
+      (loss, lm), grads = grad_fn(params, mb, ptx)
+      lm = dict(lm)
+      lm["loss"] = loss
+      lm["grad_norm"] = optax.tree.norm(grads)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), lm
+
+    (params, opt_state), lms = jax.lax.scan(one, (params, opt_state), order)
+    return params, opt_state, {k: jnp.mean(v) for k, v in lms.items()}
+
+  return update
+
+
 def make_step(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: Callable, *, max_new_tokens: int,
               eos_id: int | None, value_cfg: llama.LlamaConfig | None = None,
               tx: optax.GradientTransformation | None = None, min_prompt_len: int = 1,
@@ -625,8 +660,7 @@ def make_step(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: Call
   tx = make_optimizer(ppo_cfg) if tx is None else tx
   rollout = make_rollout(policy_cfg, ppo_cfg, reward_fn, max_new_tokens=max_new_tokens, eos_id=eos_id,
                          value_cfg=value_cfg, min_prompt_len=min_prompt_len, metrics_fn=metrics_fn)
-  grad_fn = jax.value_and_grad(make_loss(policy_cfg, ppo_cfg, value_cfg=value_cfg), has_aux=True)
-  E, M = int(ppo_cfg.ppo_epochs), int(ppo_cfg.num_minibatches)
+  update = make_update(policy_cfg, ppo_cfg, tx, value_cfg=value_cfg)
 
   def step(state: jt.TrainState, batch: dict) -> tuple[jt.TrainState, dict]:
     key = jt.step_rng(state)
@@ -636,23 +670,9 @@ def make_step(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: Call
       ptx = {"tokens": jnp.asarray(batch["ptx_tokens"]).astype(jnp.int32)}
       if "ptx_mask" in batch:
         ptx["mask"] = jnp.asarray(batch["ptx_mask"])
-    R = experience["tokens"].shape[0]
-    shuffle = jax.random.fold_in(key, 1)
-    order = jnp.stack([jax.random.permutation(jax.random.fold_in(shuffle, e), R) for e in range(E)])
-    order = order.reshape(E * M, R // M)
-
-    def update(carry, idx):
-      params, opt_state = carry
-      mb = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), experience)
-      (loss, lm), grads = grad_fn(params, mb, ptx)
-      lm = dict(lm)
-      lm["loss"] = loss
-      lm["grad_norm"] = optax.tree.norm(grads)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), lm
-
-    (params, opt_state), lms = jax.lax.scan(update, (state.params, state.opt_state), order)
-    metrics.update({k: jnp.mean(v) for k, v in lms.items()})
+    params, opt_state, update_metrics = update(state.params, state.opt_state, experience, ptx,
+                                               jax.random.fold_in(key, 1))
+    metrics.update(update_metrics)
     new_state = state._replace(params=params, opt_state=opt_state, step=state.step + 1, extras=extras)
     return new_state, metrics
 
