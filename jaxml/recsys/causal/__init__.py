@@ -6,14 +6,22 @@ Modules:
   simulator   a ratings world with known truth: ratings, propensities, MAR splits, stages
   mf          matrix factorisation and the MF-IPS loss for `jaxml.train`
   popularity  PDA / PD (popularity-aware BPR, PD and PDA inference) and MACR on any backbone score
+  objectives  loss_fns for jaxml.train: DR-JL, PDA, MACR, DecRS (+ its KL-based inference mix), BCE
+  towers_adapter  the CTR towers (DCN-v2, DLRM, DHEN, MLP) as backbones; the (SN)IPS tower loss
+  movielens   RecBole-format .inter files and PDA's temporal split
+  experiment  `run(config, workdir)` of experiments/causal_recsys.py
   metrics     Recall/NDCG/HR@K over full rankings; MSE/MAE/AUC on a mask
   data        the Coat data set (shipped with the package)
 
-References: Schnabel et al., "Recommendations as Treatments: Debiasing Learning
+References (more in each module): Schnabel et al., "Recommendations as Treatments: Debiasing Learning
 and Evaluation" (ICML 2016); Wang et al., "Doubly Robust Joint Learning for
 Recommendation on Data Missing Not at Random" (ICML 2019).
 """
-from jaxml.recsys.causal import data, estimators, metrics, mf, popularity, propensity, simulator  # noqa: F401
+from jaxml.recsys.causal import (data, estimators, metrics, mf, movielens, objectives, popularity,  # noqa: F401
+                                 propensity, simulator, towers_adapter)
+from jaxml.recsys.causal.objectives import (bce_loss, decrs_apply, decrs_init, decrs_lambda, decrs_loss,  # noqa: F401
+                                            decrs_mix, decrs_scores, dr_jl_init, dr_jl_loss, macr_init, macr_scores,
+                                            macr_train_loss, pda_loss)
 from jaxml.recsys.causal.popularity import (macr_loss, macr_score, pd_inference, pda_bpr_loss,  # noqa: F401
                                             pda_inference, pda_score, stage_popularity)
 from jaxml.recsys.causal.data import load_coat  # noqa: F401

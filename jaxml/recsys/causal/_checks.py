@@ -71,3 +71,20 @@ def ids_in_range(name: str, ids, n: int) -> None:
   lo, hi = int(v.min()), int(v.max())
   if lo < 0 or hi >= n:
     raise ValueError(f"{name} must lie in [0, {n}); found ids from {lo} to {hi}")
+
+
+def warn_mar_overlap(train_name: str, train_mask, test_name: str, test_mask) -> int:
+  """Warns (UserWarning) when the test cells overlap the cells a model trained on; returns the overlap count.
+
+  An evaluation on a missing-at-random split reads as unbiased only for cells the model did not
+  fit; Coat's published split itself shares 366 cells between train and test.
+  """
+  import warnings
+  same_shape(train_name, train_mask, **{test_name: test_mask})
+  if not (is_concrete(train_mask) and is_concrete(test_mask)):
+    return 0
+  n = int(np.count_nonzero(np.asarray(train_mask).astype(bool) & np.asarray(test_mask).astype(bool)))
+  if n:
+    warnings.warn(f"{test_name} shares {n} cells with {train_name} (the cells the model trained on): the test "
+                  "metric on those cells is not an out-of-sample estimate", UserWarning, stacklevel=3)
+  return n
