@@ -213,7 +213,7 @@ def python_loop(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoC
   rng, k_reset = jax.random.split(rng)
   obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_envs), env_params)
   ctx = jax.vmap(lambda _: empty_context(spec, cfg, keep))(jnp.arange(num_envs))
-  pol = _policy_batch(cfg, layout, spec, float(temperature))
+  pol = policy_batch(cfg, layout, spec, float(temperature))
   env_step = _env_step(env)
   ret = np.zeros(num_envs, np.float32)
   length = np.zeros(num_envs, np.int32)
@@ -225,14 +225,16 @@ def python_loop(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoC
     obs, state, reward, done = env_step(k_env, state, action, env_params)
     ret += np.where(alive, np.asarray(reward), 0.0)
     length += alive
-    ctx = _reset_ctx(ctx, done, cfg, spec, keep)
+    ctx = reset_contexts(ctx, done, cfg, spec, keep)
     alive &= ~np.asarray(done)
     t += 1
   return EvalResult(jnp.asarray(ret), jnp.asarray(length), jnp.int32(t))
 
 
 @functools.lru_cache(maxsize=16)
-def _policy_batch(cfg, layout, spec, temperature):
+def policy_batch(cfg: GatoConfig, layout: TokenLayout, spec: sq.TaskSpec, temperature: float):
+  """The jitted batched `policy_step`: `(params, prompt, contexts, observations_B, keys_B) -> (actions_B, contexts)`
+  (what a Python loop over any batch of environments calls once per step)."""
   return jax.jit(jax.vmap(lambda p, pr, c, o, k: policy_step(p, cfg, layout, spec, pr, c, o, k, temperature),
                           in_axes=(None, None, 0, 0, 0)))
 
@@ -246,6 +248,7 @@ def _env_step(env):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "keep"))
-def _reset_ctx(ctx, done, cfg, spec, keep):
+def reset_contexts(ctx: Context, done: jax.Array, cfg: GatoConfig, spec: sq.TaskSpec, keep: int) -> Context:
+  """The batched contexts with those of finished episodes (`done_B`) emptied."""
   return jax.vmap(lambda c, d: jax.tree.map(lambda a, b: jnp.where(d, a, b), empty_context(spec, cfg, keep), c))(
       ctx, done)
