@@ -173,19 +173,26 @@ def _tile_mask(qpos_Bxq, kpos_Bxk, kval_Bxk, causal):
 
 
 def _scores(qb, kb, mask):
+  """A tile of scores, float32, `-inf` where masked (`s + log(mask)`: no array built from constants alone)."""
   s = jnp.einsum("bkrqd,bksd->bkrqs", qb, kb, preferred_element_type=jnp.float32)
-  return jnp.where(mask, s, -jnp.inf)
+  return s + jnp.log(mask.astype(jnp.float32))
 
 
 def _blockwise_fwd(q, k, v, qpos, kpos, kval, causal, S):
-  """Forward over tiles: `(out [nq, B, K, R, bq, Dh], lse [nq, B, K, R, bq])` (lse = inf for rows seeing no key)."""
+  """Forward over tiles: `(out [nq, B, K, R, bq, Dh], lse [nq, B, K, R, bq])` (lse = inf for rows seeing no key).
+
+  Everything here is computed from the inputs, through one `optimization_barrier`: inside a caller's
+  `lax.scan` (a layer loop), JAX's partial evaluation hoists what depends on loop constants alone (the
+  masks, from the positions) out of the loop and keeps it for the backward pass, stacked over all
+  tiles: the whole `[T, S]` mask and its broadcasts, what this function exists to avoid.
+  """
+  q, k, v, qpos, kpos, kval = jax.lax.optimization_barrier((q, k, v, qpos, kpos, kval))
   mean_v = jnp.sum(v.astype(jnp.float32), axis=(0, 3)) / S  # [B, K, Dh]: a row seeing no key attends uniformly
+  zero = jnp.sum(mean_v) * 0.0  # a data-dependent 0 for the initial statistics (see above)
+  init = (jnp.full(q.shape[1:-1], -jnp.inf) + zero, jnp.zeros(q.shape[1:-1]) + zero, jnp.zeros(q.shape[1:]) + zero)
 
   def q_block(_, q_in):
     qb, qp = q_in
-    stats_shape = qb.shape[:-1]
-    init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-            jnp.zeros(qb.shape, jnp.float32))
 
     def k_block(carry, k_in):
       kb, vb, kp, kv = k_in
@@ -195,7 +202,7 @@ def _blockwise_fwd(q, k, v, qpos, kpos, kval, causal, S):
         m, l, acc = carry
         s = _scores(qb, kb, mask)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        m_safe = jnp.maximum(m_new, jnp.finfo(jnp.float32).min)  # finite: exp(-inf - m_safe) = 0
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
         pv = jnp.einsum("bkrqs,bksd->bkrqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
@@ -205,8 +212,9 @@ def _blockwise_fwd(q, k, v, qpos, kpos, kval, causal, S):
 
     (m, l, acc), _ = jax.lax.scan(k_block, init, (k, v, kpos, kval))
     seen = l > 0
-    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], mean_v[:, :, None, None, :])
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+    l_safe = jnp.maximum(l, jnp.finfo(jnp.float32).tiny)
+    out = jnp.where(seen[..., None], acc / l_safe[..., None], mean_v[:, :, None, None, :])
+    lse = jnp.where(seen, m + jnp.log(l_safe), jnp.inf)
     return None, (out.astype(v.dtype), lse)
 
   _, (out, lse) = jax.lax.scan(q_block, None, (q, qpos))
@@ -238,7 +246,7 @@ def _blockwise_vjp_bwd(causal, S, res, dout):
 
       def grads(carry):
         dk, dv = carry
-        p = jnp.where(mask, jnp.exp(_scores(qb, kb, mask) - lseb[..., None]), 0.0)
+        p = jnp.exp(_scores(qb, kb, mask) - lseb[..., None])  # 0 where masked, and in rows seeing no key
         dp = jnp.einsum("bkrqd,bksd->bkrqs", dob, vb, preferred_element_type=jnp.float32)
         ds = (p * (dp - rowb[..., None])).astype(qb.dtype)
         dq = jnp.einsum("bkrqs,bksd->bkrqd", ds, kb, preferred_element_type=jnp.float32)
