@@ -4,10 +4,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxml.nn.layers import swiglu_hidden_dim
+
+
+ATTENTION_IMPLS = ("auto", "cpu", "blockwise", "cudnn", "pallas")
+# `jax.checkpoint_policies` that need no arguments, from keeping nothing (recompute the whole block) to
+# keeping every matmul output.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +39,18 @@ class LlamaConfig:
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass.
   scan_layers: bool = True  # lax.scan over layers (fast compile); False unrolls (faster small models on CPU).
+  # What a rematerialised block keeps for the backward pass: a `jax.checkpoint_policies` name (REMAT_POLICIES).
+  remat_policy: str = "nothing_saveable"
+  # Attention without a KV cache (training, scoring): "cpu" (the materialised `[T, S]` scores with the
+  # hand-written backward of `nn.cached_attention`, fastest for small models on CPU), "blockwise"
+  # (`nn.blockwise_attention`: memory linear in T, any backend), "cudnn" (`jax.nn.dot_product_attention`),
+  # "pallas" (the Pallas TPU flash kernel), or "auto": `resolved_attention_impl()` picks per backend.
+  # Decoding against a KV cache always uses `nn.cached_attention`.
+  attention_impl: str = "auto"
+  attention_block: int = 512  # "blockwise": query and key tile length.
+  # Training loss: 0 materialises the `[B, T, V]` float32 logits; n > 0 computes them n positions at a
+  # time, hidden states to loss (`nn.chunked_token_nll`), never holding the whole batch's logits.
+  loss_chunk: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
@@ -46,6 +65,14 @@ class LlamaConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"LlamaConfig.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"LlamaConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"LlamaConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if self.attention_block <= 0:
+      raise ValueError(f"LlamaConfig.attention_block must be positive, got {self.attention_block}")
+    if self.loss_chunk < 0:
+      raise ValueError(f"LlamaConfig.loss_chunk must be 0 (off) or positive, got {self.loss_chunk}")
 
   @property
   def kv_heads(self) -> int:
@@ -58,6 +85,23 @@ class LlamaConfig:
   @property
   def hidden_dim(self) -> int:
     return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+  def resolved_attention_impl(self, backend: str | None = None) -> str:
+    """`attention_impl`, with "auto" resolved for `backend` (default: JAX's default backend).
+
+    "auto": "cpu" on CPU; "cudnn" on GPU (JAX runs its XLA expansion where
+    cuDNN's kernel does not apply); on TPU "pallas" when `head_dim` is a
+    multiple of 128 (the kernel's lane width; the 7b/13b/70b shapes), else
+    "blockwise".
+    """
+    if self.attention_impl != "auto":
+      return self.attention_impl
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "gpu" or backend == "cuda" or backend == "rocm":
+      return "cudnn"
+    if backend == "tpu":
+      return "pallas" if self.head_dim % 128 == 0 else "blockwise"
+    return "cpu"
 
   @property
   def compute_dtype(self):
@@ -89,11 +133,16 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
 
 
 PRESETS: dict[str, LlamaConfig] = {
-    # Published Llama 2 shapes (context 4096, vocab 32000).
-    "7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, dtype="bfloat16", remat=True),
-    "13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, dtype="bfloat16", remat=True),
+    # Published Llama 2 shapes (context 4096, vocab 32000). For accelerators: bfloat16 compute, each block
+    # rematerialised keeping nothing (saving the matmul outputs, "dots_with_no_batch_dims_saveable", needs
+    # about 0.8 GiB per layer per 8k tokens on a device: more than a 16 GiB chip holds for 32+ layers),
+    # attention by the backend's kernel ("auto"), logits 512 positions at a time. See BUILD_NOTES.md for the
+    # per-device memory XLA reports for the llama_lm recipes.
+    "7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, dtype="bfloat16", remat=True, loss_chunk=512),
+    "13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, dtype="bfloat16", remat=True,
+                       loss_chunk=512),
     "70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
-                       dtype="bfloat16", remat=True),
+                       dtype="bfloat16", remat=True, loss_chunk=512),
     # Small shapes for CPU runs and tests.
     "tiny": LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=128,
                         scan_layers=False),
@@ -108,6 +157,10 @@ def preset(name: str, **overrides) -> LlamaConfig:
     raise ValueError(f"unknown Llama preset {name!r}; choose one of {sorted(PRESETS)}")
   return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
+
+# The mesh axes that split the batch (`jaxml.train.sharding.BATCH_AXES`): the decoder constrains its
+# activations to them when traced for such a mesh (see `jaxml.llama.model`).
+BATCH_AXES = ("data", "fsdp")
 
 # Partition rules for `jaxml.train` (regex on the leaf path -> PartitionSpec over the
 # (data, fsdp, tensor) mesh). # Llama parameter tree (see jaxml/llama/model.py). The leading layer axis of

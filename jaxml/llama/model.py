@@ -36,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxml.llama.config import LlamaConfig
+from jaxml.llama.config import BATCH_AXES, LlamaConfig
+from jaxml.nn import flash
 from jaxml.nn import layers as nn
+from jaxml.nn import losses
 
 Params = dict[str, Any]
 KVCache = nn.KVCache
@@ -231,6 +233,27 @@ def embed(params: Params, tokens_BxT: jax.Array, cfg: LlamaConfig) -> jax.Array:
   return _embed(params, tokens_BxT, cfg)
 
 
+def _shard_batch(x_BxTxD):
+  """`x` split over the mesh's batch axes (`BATCH_AXES`) along its leading axis, when traced for a mesh.
+
+  The mesh is the one the caller's `jax.jit` shardings name (read from the
+  array's type); without one, or when the batch does not divide, `x` is
+  returned as it is. Without this constraint XLA's sharding propagation, led
+  by the FSDP-sharded weights (`dim` split over "fsdp") and the embedding
+  gather, gathers the token ids and runs every layer on the WHOLE global
+  batch on each device: the compiled 7b step's temporaries grew with the
+  device count (431 GiB per device on 64 devices at 4 x 2048 tokens each).
+  """
+  mesh = getattr(getattr(jax.typeof(x_BxTxD), "sharding", None), "mesh", None)
+  if mesh is None or not mesh.axis_names:
+    return x_BxTxD
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  size = int(np.prod([mesh.shape[a] for a in axes]))
+  if not axes or x_BxTxD.shape[0] % size:
+    return x_BxTxD
+  return jax.lax.with_sharding_constraint(x_BxTxD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axes)))
+
+
 def _embed(params: Params, tokens_BxT, cfg: LlamaConfig):
   return params["tok_embeddings"].astype(cfg.compute_dtype)[tokens_BxT]
 
@@ -288,7 +311,11 @@ def _decoder(params: Params, x_BxTxD, cfg: LlamaConfig, positions_BxT, cache: KV
              attention_mask_BxT=None):
   """`decoder` without the checks. Returns `(h_BxTxD, new cache or None)`."""
   B, T = x_BxTxD.shape[:2]
-  x = x_BxTxD.astype(cfg.compute_dtype)
+  x = _shard_batch(x_BxTxD.astype(cfg.compute_dtype))
+  impl = cfg.resolved_attention_impl() if cache is None else "cpu"
+  if impl == "pallas" and positions_BxT is not None:
+    impl = "blockwise"  # the kernel's causal order is the index: given positions need the exact form
+  index_order = positions_BxT is None  # positions are arange(T), or cumsum(attention_mask) - 1
   if positions_BxT is None and attention_mask_BxT is not None:
     xp = np if isinstance(attention_mask_BxT, np.ndarray) else jnp  # NumPy masks: constant rotary tables
     counts = xp.cumsum(xp.asarray(attention_mask_BxT).astype(np.int32), axis=1).astype(np.int32)
@@ -307,11 +334,17 @@ def _decoder(params: Params, x_BxTxD, cfg: LlamaConfig, positions_BxT, cache: KV
     S = cache.max_len
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   k_valid = None if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
-  mask = nn.causal_mask(positions_BxT, k_pos, k_valid)
+  mask = nn.causal_mask(positions_BxT, k_pos, k_valid) if impl == "cpu" else None
+  by_index = impl in ("cudnn", "pallas") and index_order and attention_mask_BxT is None
+  q_pos, k_pos = (None, None) if by_index else (positions_BxT, k_pos)
 
   def attend(kv, _):
     """The block's attention: over the new keys alone, or written into the cache `kv` and over all of it."""
     def fn(q, k, v):
+      if kv is None and impl != "cpu":
+        return flash.attention(q, k, v, impl=impl, q_positions_BxT=q_pos,
+                               k_positions_BxS=k_pos, k_valid_BxS=k_valid, block_q=cfg.attention_block,
+                               block_k=cfg.attention_block), None
       if kv is None:
         return nn.cached_attention(q, nn.keys_layout(k), nn.values_layout(v), mask), None
       k_all, v_all = nn.write_cache(kv[0], kv[1], k, v, cache_index)
@@ -412,8 +445,8 @@ def _run_layers(cfg: LlamaConfig, params: Params, x, cos, sin, attend, cache: KV
   models on CPU). Either loop takes either cache form and returns the written
   cache in the form it was given.
   """
-  wrap = (lambda f: jax.checkpoint(f, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable)) \
-      if remat else (lambda f: f)
+  policy = getattr(jax.checkpoint_policies, cfg.remat_policy)
+  wrap = (lambda f: jax.checkpoint(f, static_argnums=(2,), policy=policy)) if remat else (lambda f: f)
   block = wrap(lambda x, lp, fn: _block(cfg, x, lp, cos, sin, fn))
   def pairs(c: KVCache | None, form):
     return None if c is None else tuple(form(c))
@@ -581,8 +614,16 @@ def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: LlamaConfig):
     raise ValueError(f"batch['mask'] must have the shape of batch['tokens'] {np.shape(tokens)}, "
                      f"got {np.shape(mask)}")
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  logits, _ = _forward(params, inputs, cfg)
   mask = None if mask is None else mask[:, 1:]
+  if cfg.loss_chunk:
+    h, _ = _forward(params, inputs, cfg, return_hidden=True)
+    w = params["output"]
+    w = jnp.concatenate(w, axis=-1) if isinstance(w, (tuple, list)) else w
+    nll, correct = losses.chunked_token_nll(h, w.astype(cfg.compute_dtype), targets, chunk=cfg.loss_chunk)
+    loss, n = losses.masked_mean(nll, mask)
+    acc, _ = losses.masked_mean(correct, mask)
+    return loss, {"loss": loss, "perplexity": jnp.exp(loss), "accuracy": acc, "tokens": n}
+  logits, _ = _forward(params, inputs, cfg)
   loss, n = cross_entropy(logits, targets, mask)
   correct = (nn.first_argmax(logits) == targets).astype(jnp.float32)
   m = jnp.ones_like(correct) if mask is None else mask.astype(jnp.float32)

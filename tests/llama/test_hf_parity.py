@@ -155,3 +155,42 @@ def test_sequence_logprobs_match_hf(name, side, ref, imported):
   print(f"sequence_logprobs {name} {side}-padded: max |sum diff| = {diff:.2e} (sums {np.round(want, 2).tolist()})")
   assert np.all(want < -1.0)  # really scored something
   assert diff < TOL, f"{name} {side}: jaxml vs HF sequence log-probs differ by {diff}"
+
+
+# The attention forms of `LlamaConfig.attention_impl` against the same HF logits ("cpu", the default on
+# this backend, is the path of the tests above). Blocks of 5 do not divide the 12 tokens.
+# cudnn (XLA's expansion of jax.nn.dot_product_attention on CPU) on one config, to keep the suite short.
+FORMS = [("blockwise", c["name"]) for c in HF_CONFIGS] + [("cudnn", "gqa")]
+
+
+@pytest.mark.parametrize("impl,name", FORMS)
+def test_from_hf_logits_match_every_attention_form(name, impl, ref, imported, tokens):
+  cfg, params = imported[name]
+  cfg = cfg.replace(attention_impl=impl, attention_block=5)
+  diff = _max_diff(model.apply(params, tokens, cfg), ref[f"{name}/logits"])
+  print(f"from_hf {name} attention {impl}: max |logit diff| = {diff:.2e}")
+  assert diff < TOL, f"{name} ({impl}): jaxml vs HF logits differ by {diff}"
+
+
+def test_from_hf_logits_match_pallas_attention(ref, imported, tokens):
+  """The Pallas TPU kernel, interpreted on CPU (slow: one config)."""
+  import jax.experimental.pallas.tpu as pltpu  # noqa: PLC0415
+
+  cfg, params = imported["gqa"]
+  with pltpu.force_tpu_interpret_mode():
+    logits = model.apply(params, tokens, cfg.replace(attention_impl="pallas"))
+  diff = _max_diff(logits, ref["gqa/logits"])
+  print(f"from_hf gqa attention pallas: max |logit diff| = {diff:.2e}")
+  assert diff < TOL, f"gqa (pallas): jaxml vs HF logits differ by {diff}"
+
+
+@pytest.mark.parametrize("impl,side", [("blockwise", "right"), ("blockwise", "left"), ("cudnn", "left")])
+def test_sequence_logprobs_match_hf_every_attention_form(impl, side, ref, imported):
+  """Padded rows (the attention mask path) with the memory-linear forms."""
+  cfg, params = imported["gqa"]
+  tokens, attention, loss = _seq_batch(side)
+  got = np.asarray(llama.sequence_logprobs(params, tokens, loss, cfg.replace(attention_impl=impl, attention_block=5),
+                                           attention_mask_BxT=attention))
+  diff = _max_diff(got, ref[f"gqa/seq_{side}"])
+  print(f"sequence_logprobs gqa {side}-padded attention {impl}: max |sum diff| = {diff:.2e}")
+  assert diff < TOL, f"gqa {side} ({impl}): jaxml vs HF sequence log-probs differ by {diff}"
