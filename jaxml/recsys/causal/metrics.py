@@ -167,3 +167,76 @@ def masked_auc(labels_UxI: Array, scores_UxI: Array, mask_UxI: Array) -> Array:
     raise ValueError("mask_UxI must be concrete (masked_auc selects cells; call it outside jit)")
   m = np.asarray(mask_UxI).astype(bool)
   return _auc(jnp.asarray(labels_UxI)[m], jnp.asarray(scores_UxI)[m])
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _all_at_k(scores, relevant, exclude, ks):
+  hits, n_rel = _ranked(scores, relevant, exclude, max(ks))
+  out = {}
+  for k in ks:
+    h = hits[:, :k]
+    discount = 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=jnp.float32))
+    ideal = jnp.cumsum(discount)[jnp.clip(n_rel.astype(jnp.int32), 1, k) - 1]
+    out[f"recall@{k}"] = _user_mean(h.sum(1) / jnp.maximum(n_rel, 1.0), n_rel)
+    out[f"ndcg@{k}"] = _user_mean((h @ discount) / ideal, n_rel)
+    out[f"hit@{k}"] = _user_mean((h.sum(1) > 0).astype(jnp.float32), n_rel)
+  return out
+
+
+def ranking_metrics(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array | None,
+                    ks: tuple[int, ...] = (20,)) -> dict[str, Array]:
+  """Recall, NDCG and HR at every k of `ks` from one top-max(ks) ranking (as `recall_at_k` etc. each compute).
+
+  Returns:
+    `{"recall@k", "ndcg@k", "hit@k"}` float32 scalars for each k.
+  """
+  ks = tuple(int(k) for k in ks)
+  if not ks:
+    raise ValueError("ks must name at least one cut-off")
+  for k in ks:
+    _check_ranking(scores_UxI, relevant_UxI, exclude_UxI, k)
+  return _all_at_k(scores_UxI, relevant_UxI, exclude_UxI, ks)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _top_k_chunks(scores_fn_args, exclude, k, chunk):
+  u, v, bu, bi = scores_fn_args
+  n_u = u.shape[0]
+  pad = -n_u % chunk
+  pad_rows = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+  u_c = pad_rows(u).reshape(-1, chunk, u.shape[1])
+  bu_c = pad_rows(bu).reshape(-1, chunk)
+  ex_c = pad_rows(exclude).reshape(-1, chunk, exclude.shape[1])
+
+  def one(args):
+    uu, bb, ee = args
+    s = uu @ v.T + bb[:, None] + bi[None, :]
+    return jax.lax.top_k(jnp.where(ee, -jnp.inf, s), k)[1]
+
+  return jax.lax.map(one, (u_c, bu_c, ex_c)).reshape(-1, k)[:n_u]
+
+
+def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 1024) -> Array:
+  """Every user's top-k items under MF (`mf.mf_scores`), `exclude_UxI` (training items) masked, in chunks.
+
+  One compiled program scores `chunk` users at a time (`lax.map`), so the [users, items] score
+  matrix is never held whole.
+
+  Args:
+    params: `mf.mf_init`'s layout (user, item, user_bias, item_bias, bias).
+    exclude_UxI: [users, items] boolean, items never recommended.
+    k: the list length.
+    chunk: users per chunk.
+
+  Returns:
+    int32 [users, k] item ids, best first (ties: lower item index first).
+  """
+  n_u, n_i = params["user"].shape[0], params["item"].shape[0]
+  _checks.matrix("exclude_UxI", exclude_UxI)
+  if np.shape(exclude_UxI) != (n_u, n_i):
+    raise ValueError(f"exclude_UxI has shape {tuple(np.shape(exclude_UxI))}, the model scores ({n_u}, {n_i})")
+  if isinstance(k, bool) or int(k) != k or not 1 <= k <= n_i:
+    raise ValueError(f"k must be an integer in [1, {n_i}] (the number of items), got {k}")
+  bias = params["item_bias"] + params["bias"]
+  args = (params["user"], params["item"], params["user_bias"], bias)
+  return _top_k_chunks(args, jnp.asarray(exclude_UxI, bool), int(k), int(min(chunk, n_u)))

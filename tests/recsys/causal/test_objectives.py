@@ -11,7 +11,7 @@ from absl.testing import absltest
 
 from jaxml.recsys import towers
 from jaxml.recsys import train as ctr_train
-from jaxml.recsys.causal import _checks, mf, movielens, objectives, towers_adapter
+from jaxml.recsys.causal import _checks, metrics, mf, movielens, objectives, towers_adapter
 
 
 def np_sig(x):
@@ -271,6 +271,27 @@ class MarOverlapTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "test_UxI has shape"):
       _checks.warn_mar_overlap("train_UxI", train, "test_UxI", np.ones(3, bool))
 
+
+
+class RankingHelpersTest(absltest.TestCase):
+
+  def test_chunked_top_k_and_one_pass_metrics_equal_the_full_computations(self):
+    p = mf.mf_init(jax.random.PRNGKey(0), 37, 23, 4, scale=1.0)
+    rng = np.random.default_rng(0)
+    ex = rng.random((37, 23)) < 0.3
+    rel = rng.random((37, 23)) < 0.2
+    s = np.where(ex, -np.inf, np.asarray(mf.mf_scores(p)))
+    want = np.argsort(-s, axis=1, kind="stable")[:, :5]        # 37 users in chunks of 8: the last one padded
+    np.testing.assert_array_equal(metrics.mf_top_k(p, ex, 5, chunk=8), want)
+    m = metrics.ranking_metrics(s, rel, ex, (5, 10))
+    for k in (5, 10):
+      self.assertAlmostEqual(float(m[f"recall@{k}"]), float(metrics.recall_at_k(s, rel, ex, k)), places=6)
+      self.assertAlmostEqual(float(m[f"ndcg@{k}"]), float(metrics.ndcg_at_k(s, rel, ex, k)), places=6)
+      self.assertAlmostEqual(float(m[f"hit@{k}"]), float(metrics.hit_rate_at_k(s, rel, ex, k)), places=6)
+    with self.assertRaisesRegex(ValueError, "exclude_UxI has shape \\(37, 22\\)"):
+      metrics.mf_top_k(p, ex[:, :22], 5)
+    with self.assertRaisesRegex(ValueError, "k must be an integer in \\[1, 23\\]"):
+      metrics.mf_top_k(p, ex, 24)
 
 
 if __name__ == "__main__":

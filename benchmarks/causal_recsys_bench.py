@@ -1,0 +1,203 @@
+"""Causal recommendation throughput: MF-IPS / BPR training and full-ranking evaluation, jaxml vs PyTorch and RecBole.
+
+  python -m benchmarks.causal_recsys_bench [--repeats=5] [--quick]
+
+1. MF-IPS training examples/s: `jaxml.train.make_train_step` on `causal.mf.mf_ips_loss` (Adam,
+   `steps_per_call` steps per compiled call, and 1) against the same step in eager PyTorch
+   (`benchmarks/peer_torch_recsys.py`), ML-100K-shaped tables (943 x 1682, dim 64), batch 4096.
+2. Full-ranking evaluation: every user x every item scored (U V^T + biases), training items
+   masked to -inf, top-K; users/s, jaxml (`causal.metrics.mf_top_k`: one program, `lax.map`
+   over user chunks) vs PyTorch (a loop over the same chunks), on a synthetic 20,000 x 10,000
+   matrix (chunks of 2,048 users).
+3. RecBole 1.2.1's BPR on ML-100K with a temporal 90/10 split (its "TO" order): seconds per
+   training epoch and per full-sort evaluation (Recall@20, NDCG@20), against jaxml's BPR
+   (`causal.objectives.pda_loss` with gamma = 0, one epoch = |train| / batch steps, batch 2048,
+   dim 64) and full ranking with `causal.metrics.ranking_metrics` on the same split
+   (`causal.movielens`).
+
+jaxml and the peer alternate round by round (one `PeerWorker` process), medians over rounds.
+Ends with `name: value` lines.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks.common import PeerWorker, median, print_results
+from jaxml import train as jt
+from jaxml.recsys.causal import metrics, mf, movielens, objectives
+from jaxml.train import hostmem
+
+flags.DEFINE_integer("repeats", 5, "rounds (median)")
+flags.DEFINE_integer("threads", 2, "torch threads")
+flags.DEFINE_bool("quick", False, "smaller shapes and fewer rounds (smoke test)")
+flags.DEFINE_bool("recbole", True, "run RecBole's BPR (needs its trainer's imports in the peer environment)")
+FLAGS = flags.FLAGS
+
+PEER = pathlib.Path(__file__).with_name("peer_torch_recsys.py")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def ml100k_path() -> str:
+  hits = sorted(glob.glob(str(ROOT / ".venv-peer" / "lib" / "python3*" / "site-packages" / "recbole" /
+                              "dataset_example" / "ml-100k" / "ml-100k.inter")))
+  return hits[0] if hits else ""
+
+
+def _adam(lr):
+  return jt.make_optimizer(lr, total_steps=1, kind="adam", schedule="constant", clip_norm=None, b1=0.9, b2=0.999,
+                           eps=1e-8)[0]
+
+
+def mf_ips_step(n_users, n_items, dim, batch, steps_per_call):
+  """(compiled step, state, stacked batch) for MF-IPS on a fixed random batch."""
+  rng = np.random.default_rng(0)
+  b = {"users": rng.integers(0, n_users, batch).astype(np.int32), "items": rng.integers(0, n_items, batch).astype(np.int32),
+       "ratings": rng.integers(1, 6, batch).astype(np.float32), "weights": (rng.random(batch) + 0.5).astype(np.float32)}
+  tx = _adam(1e-2)
+  state, _ = jt.init_train_state(lambda r: mf.mf_init(r, n_users, n_items, dim), tx, jax.random.PRNGKey(0))
+  loss = functools.partial(mf.mf_ips_loss, l2=1e-4)
+  step = jax.jit(jt.make_train_step(loss, tx, steps_per_call=steps_per_call), donate_argnums=0)
+  if steps_per_call > 1:
+    b = {k: np.broadcast_to(v, (steps_per_call, *v.shape)).copy() for k, v in b.items()}
+  return step, state, {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def time_steps(step, state, batch, calls):
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(calls):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t) / calls, state
+
+
+def full_rank_jax(n_users, n_items, dim, k, chunk, density):
+  """`once()`: every user's top-k with training items masked (`causal.metrics.mf_top_k`)."""
+  key = jax.random.split(jax.random.PRNGKey(0), 5)
+  params = {"user": jax.random.normal(key[0], (n_users, dim)), "item": jax.random.normal(key[1], (n_items, dim)),
+            "user_bias": jax.random.normal(key[2], (n_users,)), "item_bias": jax.random.normal(key[3], (n_items,)),
+            "bias": jnp.zeros(())}
+  train = jax.random.uniform(key[4], (n_users, n_items)) < density
+
+  def once():
+    return jax.block_until_ready(metrics.mf_top_k(params, train, k, chunk=chunk))
+
+  once()
+  return once
+
+
+def bpr_epoch_jax(split, batch, dim, steps):
+  users, items, stages = split["train_users"], split["train_items"], split["train_stages"]
+  n_i = split["n_items"]
+  pop = np.ones((int(stages.max()) + 1, n_i), np.float32)          # gamma = 0: popularity unused
+  tx = _adam(1e-3)
+  state, _ = jt.init_train_state(lambda r: mf.mf_init(r, split["n_users"], n_i, dim), tx, jax.random.PRNGKey(0))
+  loss = functools.partial(objectives.pda_loss, gamma=0.0)
+  step = jax.jit(jt.make_train_step(loss, tx, steps_per_call=steps), donate_argnums=0)
+  rng = np.random.default_rng(0)
+
+  def epoch_batches():
+    k = rng.integers(0, users.size, (steps, batch))
+    neg = rng.integers(0, n_i, (steps, batch))
+    return {"users": jnp.asarray(users[k], jnp.int32), "pos_items": jnp.asarray(items[k], jnp.int32),
+            "neg_items": jnp.asarray(neg, jnp.int32), "pos_pop": jnp.asarray(pop[stages[k], items[k]]),
+            "neg_pop": jnp.asarray(pop[stages[k], neg])}
+
+  holder = {"state": state}
+
+  def once():
+    b = epoch_batches()                                             # host sampling is part of the epoch
+    holder["state"], m = step(holder["state"], b)
+    jax.block_until_ready(m)
+
+  once()
+  return once, holder
+
+
+def main(argv):
+  del argv
+  hostmem.relaunch_with_huge_pages()
+  q = FLAGS.quick
+  repeats = 2 if q else FLAGS.repeats
+  res = {}
+  n_users, n_items, dim, batch, spc = 943, 1682, 64, 4096, 50
+  ranks = (4000, 2000, 64, 20, 1024, 0.01) if q else (20000, 10000, 64, 20, 2048, 0.01)
+  with PeerWorker(PEER, threads=FLAGS.threads) as peer:
+    res.update({f"peer_{k}": v for k, v in peer.request("hello", threads=FLAGS.threads).items()})
+    many, state_m, b_m = mf_ips_step(n_users, n_items, dim, batch, spc)
+    one, state_1, b_1 = mf_ips_step(n_users, n_items, dim, batch, 1)
+    rank = full_rank_jax(*ranks)
+    jax_m, jax_1, torch_t, jax_r, torch_r = [], [], [], [], []
+    for _ in range(repeats):
+      s, state_m = time_steps(many, state_m, b_m, 2)
+      jax_m.append(s / spc)
+      s, state_1 = time_steps(one, state_1, b_1, 50)
+      jax_1.append(s)
+      torch_t.append(median(peer.request("mf_ips_train", n_users=n_users, n_items=n_items, dim=dim, batch=batch,
+                                         steps=50)["seconds"]))
+      t = time.perf_counter()
+      rank()
+      jax_r.append(time.perf_counter() - t)
+      nu, ni, d, k, chunk, dens = ranks
+      torch_r.append(median(peer.request("full_rank", n_users=nu, n_items=ni, dim=d, k=k, chunk=chunk, density=dens,
+                                         repeats=1)["seconds"]))
+    res["mf_ips_train_examples_per_s_jaxml"] = batch / median(jax_m)
+    res["mf_ips_train_examples_per_s_jaxml_1_step_per_call"] = batch / median(jax_1)
+    res["mf_ips_train_examples_per_s_torch"] = batch / median(torch_t)
+    res["mf_ips_train_speedup"] = median(torch_t) / median(jax_m)
+    res["mf_ips_train_speedup_1_step_per_call"] = median(torch_t) / median(jax_1)
+    res["full_rank_users_per_s_jaxml"] = ranks[0] / median(jax_r)
+    res["full_rank_users_per_s_torch"] = ranks[0] / median(torch_r)
+    res["full_rank_speedup"] = median(torch_r) / median(jax_r)
+
+    path = ml100k_path()
+    if FLAGS.recbole and path:
+      split = movielens.temporal_split(movielens.read_inter(path), 10)
+      n_train = split["train_users"].size
+      steps = -(-n_train // 2048)
+      epoch, holder = bpr_epoch_jax(split, 2048, 64, steps)
+      test, train = split["test_UxI"], split["train_UxI"]
+      scores = jax.jit(mf.mf_scores)
+
+      def evaluate():   # all users x all items, training items masked, Recall@20 and NDCG@20 (users with test items)
+        return metrics.ranking_metrics(scores(holder["state"].params), test, train, (20,))
+
+      jax.block_until_ready(evaluate())
+      rb = peer.request("recbole_bpr", data_path="", batch=2048, dim=64, epochs=repeats + 1)
+      jt_s, je_s = [], []
+      for _ in range(repeats):
+        t = time.perf_counter()
+        epoch()
+        jt_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        jax.block_until_ready(evaluate())
+        je_s.append(time.perf_counter() - t)
+      rb_t, rb_e = median(rb["train_seconds"][1:]), median(rb["eval_seconds"][1:])
+      res["ml100k_train_interactions_jaxml"] = n_train
+      res["ml100k_train_interactions_recbole"] = rb["train_interactions"]
+      res["bpr_epoch_s_jaxml"] = median(jt_s)
+      res["bpr_epoch_s_recbole"] = rb_t
+      res["bpr_train_speedup_vs_recbole"] = rb_t / median(jt_s)
+      res["full_sort_eval_s_jaxml"] = median(je_s)
+      res["full_sort_eval_s_recbole"] = rb_e
+      res["full_sort_eval_speedup_vs_recbole"] = rb_e / median(je_s)
+      res["recbole_recall@20_after_epochs"] = rb["metrics"].get("recall@20", float("nan"))
+    else:
+      res["recbole"] = "skipped (no ML-100K in the peer environment or --norecbole)"
+  res["rounds"] = repeats
+  res["cpu_cores"] = os.cpu_count()
+  print_results(res)
+
+
+if __name__ == "__main__":
+  app.run(main)
