@@ -507,9 +507,6 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
         max_new_tokens=N, temperature=float(ppo_cfg.temperature), top_k=None, top_p=None,
         eos_id=None if eos_id is None else int(eos_id), segments=(_gen._SEGMENTS, _gen._SEGMENT_MIN_LEN),
         with_logprobs=False)
-    # A barrier between the decode loop and the scoring passes: without it XLA:CPU fuses the loop's
-    # output gathers into every consumer and the three forward passes run several times slower.
-    new, n_new, bad = jax.lax.optimization_barrier((new, n_new, bad))
     resp_mask = (jnp.arange(N, dtype=jnp.int32)[None, :] < n_new[:, None])
     tokens = jnp.concatenate([prompts, new], axis=1)
     mask = jnp.concatenate([prompt_mask, resp_mask], axis=1).astype(jnp.int32)
