@@ -1,5 +1,4 @@
 """Memory-linear attention forms and the chunked cross-entropy against the materialised forms."""
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,24 +120,27 @@ class KernelFormsTest(parameterized.TestCase):
     _assert_close(got, want, rows=k_valid)
 
 
-class ChunkedCrossEntropyTest(chex.TestCase, parameterized.TestCase):
+class ChunkedCrossEntropyTest(parameterized.TestCase):
 
-  @parameterized.named_parameters(("masked_odd_chunks", 5, True), ("one_chunk", 64, False))
-  def test_equals_plain_cross_entropy(self, chunk, masked):
+  def test_equals_plain_cross_entropy(self):
+    """Loss and gradients with a mask and chunks of 5 over 13 positions; per-token values with one chunk."""
     rng = np.random.default_rng(6)
     h = jnp.asarray(rng.normal(size=(2, 13, 8)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
     t = jnp.asarray(rng.integers(0, 50, size=(2, 13)), jnp.int32)
-    m = jnp.asarray(rng.integers(0, 2, size=(2, 13)), jnp.float32) if masked else None
-    got = jax.jit(jax.value_and_grad(lambda h, w: losses.chunked_cross_entropy(h, w, t, m, chunk=chunk)[0],
-                                     argnums=(0, 1)))(h, w)
-    want = jax.value_and_grad(lambda h, w: layers.cross_entropy(layers.linear(h, w, out_dtype=jnp.float32), t, m)[0],
-                              argnums=(0, 1))(h, w)
+    m = jnp.asarray(rng.integers(0, 2, size=(2, 13)), jnp.float32)
+
+    def both(h, w):
+      chunked = jax.value_and_grad(lambda h, w: losses.chunked_cross_entropy(h, w, t, m, chunk=5)[0], argnums=(0, 1))
+      plain = jax.value_and_grad(lambda h, w: layers.cross_entropy(layers.linear(h, w, out_dtype=jnp.float32), t, m)[0],
+                                 argnums=(0, 1))
+      return chunked(h, w), plain(h, w), losses.chunked_token_nll(h, w, t, chunk=64), layers.first_argmax(h @ w)
+
+    got, want, (nll, correct), argmax = jax.jit(both)(h, w)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     for a, b in zip(got[1], want[1]):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-    nll, correct = losses.chunked_token_nll(h, w, t, chunk=chunk)
-    np.testing.assert_array_equal(correct, layers.first_argmax(h @ w) == t)
+    np.testing.assert_array_equal(correct, argmax == t)
     z = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
     logp = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
     np.testing.assert_allclose(nll, -np.take_along_axis(logp, np.asarray(t)[..., None], -1)[..., 0], atol=1e-5)
