@@ -5,7 +5,12 @@ Variants (`--config=experiments/configs/llama_lm.py:<variant>`):
            SentencePiece vocab) on ~2 MB of the Python standard library source,
            400 steps of 16 x 128 tokens; a few minutes on 2 cores.
   small    seconds; for tests and smoke runs.
-  7b       Llama 2 7B shapes for a TPU VM (FSDP over all chips).
+  7b       Llama 2 7B shapes for a TPU v5e-64 slice (FSDP over all chips).
+  13b      Llama 2 13B shapes for a TPU v5e-128 slice.
+  70b      Llama 2 70B shapes for a TPU v5e-512 slice.
+  Each large recipe names its slice (`target_slice`) and the per-device memory XLA reports for its train
+  step (`expected_device_gib`: arguments + temporaries, compiled for virtual CPU devices by
+  `python -m benchmarks.llama_memory --preset=<variant>`; see BUILD_NOTES.md). A v5e chip has 16 GiB of HBM.
 
 Run:
   python -m experiments.llama_lm --workdir=/tmp/llama_lm
@@ -47,6 +52,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0                         # init and data order; same seed + step = same batch
   # --- parallelism
   c.mesh = (-1, 1, 1)                # (data, fsdp, tensor) mesh sizes; -1 = all remaining devices
+  c.target_slice = "cpu"             # what the recipe is sized for (documentation; nothing reads it to run)
+  c.expected_device_gib = 0.0        # per-device arguments + temporaries XLA reports (0: not measured)
   # --- checkpoints and logging
   c.checkpoint_every = 100           # save every this many steps (and at the end / on SIGTERM)
   c.keep = 3                         # this run's newest checkpoints kept (earlier runs' are never deleted)
@@ -80,15 +87,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval_batches = 1
     c.sample_prompts = ("def ",)
     c.sample_new_tokens = 8
-  elif variant == "7b":
+  elif variant in ("7b", "13b", "70b"):
     c.corpus_max_bytes = 0            # 0: no limit (set c.corpus to a large text folder)
     c.vocab_size = 32000
-    c.preset = "7b"                   # bfloat16 compute, remat on
+    c.preset = variant                # bfloat16 compute, remat, backend attention kernel, chunked logits
     c.model_overrides = ml_collections.ConfigDict({"max_seq_len": 4096})
     c.seq_len = 2048
-    c.batch = 256
     c.steps = 10_000
-    c.lr = 3e-4
     c.warmup = 2000
     c.weight_decay = 0.1
     c.mesh = (1, -1, 1)               # FSDP over every chip
@@ -97,6 +102,21 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_batches = 8
     c.sample_new_tokens = 128
+    if variant == "7b":
+      c.batch = 256                   # 4 x 2048 tokens per chip on 64 chips (0.5M tokens per step)
+      c.lr = 3e-4
+      c.target_slice = "v5e-64"
+      c.expected_device_gib = 10.0
+    elif variant == "13b":
+      c.batch = 512                   # 4 x 2048 tokens per chip on 128 chips (1M tokens per step)
+      c.lr = 3e-4
+      c.target_slice = "v5e-128"
+      c.expected_device_gib = 0.0
+    else:
+      c.batch = 512                   # 1 x 2048 tokens per chip on 512 chips (1M tokens per step)
+      c.lr = 1.5e-4
+      c.target_slice = "v5e-512"
+      c.expected_device_gib = 0.0
   else:
-    raise ValueError(f"unknown llama_lm config variant {variant!r}; use default, small or 7b")
+    raise ValueError(f"unknown llama_lm config variant {variant!r}; use default, small, 7b, 13b or 70b")
   return c

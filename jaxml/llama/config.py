@@ -13,7 +13,9 @@ from jaxml.nn.layers import swiglu_hidden_dim
 
 ATTENTION_IMPLS = ("auto", "cpu", "blockwise", "cudnn", "pallas")
 # `jax.checkpoint_policies` that need no arguments, from keeping nothing (recompute the whole block) to
-# keeping every matmul output.
+# keeping everything. The block's matmuls (`nn.linear`) and attention run under hand-written VJPs, which
+# the dots policies do not see: for this model they keep what "nothing_saveable" keeps (the 7b recipe
+# compiles to the same per-device memory with either).
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "everything_saveable")
 
 
@@ -134,10 +136,9 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
 
 PRESETS: dict[str, LlamaConfig] = {
     # Published Llama 2 shapes (context 4096, vocab 32000). For accelerators: bfloat16 compute, each block
-    # rematerialised keeping nothing (saving the matmul outputs, "dots_with_no_batch_dims_saveable", needs
-    # about 0.8 GiB per layer per 8k tokens on a device: more than a 16 GiB chip holds for 32+ layers),
-    # attention by the backend's kernel ("auto"), logits 512 positions at a time. See BUILD_NOTES.md for the
-    # per-device memory XLA reports for the llama_lm recipes.
+    # rematerialised keeping only its input (the llama_lm recipes then need 10-14 GiB per device; keeping
+    # every activation, "everything_saveable", does not fit a 16 GiB chip), attention by the backend's
+    # kernel ("auto"), logits 512 positions at a time. BUILD_NOTES.md has the per-device memory XLA reports.
     "7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, dtype="bfloat16", remat=True, loss_chunk=512),
     "13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, dtype="bfloat16", remat=True,
                        loss_chunk=512),
