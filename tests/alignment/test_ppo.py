@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl.testing import absltest, parameterized
+from absl.testing import absltest
 
 from jaxml import alignment, llama, rl
 from jaxml import train as jt
@@ -119,10 +119,11 @@ class RolloutTest(chex.TestCase):
   def test_advantage_switches(self):
     exp, _, _ = gae_experience()
     args = (exp["scores"], exp["old_logp"], exp["ref_logp"], exp["old_values"], exp["response_mask"])
-    plain, ret, _ = ppo.compute_advantages(GAE, *args)
+    configs = (GAE, GAE.replace(advantage_norm=True), GAE.replace(advantage_norm=True, advantage_clip=0.5),
+               GAE.replace(kl_coef=0.0), GAE.replace(kl_estimator="k3"))
+    results = jax.device_get(jax.jit(lambda *a: [ppo.compute_advantages(c, *a) for c in configs])(*args))
+    (plain, ret, _), (normed, _, _), (clipped, _, _), (no_kl, ret0, kl_tok), (_, _, k3) = results
     np.testing.assert_allclose(plain, exp["advantages"], atol=1e-6)      # the rollout's own
-    normed, _, _ = ppo.compute_advantages(GAE.replace(advantage_norm=True), *args)
-    clipped, _, _ = ppo.compute_advantages(GAE.replace(advantage_norm=True, advantage_clip=0.5), *args)
     m = np.asarray(exp["response_mask"]) > 0
     a = np.asarray(normed)[m]
     self.assertAlmostEqual(float(a.mean()), 0.0, places=5)
@@ -133,11 +134,9 @@ class RolloutTest(chex.TestCase):
     self.assertGreater(np.abs(a).max(), 0.5)
     np.testing.assert_array_equal(np.asarray(normed)[~m], 0.0)
     # No KL in the reward (kl_coef 0): the returns change by exactly the KL-to-go.
-    no_kl, ret0, kl_tok = ppo.compute_advantages(GAE.replace(kl_coef=0.0), *args)
     to_go = np.cumsum(np.asarray(kl_tok)[:, ::-1], axis=1)[:, ::-1] * m
     np.testing.assert_allclose(np.asarray(ret0) - np.asarray(ret), 0.1 * to_go, atol=1e-5)
     # k3 instead of k1 in the reward: the per-token penalty is the k3 estimate.
-    _, _, k3 = ppo.compute_advantages(GAE.replace(kl_estimator="k3"), *args)
     np.testing.assert_allclose(k3, rl.kl_penalty(exp["old_logp"], exp["ref_logp"], "k3") * m, atol=1e-7)
 
   def test_grpo_and_rloo_groups(self):
@@ -177,36 +176,49 @@ def fresh_state(pcfg, policy=MOVED, ref=POLICY, tx=None):
   return ppo.init_state(jax.random.PRNGKey(2), policy, ref, REWARD_MODEL, pcfg, policy_cfg=CFG, tx=tx)
 
 
-class PolicyGradientTest(chex.TestCase, parameterized.TestCase):
+class PolicyGradientTest(chex.TestCase):
 
-  @parameterized.parameters("gae", "rloo")
-  def test_one_epoch_unclipped_fresh_rollout_is_the_policy_gradient(self, estimator):
-    pcfg = GAE if estimator == "gae" else RLOO
-    state = fresh_state(pcfg, tx=SGD)
-    exp, _, _ = rollout(pcfg, state.params, state.extras, key=jax.random.fold_in(jt.step_rng(state), 0))
+  def test_one_epoch_unclipped_fresh_rollout_step_is_the_policy_gradient(self):
+    # The whole step (GAE, KL in the reward, one epoch, one minibatch, no clipping) under SGD at lr 1.
+    state = fresh_state(GAE, tx=SGD)
+    exp, _, _ = rollout(GAE, state.params, state.extras, key=jax.random.fold_in(jt.step_rng(state), 0))
     before = jax.device_get(state.params["policy"])
-    new_state, metrics = sgd_step(pcfg)(state, BATCH)
+    new_state, metrics = sgd_step(GAE)(state, BATCH)
     moved = jax.tree_util.tree_map(lambda a, b: a - b, before, jax.device_get(new_state.params["policy"]))
     tokens, mask, m, adv = exp["tokens"], exp["mask"], exp["response_mask"], exp["advantages"]
-    n = jnp.sum(m)
-    if estimator == "rloo":
-      # One advantage per sequence: -(1/n) sum_b A_b log pi(y_b | x_b), with llama.sequence_logprobs.
-      loss_mask = jnp.concatenate([jnp.zeros((tokens.shape[0], P)), m], axis=1)
 
-      def pg(p):
-        return -jnp.sum(adv[:, 0] * llama.sequence_logprobs(p, tokens, loss_mask, CFG, attention_mask_BxT=mask)) / n
-    else:
-      # Per-token advantages: the full log-softmax at the positions before each response token.
-      def pg(p):
-        h = llama.decoder(p, llama.embed(p, tokens, CFG), CFG, attention_mask=mask)
-        logp = jax.nn.log_softmax(llama.head(p, h, CFG), axis=-1)[:, P - 1:-1]
-        picked = jnp.take_along_axis(logp, tokens[:, P:, None], axis=-1)[..., 0]
-        return -jnp.sum(adv * picked * m) / n
-    grads = jax.device_get(jax.grad(pg)(MOVED))
+    # -(1/n) sum_t A_t log pi(y_t | y_<t, x): the full log-softmax at the positions before each response token.
+    def pg(p):
+      h = llama.decoder(p, llama.embed(p, tokens, CFG), CFG, attention_mask=mask)
+      logp = jax.nn.log_softmax(llama.head(p, h, CFG), axis=-1)[:, P - 1:-1]
+      picked = jnp.take_along_axis(logp, tokens[:, P:, None], axis=-1)[..., 0]
+      return -jnp.sum(adv * picked * m) / jnp.sum(m)
+    grads = jax.device_get(jax.jit(jax.grad(pg))(MOVED))
     chex.assert_trees_all_close(moved, grads, rtol=2e-4, atol=2e-6)
     self.assertGreater(float(optax.tree.norm(grads)), 1e-3)
     self.assertEqual(float(metrics["clip_fraction"]), 0.0)
     self.assertAlmostEqual(float(metrics["ratio"]), 1.0, places=5)   # a fresh rollout
+
+  def test_rloo_loss_and_no_importance_sampling_are_the_policy_gradient(self):
+    # One advantage per sequence, no KL: -(1/n) sum_b A_b log pi(y_b | x_b), with llama.sequence_logprobs;
+    # and without importance sampling (-A log pi) the same gradient on a fresh rollout.
+    exp, _, _ = rollout(RLOO, {"policy": MOVED, "value": {}})
+    tokens, mask, m, adv = exp["tokens"], exp["mask"], exp["response_mask"], exp["advantages"]
+    loss_mask = jnp.concatenate([jnp.zeros((tokens.shape[0], P)), m], axis=1)
+
+    def pg(p):
+      return -jnp.sum(adv[:, 0] * llama.sequence_logprobs(p, tokens, loss_mask, CFG, attention_mask_BxT=mask)) / jnp.sum(m)
+
+    @jax.jit
+    def grads(p):
+      with_is = jax.grad(lambda q: ppo.make_loss(CFG, RLOO)({"policy": q, "value": {}}, exp)[0])(p)
+      without = jax.grad(lambda q: ppo.make_loss(CFG, RLOO.replace(importance_sampling=False))(
+          {"policy": q, "value": {}}, exp)[0])(p)
+      return with_is, without, jax.grad(pg)(p)
+    with_is, without, want = jax.device_get(grads(MOVED))
+    chex.assert_trees_all_close(with_is, want, rtol=2e-4, atol=2e-6)
+    chex.assert_trees_all_close(without, want, rtol=2e-4, atol=2e-6)
+    self.assertGreater(float(optax.tree.norm(want)), 1e-3)
 
 
 class LossSwitchTest(chex.TestCase):
@@ -216,37 +228,33 @@ class LossSwitchTest(chex.TestCase):
     critic = perturbed(REWARD_MODEL, 0.05, 9)
     params = {"policy": MOVED, "value": critic}
     ptx = {"tokens": jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, size=(2, 9)), jnp.int32)}
-    loss = lambda cfg, *a: ppo.make_loss(CFG, cfg)(params, exp, *a)  # noqa: E731
-    base, bm = loss(GAE)
-    m = exp["response_mask"]
-    logp, ent = ppo.token_logprobs(MOVED, exp["tokens"], exp["mask"], P, CFG)
-    np.testing.assert_allclose(logp * m, exp["old_logp"] * m, atol=1e-6)
-    with_ent, _ = loss(GAE.replace(entropy_coef=0.1))
-    self.assertAlmostEqual(float(with_ent - base), -0.1 * float(rl.masked_mean(ent, m)), places=5)
-    with_ptx, _ = loss(GAE.replace(ptx_coef=0.5), ptx)
-    self.assertAlmostEqual(float(with_ptx - base), 0.5 * float(llama.loss_fn(MOVED, ptx, CFG)[0]), places=5)
-    as_loss, _ = loss(GAE.replace(kl_mode="as_loss", kl_estimator="k3"))
-    k3 = rl.masked_mean(rl.kl_penalty(logp, exp["ref_logp"], "k3"), m)
-    self.assertAlmostEqual(float(as_loss - base), 0.1 * float(k3), places=5)
-    # The critic moved away from the rollout's values: with a tight clip some tokens clip, none without.
     values = ppo.token_values(critic, exp["tokens"], exp["mask"], P, CFG)
+    m = exp["response_mask"]
     c = 0.5 * float(np.median(np.abs(np.asarray(values - exp["old_values"]))[np.asarray(m) > 0]))
-    clipped, cm = loss(GAE.replace(value_clip=c))
+    configs = {"base": GAE, "entropy": GAE.replace(entropy_coef=0.1), "ptx": GAE.replace(ptx_coef=0.5),
+               "as_loss": GAE.replace(kl_mode="as_loss", kl_estimator="k3"), "value_clip": GAE.replace(value_clip=c),
+               "surrogate": GAE.replace(clip_surrogate=True)}
+
+    @jax.jit
+    def losses(params):
+      out = {name: ppo.make_loss(CFG, cfg)(params, exp, ptx) for name, cfg in configs.items()}
+      logp, ent = ppo.token_logprobs(params["policy"], exp["tokens"], exp["mask"], P, CFG)
+      return out, logp, ent, llama.loss_fn(params["policy"], ptx, CFG)[0]
+    out, logp, ent, ptx_loss = jax.device_get(losses(params))
+    base, bm = out["base"]
+    np.testing.assert_allclose(logp * m, exp["old_logp"] * m, atol=1e-6)
+    self.assertAlmostEqual(float(out["entropy"][0] - base), -0.1 * float(rl.masked_mean(ent, m)), places=5)
+    self.assertAlmostEqual(float(out["ptx"][0] - base), 0.5 * float(ptx_loss), places=5)
+    k3 = rl.masked_mean(rl.kl_penalty(logp, exp["ref_logp"], "k3"), m)
+    self.assertAlmostEqual(float(out["as_loss"][0] - base), 0.1 * float(k3), places=5)
+    # The critic moved away from the rollout's values: with a tight clip some tokens clip, none without.
     want, _ = rl.ppo_value_loss(values, exp["old_values"], exp["returns"], m, clip_eps=c)
+    cm = out["value_clip"][1]
     self.assertGreater(float(cm["value_clip_fraction"]), 0.0)
     self.assertEqual(float(bm["value_clip_fraction"]), 0.0)
     self.assertAlmostEqual(float(cm["value_loss"]), float(want), places=5)
-    # Clipped surrogate on: the loss is the clipped one (ratios are 1 here, so the same value).
-    surrogate, sm = loss(GAE.replace(clip_surrogate=True))
-    self.assertAlmostEqual(float(surrogate), float(base), places=6)
-
-  def test_without_importance_sampling_the_gradient_is_the_same_on_a_fresh_rollout(self):
-    exp, _, _ = gae_experience()
-    params = {"policy": MOVED, "value": REWARD_MODEL}
-    g_is = jax.grad(lambda p: ppo.make_loss(CFG, GAE)(p, exp)[0])(params)
-    g_pg = jax.grad(lambda p: ppo.make_loss(CFG, GAE.replace(importance_sampling=False))(p, exp)[0])(params)
-    chex.assert_trees_all_close(g_is, g_pg, rtol=1e-4, atol=1e-7)
-    self.assertGreater(float(optax.tree.norm(g_is["policy"])), 1e-3)
+    # Clipped surrogate on: ratios are 1 on this fresh rollout, so the loss is the same.
+    self.assertAlmostEqual(float(out["surrogate"][0]), float(base), places=6)
 
   def test_inits_and_optimizer(self):
     s = ppo.init_state(jax.random.PRNGKey(0), POLICY, POLICY, REWARD_MODEL, GAE, policy_cfg=CFG)
@@ -264,7 +272,7 @@ class LossSwitchTest(chex.TestCase):
     norm = float(optax.tree.norm(g))
     for clip in (1.0, None):
       tx = ppo.make_optimizer(GAE.replace(max_grad_norm=clip, policy_lr=1.0, value_lr=2.0))
-      updates, opt_state = tx.update(g, tx.init(g))
+      updates, opt_state = jax.jit(lambda g: tx.update(g, tx.init(g)))(g)  # noqa: B023
       # Adam's first step is -lr * g / (|g| + eps) per entry, g the (clipped) gradient.
       gc = 1e3 * (clip / norm if clip else 1.0)
       step = gc / (gc + GAE.adam_eps)
@@ -295,11 +303,11 @@ def batch_fn(step, sigterm_at=None):
   return {"prompts": left_padded(rng, lengths), "prompt_lengths": lengths}
 
 
-def train(workdir, num_steps, step, init, *, sigterm_at=None):
+def train(workdir, num_steps, step, init, *, sigterm_at=None, every=1):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                     jax.eval_shape(init))
-  ckpt = jt.Checkpointer(os.path.join(workdir, "ckpt"), every=1, keep=10, async_save=False)
+  ckpt = jt.Checkpointer(os.path.join(workdir, "ckpt"), every=every, keep=10, async_save=False)
   try:
     state, start = jt.restore_or_init(ckpt, abstract, init)
     result = jt.train(step, state, functools.partial(batch_fn, sigterm_at=sigterm_at), num_steps=num_steps,
@@ -320,12 +328,13 @@ class CoreTest(chex.TestCase):
   def test_sigterm_and_resume_equal_an_uninterrupted_run_bitwise(self):
     init = lambda: ppo.init_state(jax.random.PRNGKey(4), POLICY, POLICY, REWARD_MODEL, RESUME_CFG,  # noqa: E731
                                   policy_cfg=CFG)
-    _, whole = train(self.tmpdir(), 4, resume_step(), init)
+    # Checkpoints only at the end (every=4): the SIGTERM save is the one the rerun resumes from.
+    _, whole = train(self.tmpdir(), 4, resume_step(), init, every=4)
     workdir = self.tmpdir()
-    _, first = train(workdir, 4, resume_step(), init, sigterm_at=2)
+    _, first = train(workdir, 4, resume_step(), init, sigterm_at=2, every=4)
     self.assertTrue(first.preempted)
     self.assertEqual(first.step, 3)
-    start, second = train(workdir, 4, resume_step(), init)
+    start, second = train(workdir, 4, resume_step(), init, every=4)
     self.assertEqual((start, second.step), (3, 4))
     chex.assert_trees_all_equal(jax.device_get(second.state), jax.device_get(whole.state))
     self.assertEqual(second.history[-1]["reward"], whole.history[-1]["reward"])   # the same rollout drawn
