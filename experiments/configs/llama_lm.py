@@ -111,12 +111,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       c.batch = 512                   # 4 x 2048 tokens per chip on 128 chips (1M tokens per step)
       c.lr = 3e-4
       c.target_slice = "v5e-128"
-      c.expected_device_gib = 0.0
+      c.expected_device_gib = 13.5
     else:
       c.batch = 512                   # 1 x 2048 tokens per chip on 512 chips (1M tokens per step)
       c.lr = 1.5e-4
       c.target_slice = "v5e-512"
-      c.expected_device_gib = 0.0
+      c.expected_device_gib = 13.4
   else:
     raise ValueError(f"unknown llama_lm config variant {variant!r}; use default, small, 7b, 13b or 70b")
   return c
