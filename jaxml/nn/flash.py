@@ -31,13 +31,15 @@ impl="materialised")` builds that mask and calls `dot_product_attention`.
 
 `blockwise_attention` equals the materialised form everywhere, including a
 query row that sees no key at all (uniform attention over all `S` keys, as the
-materialised form's float32-minimum scores give). The fused and Pallas kernels
-mask by index, not by position (`s <= t` when causal), and give each padding
-query the padding keys (Pallas: segment ids `q = kv = k_valid`): they equal the
-materialised form at every query whose visible keys are the same under both
-rules, which holds for every real (non-padding) token when positions increase
-by one over the real tokens of a row (`arange`, or the
-`cumsum(attention_mask) - 1` positions of a padded row).
+materialised form's float32-minimum scores give). `fused_attention` builds the
+mask from the positions when any are given (else it uses the kernel's own
+causal mask, by index). The Pallas kernel masks by index (`s <= t` when
+causal), not by position, and gives each padding query the padding keys
+(segment ids `q = kv = k_valid`): it equals the materialised form at every
+query whose visible keys are the same under both rules, which holds for every
+real (non-padding) token when positions increase by one over the real tokens
+of a row (`arange`, or the `cumsum(attention_mask) - 1` positions of a padded
+row).
 """
 from __future__ import annotations
 
