@@ -9,9 +9,10 @@ Started by `benchmarks.common.PeerWorker`; never imports jaxml. JSON-line reques
   {"op": "full_rank", "n_users", "n_items", "dim", "k", "chunk", "density", "seed"}
       seconds of one full-ranking pass: scores U V^T + biases per chunk of users, training items
       set to -inf (`masked_fill`), `torch.topk`
-  {"op": "recbole_bpr", "data_path", "batch", "dim", "epochs"}
-      RecBole 1.2.1's BPR on ml-100k, temporal 90/10 split ("TO", RS [0.9, 0, 0.1], full sort):
-      seconds of each training epoch (`Trainer._train_epoch`) and of the full-sort evaluation
+  {"op": "recbole_build", "data_path", "batch", "dim"}
+      RecBole 1.2.1's BPR on ml-100k, temporal 90/10 split ("TO", RS [0.9, 0, 0.1], full sort)
+  {"op": "recbole_round"}
+      seconds of one training epoch (`Trainer._train_epoch`) and of one full-sort evaluation
       (`Trainer.evaluate`, Recall@20 and NDCG@20), with the metrics
   {"op": "quit"}
 
@@ -110,12 +111,15 @@ def _recbole():
   return Config, create_dataset, data_preparation, BPR, Trainer
 
 
-def op_recbole_bpr(data_path: str, batch: int = 2048, dim: int = 64, epochs: int = 3, seed: int = 0) -> dict:
+_RECBOLE = {}
+
+
+def op_recbole_build(data_path: str = "", batch: int = 2048, dim: int = 64, seed: int = 0) -> dict:
   import recbole
   Config, create_dataset, data_preparation, BPR, Trainer = _recbole()
   root = data_path or os.path.join(os.path.dirname(recbole.__file__), "dataset_example")
   cfg = Config(model="BPR", dataset="ml-100k", config_dict={
-      "data_path": root, "epochs": epochs, "train_batch_size": batch, "eval_batch_size": 4096, "embedding_size": dim,
+      "data_path": root, "epochs": 1, "train_batch_size": batch, "eval_batch_size": 4096, "embedding_size": dim,
       "eval_args": {"split": {"RS": [0.9, 0.0, 0.1]}, "order": "TO", "group_by": None, "mode": "full"},
       "metrics": ["Recall", "NDCG"], "topk": [20], "valid_metric": "NDCG@20", "device": "cpu", "use_gpu": False,
       "show_progress": False, "checkpoint_dir": os.path.join("/tmp", f"recbole_ckpt_{os.getpid()}"),
@@ -123,22 +127,26 @@ def op_recbole_bpr(data_path: str, batch: int = 2048, dim: int = 64, epochs: int
       "learning_rate": 1e-3})
   ds = create_dataset(cfg)
   train, _, test = data_preparation(cfg, ds)
-  model = BPR(cfg, train.dataset)
-  trainer = Trainer(cfg, model)
-  train_s, eval_s, result = [], [], {}
-  for epoch in range(epochs):
-    t = time.perf_counter()
-    trainer._train_epoch(train, epoch)
-    train_s.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    result = trainer.evaluate(test, load_best_model=False)
-    eval_s.append(time.perf_counter() - t)
-  return {"train_seconds": train_s, "eval_seconds": eval_s, "train_interactions": int(len(train.dataset)),
-          "n_users": int(ds.user_num), "n_items": int(ds.item_num),
-          "metrics": {k: float(v) for k, v in result.items()}}
+  trainer = Trainer(cfg, BPR(cfg, train.dataset))
+  _RECBOLE.update(trainer=trainer, train=train, test=test, epoch=0)
+  return {"train_interactions": int(len(train.dataset)), "n_users": int(ds.user_num), "n_items": int(ds.item_num)}
 
 
-OPS = {"hello": op_hello, "mf_ips_train": op_mf_ips_train, "full_rank": op_full_rank, "recbole_bpr": op_recbole_bpr}
+def op_recbole_round() -> dict:
+  """One training epoch (`Trainer._train_epoch`) and one full-sort evaluation (`Trainer.evaluate`)."""
+  r = _RECBOLE
+  t = time.perf_counter()
+  r["trainer"]._train_epoch(r["train"], r["epoch"])
+  train_s = time.perf_counter() - t
+  r["epoch"] += 1
+  t = time.perf_counter()
+  result = r["trainer"].evaluate(r["test"], load_best_model=False)
+  eval_s = time.perf_counter() - t
+  return {"train_seconds": train_s, "eval_seconds": eval_s, "metrics": {k: float(v) for k, v in result.items()}}
+
+
+OPS = {"hello": op_hello, "mf_ips_train": op_mf_ips_train, "full_rank": op_full_rank,
+       "recbole_build": op_recbole_build, "recbole_round": op_recbole_round}
 
 
 def main():

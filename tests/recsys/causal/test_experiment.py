@@ -11,12 +11,11 @@ from jaxml.recsys.causal import experiment
 
 
 def tiny_config(ml100k_path: str):
+  """Few steps and few distinct compiled programs (compiling dominates here): the simulated world keeps
+  Coat's shape, so the rating models on both share their compiled steps; PD and PDA share a gamma."""
   c = get_config("small")
   c.seeds = (0,)
-  c.world_shape = (40, 50)
   c.estimator_draws = 30
-  c.mar_sample_per_user = 5
-  c.mar_test_per_user = 8
   c.ml100k_path = ml100k_path
   c.fit.steps = c.coat_fit.steps = 50
   c.implicit.n_stages = 3
@@ -26,6 +25,9 @@ def tiny_config(ml100k_path: str):
   c.ml100k.steps = 50
   c.ml100k.batch_size = 64
   c.ml100k.dim = 4
+  c.ml100k.pd_gamma = c.ml100k.pda_gamma
+  c.tower.kind = "mlp"
+  c.tower.hidden = (8,)
   c.tower.steps = 50
   return c
 

@@ -210,10 +210,17 @@ class TowerAdapterTest(chex.TestCase):
       const = towers_adapter.tower_batch(u, i, labels_B=y, weights_B=np.full(64, 3.0))
       snips, _ = towers_adapter.tower_ips_loss(params, const, cfg=cfg, self_normalize=True)
       np.testing.assert_allclose(snips, plain, rtol=1e-6, err_msg=kind)
-    # The same tower is a score_fn backbone for the other objectives.
+    # The same tower is a score_fn backbone for the other objectives (PDA here).
     score = towers_adapter.tower_score_fn(cfg)
     np.testing.assert_allclose(score(params, jnp.asarray(u), jnp.asarray(i)),
                                towers.apply(params, towers_adapter.tower_batch(u, i), cfg), rtol=1e-6)
+    pairs = {"users": u[:8].astype(np.int32), "pos_items": i[:8].astype(np.int32),
+             "neg_items": i[8:16].astype(np.int32), "pos_pop": np.full(8, 0.5, np.float32),
+             "neg_pop": np.full(8, 0.25, np.float32)}
+    f_pos = np.asarray(score(params, jnp.asarray(pairs["users"]), jnp.asarray(pairs["pos_items"])), np.float64)
+    f_neg = np.asarray(score(params, jnp.asarray(pairs["users"]), jnp.asarray(pairs["neg_items"])), np.float64)
+    want = -np.mean(np.log(np_sig(np_elu1(f_pos) * 0.5 ** 0.1 - np_elu1(f_neg) * 0.25 ** 0.1)))
+    np.testing.assert_allclose(objectives.pda_loss(params, pairs, gamma=0.1, score_fn=score)[0], want, rtol=1e-5)
     with self.assertRaisesRegex(ValueError, "batch lacks 'weight'"):
       towers_adapter.tower_ips_loss(params, towers_adapter.tower_batch(u, i, labels_B=y), cfg=cfg)
     with self.assertRaisesRegex(ValueError, "items_B has shape"):
