@@ -27,7 +27,7 @@ Measured on one tiny Llama (`bench_config`: vocab 512, dim 128, 2 layers, float3
     decode loop alone, timed on the same shapes).
 
 Both sides use the same thread count (XLA sizes its pool from the CPU affinity, torch gets
-`torch.set_num_threads`); the DPO sides run in alternating rounds; figures are medians
+`torch.set_num_threads`); the DPO sides run in alternating rounds, the PPO variants call by call in turn; figures are medians
 over all timed calls. Ends with `name: value` lines.
 """
 from __future__ import annotations
@@ -268,28 +268,38 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
     step_state, metrics = step(step_state, batch)
     return metrics["loss"]
 
-  t_roll, t_py, t_upd, t_gen, t_step, t_greedy, t_py_greedy, t_py_gen = [], [], [], [], [], [], [], []
-  one = _timed(lambda: rollout(params, extras, batch, key), 1)[0][0]
-  one_py = _timed(lambda: stepped(params, extras, batch["prompts"], key), 1)[0][0]
-  n, n_py = _count(budget_s, one, 30), _count(budget_s, one_py, 10)
-  for _ in range(rounds):
-    t_roll += _timed(lambda: rollout(params, extras, batch, key), n, "rollout")[0]
-    t_py += _timed(lambda: stepped(params, extras, batch["prompts"], key), n_py, "python_rollout")[0]
-    t_upd += _timed(lambda: update(params, state.opt_state, experience, None, key), n)[0]
-    t_gen += _timed(lambda: generate_only(params["policy"], key), n)[0]
-    t_step += _timed(one_step, n)[0]
-    t_greedy += _timed(lambda: generate_greedy(params["policy"], key), n)[0]
-    t_py_greedy += _timed(lambda: stepped_generate(params["policy"], batch["prompts"], key, greedy=True), n_py)[0]
-    t_py_gen += _timed(lambda: stepped_generate(params["policy"], batch["prompts"], key), n_py)[0]
-  roll, py, upd, gen, whole = map(median, (t_roll, t_py, t_upd, t_gen, t_step))
-  greedy, py_greedy, py_gen = map(median, (t_greedy, t_py_greedy, t_py_gen))
+  # Call by call in turn (one call of each variant per pass), so that every variant sees the same
+  # machine load; wall and process CPU time are both kept.
+  variants = {
+      "rollout": lambda: rollout(params, extras, batch, key),
+      "python_rollout": lambda: stepped(params, extras, batch["prompts"], key),
+      "update": lambda: update(params, state.opt_state, experience, None, key),
+      "generation": lambda: generate_only(params["policy"], key),
+      "iteration": one_step,
+      "greedy_generation": lambda: generate_greedy(params["policy"], key),
+      "python_greedy_generation": lambda: stepped_generate(params["policy"], batch["prompts"], key, greedy=True),
+      "python_generation": lambda: stepped_generate(params["policy"], batch["prompts"], key),
+  }
+  one = sum(_timed(fn, 1)[0][0] for fn in variants.values())
+  passes = max(rounds, _count(rounds * budget_s * 4, one, 60))
+  wall = {name: [] for name in variants}
+  for _ in range(passes):
+    for name, fn in variants.items():
+      wall[name] += _timed(fn, 1, name)[0]
+  w = {name: median(t) for name, t in wall.items()}
+  cpu = {name: median(CPU_TIMES[name]) for name in variants}
+  roll, py, upd, gen, whole = w["rollout"], w["python_rollout"], w["update"], w["generation"], w["iteration"]
+  greedy, py_greedy, py_gen = w["greedy_generation"], w["python_greedy_generation"], w["python_generation"]
+  say(f"PPO timings over {passes} interleaved passes, median wall ms: "
+      + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in w.items())
+      + "; median CPU ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in cpu.items()))
   new_tokens = B * N
   return {"rollout_tokens_per_s": new_tokens / roll, "python_rollout_tokens_per_s": new_tokens / py,
           "rollout_speedup": py / roll, "update_tokens_per_s": pcfg.ppo_epochs * B * (P + N) / upd,
           "generation_fraction": gen / whole, "iteration_s": whole, "rollout_s": roll, "update_s": upd,
           "generation_s": gen, "decode_speedup_sampled": py_gen / gen, "decode_speedup_greedy": py_greedy / greedy,
           "greedy_generation_s": greedy,
-          "rollout_speedup_cpu_time": median(CPU_TIMES["python_rollout"]) / median(CPU_TIMES["rollout"])}
+          "rollout_speedup_cpu_time": cpu["python_rollout"] / cpu["rollout"], "passes": passes}
 
 
 def main(argv):
