@@ -22,7 +22,9 @@ left padding and after EOS. Positions count from each row's first real token
 and no token attends to padding. Response token t (column P + t) is the action taken
 from the state ending at column P + t - 1: its log-probability comes from the logits at
 P + t - 1, and so does its value V_t (the critic's scalar head on the hidden state
-there). Everything per token is `[B, N]` with the response mask; padding after EOS has
+there). All log-probabilities (rollout, update, reference) are those of
+softmax(logits / temperature), the distribution the tokens were drawn from (as TRL). Everything
+per token is `[B, N]` with the response mask; padding after EOS has
 mask 0 and contributes to no sum, mean, whitening statistic or running moment.
 
 Where the score lands. `reward_fn` returns one score per row; it is added to the
@@ -59,7 +61,8 @@ without `clip_surrogate` the unclipped -A rho; without `importance_sampling` the
 policy gradient -A log pi (whose gradient equals -A grad rho at rho = 1, a fresh
 rollout). L_V is `jaxml.rl.ppo_value_loss` (clipped by `value_clip` around the
 rollout's values when set). L_ptx is the next-token loss of the policy on
-`batch["ptx_tokens"]` (`llama.loss_fn`; PPO-ptx, InstructGPT). The gradients of the
+`batch["ptx_tokens"]` (`llama.loss_fn`; PPO-ptx, InstructGPT), the whole ptx batch in every
+minibatch update. The gradients of the
 policy and the critic are clipped together to the global norm `max_grad_norm` (one
 DeepSpeed engine wraps both in MOSS-RLHF), then each has its own Adam.
 
