@@ -55,6 +55,7 @@ class GatoExperimentConfig:
   seed: int = 0
   tasks: tuple[str, ...] = CONTROL  # control tasks (CartPole-twin needs CartPole-v1)
   ppo_iterations: int = 20  # PPO iterations per PPO expert (16 envs x 500 steps each)
+  expert_greedy: bool = True  # PPO experts act greedily when demonstrating (False: sample their policy)
   num_data_episodes: int = 64  # expert episodes collected per task (before the 80% filter)
   keep_fraction: float = 0.8  # keep episodes with at least this fraction of the expert return
   dim: int = 64  # model width
@@ -134,9 +135,10 @@ def _experts(cfg: GatoExperimentConfig, workdir: str, log) -> dict[str, dict]:
       env, env_params = gymnax.make(name)
       space = ex.action_space(env, env_params)
       if name in ("CartPole-v1", "Acrobot-v1"):
-        params, _ = ex.train_ppo(env, env_params, ex.PPOConfig(iterations=cfg.ppo_iterations), jax.random.fold_in(rng, i),
+        params, _ = ex.train_ppo(env, env_params, ex.PPOConfig(iterations=cfg.ppo_iterations),
+                                 jax.random.fold_in(rng, i),
                                  os.path.join(workdir, "experts", name), log=lambda s, n=name: log(f"ppo {n}: {s}"))
-        act_fn = ex.PPOPolicy(params, space)
+        act_fn = ex.PPOPolicy(params, space, greedy=cfg.expert_greedy)
       else:
         act_fn = ex.ScriptedPolicy(ex.mountain_car_expert if name == "MountainCar-v0" else ex.catch_expert)
     space = ex.action_space(env, env_params)
@@ -225,8 +227,8 @@ def run(config: Any, workdir: str) -> dict:
   for n in tasks:
     if n == "CartPole-twin":
       continue
-    trained[n] = train(f"single-{n}", lambda step, n=n: sq.stack(control_rows(np.random.default_rng([cfg.seed, step, 7]),
-                                                                             n)), workdir, log)
+    single_batch = lambda step, n=n: sq.stack(control_rows(np.random.default_rng([cfg.seed, step, 7]), n))
+    trained[n] = train(f"single-{n}", single_batch, workdir, log)
 
   # ---------------------------------------------------------------- evaluation
   boot = np.random.default_rng(cfg.seed)

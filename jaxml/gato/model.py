@@ -207,15 +207,23 @@ def check_tokens(tokens: Tokens, cfg: GatoConfig, *, what: str = "tokens") -> No
       raise ValueError(f"{what}.local_pos reaches {loc.max()}, beyond max_local={cfg.max_local}")
 
 
-def embed(params: Params, tokens: Tokens, cfg: GatoConfig, rng: jax.Array | None = None) -> jax.Array:
-  """`[B, T, D]` input vectors (module docstring); `rng` samples the patch position bins (training)."""
+def embed(params: Params, tokens: Tokens, cfg: GatoConfig, rng: jax.Array | None = None, *,
+          with_patches: bool = True) -> jax.Array:
+  """`[B, T, D]` input vectors (module docstring); `rng` samples the patch position bins (training).
+
+  `with_patches=False` skips the patch block for a record known to hold no patches (a task without image
+  fields): the ResNet block runs on every position otherwise, patch or not, and costs about as much as
+  the decoder at small widths.
+  """
   dt = cfg.llama().compute_dtype
   x = params["decoder"]["tok_embeddings"].astype(dt)[tokens.ids]
   b, t = tokens.ids.shape
-  kr, kc = (None, None) if rng is None else jax.random.split(rng)
-  patch = patch_embedding(params, tokens.patches.reshape(b * t, -1), cfg).reshape(b, t, -1)
-  patch = patch + params["row_pos"][position_bins(tokens.rows, kr)] + params["col_pos"][position_bins(tokens.cols, kc)]
-  x = jnp.where(tokens.is_patch[..., None], patch.astype(dt), x)
+  if with_patches:
+    kr, kc = (None, None) if rng is None else jax.random.split(rng)
+    patch = patch_embedding(params, tokens.patches.reshape(b * t, -1), cfg).reshape(b, t, -1)
+    patch = patch + params["row_pos"][position_bins(tokens.rows, kr)] + \
+        params["col_pos"][position_bins(tokens.cols, kc)]
+    x = jnp.where(tokens.is_patch[..., None], patch.astype(dt), x)
   local = params["local_pos"].astype(dt)[jnp.clip(tokens.local_pos, 0, cfg.max_local - 1)]
   return x + jnp.where((tokens.local_pos >= 0)[..., None], local, 0).astype(dt)
 

@@ -45,7 +45,9 @@ def act_window(params: Params, cfg: GatoConfig, layout: TokenLayout, spec: sq.Ta
   w = window.length
   cache = llama.init_cache(lcfg, 1, w)
   batch = sq.Tokens(*(x[None] for x in window))
-  h, cache = llama.decoder(params["decoder"], embed(params, batch, cfg), lcfg, cache=cache, cache_index=0)
+  images = any(f.kind == "image" for _, f in spec.fields)
+  h, cache = llama.decoder(params["decoder"], embed(params, batch, cfg, with_patches=images), lcfg, cache=cache,
+                           cache_index=0)
   h_last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)
   keys = jax.random.split(rng, spec.action_len)
   ids = []
@@ -54,7 +56,7 @@ def act_window(params: Params, cfg: GatoConfig, layout: TokenLayout, spec: sq.Ta
     ids.append(tok)
     if i + 1 < spec.action_len:
       one = sq.Tokens(*(x[None] for x in sq.empty_tokens(1, cfg.patch_dim, jnp)))._replace(ids=tok.reshape(1, 1))
-      h_last, cache = llama.decoder(params["decoder"], embed(params, one, cfg), lcfg, cache=cache,
+      h_last, cache = llama.decoder(params["decoder"], embed(params, one, cfg, with_patches=False), lcfg, cache=cache,
                                     cache_index=length + i)
   return jnp.stack(ids)
 

@@ -352,7 +352,8 @@ def episode_tokens(spec: TaskSpec, layout: TokenLayout, observations: Any, actio
 def text_tokens(ids: Any, layout: TokenLayout, patch_dim: int) -> Tokens:
   """Text ids (in [0, layout.text_vocab)), all in the loss, no local positions."""
   a = np.asarray(ids)
-  if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() >= layout.text_vocab)):
+  if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0
+                                                                    or a.max() >= layout.text_vocab)):
     raise ValueError(f"ids must be a 1-D integer array in [0, {layout.text_vocab})")
   return Tokens(*(np.asarray(x) for x in _plain_tokens(jnp.asarray(a), patch_dim, local=False, loss=True)))
 

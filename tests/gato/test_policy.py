@@ -13,7 +13,8 @@ from jaxml.gato import sequence as sq
 
 LAYOUT = gato.TokenLayout(text_vocab=256, discrete_vocab=16)
 CFG = model.preset("tiny", vocab_size=LAYOUT.vocab_size, n_layers=1)
-TWO_D = sq.TaskSpec.create("two_d", {"pos": sq.Field("continuous", (3,)), "flag": sq.Field("discrete", (), num_values=4)},
+TWO_D = sq.TaskSpec.create("two_d", {"pos": sq.Field("continuous", (3,)),
+                                     "flag": sq.Field("discrete", (), num_values=4)},
                            sq.Field("continuous", (2,), low=-2.0, high=2.0))
 CART = sq.TaskSpec.create("cart", sq.Field("continuous", (4,)), sq.Field("discrete", (), num_values=2))
 
