@@ -27,8 +27,9 @@ Measured on one tiny Llama (`bench_config`: vocab 512, dim 128, 2 layers, float3
     decode loop alone, timed on the same shapes).
 
 Both sides use the same thread count (XLA sizes its pool from the CPU affinity, torch gets
-`torch.set_num_threads`); the DPO sides run in alternating rounds, the PPO variants call by call in turn; figures are medians
-over all timed calls. Ends with `name: value` lines.
+`torch.set_num_threads`); the DPO sides run in alternating rounds, the PPO variants call by
+call in turn; figures are medians over all timed calls (PPO also reports process CPU time,
+less sensitive to other jobs on a shared machine). Ends with `name: value` lines.
 """
 from __future__ import annotations
 

@@ -207,7 +207,8 @@ class PolicyGradientTest(chex.TestCase):
     loss_mask = jnp.concatenate([jnp.zeros((tokens.shape[0], P)), m], axis=1)
 
     def pg(p):
-      return -jnp.sum(adv[:, 0] * llama.sequence_logprobs(p, tokens, loss_mask, CFG, attention_mask_BxT=mask)) / jnp.sum(m)
+      logps = llama.sequence_logprobs(p, tokens, loss_mask, CFG, attention_mask_BxT=mask)
+      return -jnp.sum(adv[:, 0] * logps) / jnp.sum(m)
 
     @jax.jit
     def grads(p):
