@@ -71,6 +71,7 @@ class GatoExperimentConfig:
   text_bytes: int = 400_000  # stdlib source bytes for the text task
   eval_episodes: int = 50  # episodes per task and model
   eval_history: int = 8  # earlier timesteps kept in the evaluation context (after the prompt)
+  eval_temperature: float = 0.0  # 0: argmax over the valid action ids; 1: sample the policy (as Gato deploys)
   bootstrap: int = 2000  # bootstrap resamples
   figures_dir: str = ""  # also copy the figures there (e.g. docs/figures)
 
@@ -244,7 +245,7 @@ def run(config: Any, workdir: str) -> dict:
     k = max(1, min(cfg.eval_history, (cfg.context - prompt.length) // steps_len[name] - 1))
     r = policy.evaluate(params, prompt, jax.random.PRNGKey(seed), cfg=mcfg, layout=layout, spec=t["spec"],
                         env=t["env"], env_params=t["env_params"], num_envs=cfg.eval_episodes, keep=k,
-                        max_steps=t["horizon"])
+                        max_steps=t["horizon"], temperature=cfg.eval_temperature)
     s = ex.normalised_score(np.asarray(r.returns), t["expert_return"], t["random_return"])
     m, lo, hi = ex.bootstrap_interval(s, boot, n=cfg.bootstrap)
     return {"score": m, "lo": lo, "hi": hi, "return": float(np.mean(r.returns))}

@@ -43,6 +43,20 @@ class ScriptedTest(absltest.TestCase):
     np.testing.assert_array_equal(catch.lengths, 9)                       # 10 rows: the ball falls 9 times
     self.assertLess(rand.returns.mean(), 0.5)
 
+  def test_twin_swaps_the_actions(self):
+    from jaxml.gato.experiment import SwappedCartPole
+    env, env_params = gymnax.make("CartPole-v1")
+    twin = SwappedCartPole()
+    obs, state = env.reset(jax.random.PRNGKey(0), env_params)
+    obs_t, state_t = twin.reset(jax.random.PRNGKey(0), env_params)
+    np.testing.assert_array_equal(obs, obs_t)                       # identical observations
+    for a in (0, 1):
+      want = env.step(jax.random.PRNGKey(1), state, a, env_params)[0]
+      got = twin.step(jax.random.PRNGKey(1), state_t, 1 - a, env_params)[0]
+      np.testing.assert_array_equal(got, want)
+    self.assertFalse(np.array_equal(env.step(jax.random.PRNGKey(1), state, 0, env_params)[0],
+                                    twin.step(jax.random.PRNGKey(1), state_t, 0, env_params)[0]))
+
   def test_keep_good_and_scores(self):
     eps = ex.Episodes(np.zeros((4, 3)), np.zeros((4, 3)), np.array([-500.0, -120.0, -100.0, -300.0]), np.ones(4))
     kept = ex.keep_good(eps, expert_return=-100.0, random_return=-500.0)   # threshold -500 + 0.8 * 400 = -180
