@@ -38,7 +38,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "7b", "A recipe variant of experiments/configs/llama_lm.py (7b, 13b, 70b).")
 flags.DEFINE_integer("devices", 0, "Virtual devices (0: the recipe's own, RECIPE_DEVICES); fsdp takes them all.")
 flags.DEFINE_integer("layers", 0, "Layers (0: the preset's).")
-flags.DEFINE_string("overrides", "", "LlamaConfig fields replacing the recipe's, e.g. 'attention_impl=cpu,loss_chunk=0'.")
+flags.DEFINE_string("overrides", "", "LlamaConfig fields replacing the recipe's, e.g. "
+                    "'attention_impl=cpu,loss_chunk=0'.")
 flags.DEFINE_bool("top_buffers", False, "Also print the ten largest buffers of the compiled program.")
 
 # The slice each recipe of experiments/configs/llama_lm.py is written for (devices of its mesh).

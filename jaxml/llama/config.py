@@ -45,7 +45,8 @@ class LlamaConfig:
   remat_policy: str = "nothing_saveable"
   # Attention without a KV cache (training, scoring): "cpu" (the materialised `[T, S]` scores with the
   # hand-written backward of `nn.cached_attention`, fastest for small models on CPU), "blockwise"
-  # (`nn.blockwise_attention`: memory linear in T, any backend), "cudnn" (`jax.nn.dot_product_attention`),
+  # (`nn.blockwise_attention`: memory linear in T, any backend), "cudnn" (`jax.nn.dot_product_attention`,
+  # cuDNN's kernel on GPU; with an attention mask the decoder uses "blockwise"),
   # "pallas" (the Pallas TPU flash kernel), or "auto": `resolved_attention_impl()` picks per backend.
   # Decoding against a KV cache always uses `nn.cached_attention`.
   attention_impl: str = "auto"
@@ -91,16 +92,16 @@ class LlamaConfig:
   def resolved_attention_impl(self, backend: str | None = None) -> str:
     """`attention_impl`, with "auto" resolved for `backend` (default: JAX's default backend).
 
-    "auto": "cpu" on CPU; "cudnn" on GPU (JAX runs its XLA expansion where
-    cuDNN's kernel does not apply); on TPU "pallas" when `head_dim` is a
-    multiple of 128 (the kernel's lane width; the 7b/13b/70b shapes), else
-    "blockwise".
+    "auto": "cpu" on CPU; on GPU "cudnn" for bfloat16/float16 compute with
+    `head_dim <= 128` (what cuDNN's flash kernel takes), else "blockwise"; on
+    TPU "pallas" when `head_dim` is a multiple of 128 (the kernel's lane
+    width; the 7b/13b/70b shapes), else "blockwise".
     """
     if self.attention_impl != "auto":
       return self.attention_impl
     backend = jax.default_backend() if backend is None else backend
-    if backend == "gpu" or backend == "cuda" or backend == "rocm":
-      return "cudnn"
+    if backend in ("gpu", "cuda"):
+      return "cudnn" if self.dtype in ("bfloat16", "float16") and self.head_dim <= 128 else "blockwise"
     if backend == "tpu":
       return "pallas" if self.head_dim % 128 == 0 else "blockwise"
     return "cpu"

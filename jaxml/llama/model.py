@@ -336,6 +336,8 @@ def _decoder(params: Params, x_BxTxD, cfg: LlamaConfig, positions_BxT, cache: KV
   k_valid = None if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
   mask = nn.causal_mask(positions_BxT, k_pos, k_valid) if impl == "cpu" else None
   by_index = impl in ("cudnn", "pallas") and index_order and attention_mask_BxT is None
+  if impl == "cudnn" and not by_index:
+    impl = "blockwise"  # cuDNN's kernel gets its own causal mask only (a [B, 1, T, S] one would be materialised)
   q_pos, k_pos = (None, None) if by_index else (positions_BxT, k_pos)
 
   def attend(kv, _):

@@ -16,7 +16,7 @@ than one `[block_q, block_k]` tile of scores per (batch, head):
   pass. Tiles where the mask hides every key are skipped (`lax.cond`): a
   causal mask skips about half of them.
 * `fused_attention`: `jax.nn.dot_product_attention`, cuDNN's fused kernel on
-  GPU (`implementation="cudnn"`), XLA's own expansion elsewhere.
+  GPU (`implementation="cudnn"`), XLA's own (materialised) expansion elsewhere.
 * `pallas_attention`: the Pallas TPU flash-attention kernel
   (`jax.experimental.pallas.ops.tpu.flash_attention`); off TPU it runs only
   under Pallas's interpret mode (slow: tests only).
@@ -107,8 +107,9 @@ def attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, impl: 
     return layers.dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, visible_mask(B, T, S, **kw))
   if impl == "blockwise":
     return blockwise_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, block_q=block_q, block_k=block_k, **kw)
-  if impl == "cudnn":
-    return fused_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, **kw)
+  if impl == "cudnn":  # JAX's default implementation is XLA's (materialised): ask for cuDNN's on GPU
+    return fused_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh,
+                           implementation="cudnn" if jax.default_backend() == "gpu" else None, **kw)
   return pallas_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, causal=causal, k_valid_BxS=k_valid_BxS)
 
 
@@ -282,7 +283,10 @@ _blockwise.defvjp(_blockwise_vjp_fwd, _blockwise_vjp_bwd)
 def fused_attention(q_BxTxHxDh: Array, k_BxSxKxDh: Array, v_BxSxKxDh: Array, *, causal: bool = True,
                     q_positions_BxT: Array | None = None, k_positions_BxS: Array | None = None,
                     k_valid_BxS: Array | None = None, implementation: str | None = None) -> Array:
-  """`jax.nn.dot_product_attention` (cuDNN on GPU when `implementation="cudnn"` or JAX picks it).
+  """`jax.nn.dot_product_attention`: cuDNN's fused kernel with `implementation="cudnn"` (GPU only;
+  bfloat16/float16, a subset of shapes: it raises otherwise), else XLA's expansion, which materialises
+  the scores (`implementation=None` means XLA in JAX 0.10). `attention(impl="cudnn")` asks for cuDNN
+  on GPU.
 
   Without positions or `k_valid` the causal mask is the kernel's own
   (`is_causal`, nothing `[T, S]` built); otherwise a boolean `[B, 1, T, S]`
