@@ -53,6 +53,7 @@ import numpy as np
 from jaxml import experiment, llama, report
 from jaxml import train as jt
 from jaxml.alignment import markov, offline
+from jaxml.alignment.losses import dpo_loss
 from jaxml.alignment.reward_model import from_policy, reward_model_apply
 
 
@@ -91,6 +92,7 @@ class AlignmentExperimentConfig:
   offline_lr: float = 1e-3
   dpo_betas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
   dpo_loss_type: str = "sigmoid"
+  dpo_unlimited_betas: tuple[float, ...] = ()  # DPO on fresh Bradley-Terry pairs drawn from pi_sft every step
   ipo_betas: tuple[float, ...] = (0.3,)
   slic_variants: tuple[str, ...] = ("direct", "sample_rank")
   slic_delta: float = 1.0
@@ -153,7 +155,8 @@ def language(cfg: AlignmentExperimentConfig) -> markov.MarkovLanguage:
 
 
 def _record(cfg: AlignmentExperimentConfig, part: str, fields: tuple[str, ...]) -> dict:
-  """What a training depends on (step counts excluded: a longer rerun continues)."""
+  """What a training depends on: its own step count is excluded (a longer rerun continues), those of the
+  trainings it starts from (the SFT's, for everything after it) are included."""
   base = ("seed", "num_tokens", "max_len", "eos_prob", "concentration", "start_eos_prob", "dim", "n_layers",
           "n_heads", "n_kv_heads", "multiple_of", "sft_batch", "sft_lr")
   return {"part": part, **{f: getattr(cfg, f) for f in base + fields}}
@@ -195,6 +198,13 @@ class Task:
     """(true reward, KL to the SFT) of pi_sft exp(rewards / beta) (rewards: the true ones by default)."""
     lp = markov.tilt(self.logp_ref, self.rewards if rewards is None else rewards, beta)
     return markov.reward_and_kl(lp, self.logp_ref, self.rewards)
+
+  def win_rate(self, scale: float) -> np.ndarray:
+    """`[S]` P(y beats y' ~ pi_sft) under Bradley-Terry on the true reward (computed over its distinct values)."""
+    values, inverse = np.unique(np.round(self.rewards, 12), return_inverse=True)
+    mass = np.bincount(inverse.ravel(), weights=np.exp(self.logp_ref), minlength=values.size)
+    win = (mass[None, :] / (1.0 + np.exp(-(values[:, None] - values[None, :]) / scale))).sum(1)
+    return win[inverse.ravel()]
 
   def frontier_at(self, kl: float) -> float:
     return markov.frontier_reward_at(kl, self.stats)
@@ -249,6 +259,39 @@ def _pairs(cfg: AlignmentExperimentConfig, task: Task, sft_params):
   train_sl, held_sl = slice(0, cfg.num_pairs), slice(cfg.num_pairs, n)
   return (data(train_sl, chosen, rejected, t_idx), data(held_sl, chosen, rejected, t_idx),
           {"chosen": chosen[train_sl], "rejected": rejected[train_sl], "targets": t_idx[train_sl]})
+
+
+def unlimited_pairs_dpo_loss(task: Task, *, batch_size: int, beta: float, bt_scale: float, loss_type="sigmoid"):
+  """DPO with unlimited data: each step draws fresh pairs y, y' ~ pi_sft (exactly, from the enumeration) and
+  labels them by Bradley-Terry on the true reward, inside the compiled step. Its population optimum is
+  pi_sft exp(r / (bt_scale beta)): the diagnostic that separates DPO's finite-data error from its optimisation."""
+  offline.dpo_loss_fn(task.lcfg, _one_pair(task), batch_size=batch_size, beta=beta, loss_type=loss_type)  # checks
+  e = task.enc
+  tokens, attention, loss_mask = (jnp.asarray(e[k]) for k in ("tokens", "attention", "loss_mask"))
+  logp_ref = jnp.asarray(task.logp_ref, jnp.float32)
+  rewards = jnp.asarray(task.rewards, jnp.float32)
+  lengths = jnp.asarray(task.lengths, jnp.float32)
+
+  def loss(params, batch, rng):
+    del batch
+    k1, k2, k3 = jax.random.split(rng, 3)
+    i = jax.random.categorical(k1, logp_ref, shape=(batch_size,))
+    j = jax.random.categorical(k2, logp_ref, shape=(batch_size,))
+    first = jax.random.bernoulli(k3, jax.nn.sigmoid((rewards[i] - rewards[j]) / bt_scale))
+    c, r = jnp.where(first, i, j), jnp.where(first, j, i)
+    both = jnp.concatenate([c, r])
+    lp = llama.sequence_logprobs(params, tokens[both], loss_mask[both], task.lcfg, attention_mask_BxT=attention[both])
+    pc, pr = jnp.split(lp, 2)
+    return dpo_loss(pc, pr, logp_ref[c], logp_ref[r], beta=beta, loss_type=loss_type, chosen_lengths_B=lengths[c],
+                    rejected_lengths_B=lengths[r])
+
+  return loss
+
+
+def _one_pair(task: Task) -> dict:
+  resp, n = task.responses[:1], task.lengths[:1]
+  data = offline.preference_data(task.prompt, resp, n, resp, n, pad_id=task.lang.eos_id)
+  return dict(data, ref_chosen_logps=np.zeros(1), ref_rejected_logps=np.zeros(1))
 
 
 def _slic_sample_rank(cfg, task: Task, sft_params, rm_scores, workdir: str, off: dict, rec: tuple):
@@ -336,8 +379,8 @@ def _online(cfg, task, sft_params, rm_params, workdir, log) -> dict[str, Any]:
     ckpt = jt.Checkpointer(os.path.join(train_dir, "checkpoints"), every=cfg.checkpoint_every, keep=2)
     try:
       jt.check_run_config(ckpt.directory, {"ppo": experiment.to_dict(pcfg), **_record(
-          cfg, name, ("bt_scale", "token_rewards", "num_pairs", "rm_steps", "rm_lr", "online_batch",
-                      "online_reward"))}, fields=f"{name} training config")
+          cfg, name, ("sft_steps", "bt_scale", "token_rewards", "num_pairs", "held_out_pairs", "rm_steps", "rm_lr",
+                      "rm_batch", "online_batch", "online_reward"))}, fields=f"{name} training config")
       init = functools.partial(ppo.init_state, rng, sft_params, sft_params, rm_params, pcfg, policy_cfg=lcfg)
       abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                         jax.eval_shape(init))
@@ -364,18 +407,23 @@ def _plot(task: Task, results: dict, path_frontier: str, path_over: str) -> None
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(front["kl"], front["reward"], "k-", lw=2, label="exact frontier (SFT reference)")
     ax.plot(front["chain_kl"], front["chain_reward"], "k:", lw=1, label="frontier of the Markov chain itself")
-    markers = {"dpo": "o", "ipo": "s", "slic_direct": "^", "slic_sample_rank": "v", "ppo": "*", "grpo": "P"}
+    markers = {"dpo_unlimited": "h", "dpo": "o", "ipo": "s", "slic_direct": "^", "slic_sample_rank": "v",
+               "ppo": "*", "grpo": "P"}
     for name, m in results["methods"].items():
-      family = "dpo" if name.startswith("dpo") else "ipo" if name.startswith("ipo") else name
-      family = "ppo" if family.startswith("ppo") else family
-      ax.plot([m["kl"]], [m["true_reward"]], markers.get(family, "x"), ms=8, label=name)
+      if "_no_" in name:                                   # the PPO-max ablations: in the table only
+        continue
+      family = next(f for f in list(markers) + [name] if name.startswith(f))
+      line, = ax.plot([m["kl"]], [m["true_reward"]], markers.get(family, "x"), ms=8, label=name)
       if "mc_kl" in m:
         ax.errorbar([m["mc_kl"]], [m["mc_reward"]], xerr=[2 * m["mc_kl_se"]], yerr=[2 * m["mc_reward_se"]],
                     fmt="none", ecolor="grey", lw=0.8)
+      if m.get("target_kl") is not None:
+        ax.plot([m["target_kl"]], [m["target_reward"]], markers.get(family, "x"), ms=8, mfc="none",
+                color=line.get_color())
     ax.plot([0.0], [results["sft"]["true_reward"]], "kD", ms=6, label="SFT")
     ax.set_xlabel("KL(pi || pi_sft)  (nats, exact)")
     ax.set_ylabel("true reward E[r]")
-    ax.set_title("reward vs KL on the exact frontier")
+    ax.set_title("reward vs KL on the exact frontier (hollow: each run's population optimum)")
     ax.legend(fontsize=7, loc="lower right")
   over = results["overoptimisation"]
   with report.figure(path_over, figsize=(7.0, 4.2), dpi=90) as fig:
@@ -385,6 +433,8 @@ def _plot(task: Task, results: dict, path_frontier: str, path_over: str) -> None
     ax.plot(over["kl"], np.asarray(over["true_gain"]), "C1-", label="RM-optimal policy: true reward gain")
     ax.plot(front["kl"], np.asarray(front["reward"]) - r0, "k--", lw=1, label="exact frontier (true gain)")
     for name, m in results["methods"].items():
+      if "_no_" in name:                                   # the PPO-max ablations: in the table only
+        continue
       ax.plot([m["kl"]], [m["rm_score"] - s0], "C0o", ms=4)
       ax.plot([m["kl"]], [m["true_reward"] - r0], "C1o", ms=4)
       ax.annotate(name, (m["kl"], m["true_reward"] - r0), fontsize=6)
@@ -404,6 +454,15 @@ def _tables(results: dict) -> str:
   methods = report.markdown_table(
       ["method", "beta", "true reward", "KL", "frontier reward at KL", "distance", "pi*_beta reward",
        "pi*_beta KL", "RM gain", "MC reward", "se", "MC KL", "se"], rows)
+  ablation = [n for n in results["methods"] if "_no_" in n]
+  if ablation:
+    base_name = ablation[0].split("_no_")[0]
+    base = results["methods"][base_name]
+    rows = [[n, results["methods"][n]["true_reward"], results["methods"][n]["kl"], results["methods"][n]["gap"],
+             results["methods"][n]["true_reward"] - base["true_reward"], results["methods"][n]["kl"] - base["kl"]]
+            for n in [base_name] + ablation]
+    methods += "\nPPO-max ablation (one switch off, same seeds)\n\n" + report.markdown_table(
+        ["run", "true reward", "KL", "distance", "reward - full", "KL - full"], rows)
   over = results["overoptimisation"]
   pick = np.unique(np.linspace(0, len(over["kl"]) - 1, 8).round().astype(int))
   over_rows = [[over["beta"][i], over["kl"][i], over["rm_gain"][i], over["true_gain"][i],
@@ -473,8 +532,8 @@ def run(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   rm = offline.train("rm", workdir, rm_init,
                      offline.reward_loss_fn(lcfg, train_data, batch_size=cfg.rm_batch, center_coef=cfg.rm_center_coef),
                      lr=cfg.rm_lr, steps=cfg.rm_steps, seed=cfg.seed + 1,
-                     record=_record(cfg, "rm", ("bt_scale", "token_rewards", "num_pairs", "held_out_pairs", "rm_batch",
-                                                "rm_lr", "rm_center_coef")), **common)
+                     record=_record(cfg, "rm", ("sft_steps", "bt_scale", "token_rewards", "num_pairs",
+                                                "held_out_pairs", "rm_batch", "rm_lr", "rm_center_coef")), **common)
   if rm.preempted:
     return {"preempted": True}
   rm_params = rm.state.params
@@ -509,11 +568,17 @@ def run(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   ref = None if cfg.precompute_ref else sft_params
   methods: dict[str, tuple[Any, dict]] = {}
   off = dict(lr=cfg.offline_lr, steps=cfg.offline_steps, seed=cfg.seed + 2, **common)
-  rec = ("bt_scale", "token_rewards", "num_pairs", "offline_batch", "offline_lr")
+  rec = ("sft_steps", "bt_scale", "token_rewards", "num_pairs", "held_out_pairs", "offline_batch", "offline_lr")
   for beta in cfg.dpo_betas:
     name = f"dpo_beta{beta:g}"
     loss = offline.dpo_loss_fn(lcfg, data, batch_size=cfg.offline_batch, beta=beta, loss_type=cfg.dpo_loss_type,
                                ref_params=ref)
+    methods[name] = (offline.train(name, workdir, sft_params, loss, record=_record(cfg, name, rec + (
+        "dpo_loss_type",)), **off), {"beta": beta})
+  for beta in cfg.dpo_unlimited_betas:
+    name = f"dpo_unlimited_beta{beta:g}"
+    loss = unlimited_pairs_dpo_loss(task, batch_size=cfg.offline_batch, beta=beta, bt_scale=cfg.bt_scale,
+                                    loss_type=cfg.dpo_loss_type)
     methods[name] = (offline.train(name, workdir, sft_params, loss, record=_record(cfg, name, rec + (
         "dpo_loss_type",)), **off), {"beta": beta})
   for beta in cfg.ipo_betas:
@@ -559,6 +624,10 @@ def run(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
     if "beta" in info and name.startswith("dpo"):
       # DPO's population optimum with Bradley-Terry labels of scale s is pi_sft exp(r / (s beta)).
       ev["target_reward"], ev["target_kl"] = task.stats(info["beta"] * cfg.bt_scale)
+    if "beta" in info and name.startswith("ipo"):
+      # IPO's population optimum (pairs from pi_sft, the sequence-level form): log pi - log pi_sft =
+      # E_{y' ~ pi_sft} P(y > y') / beta + c, a tilt by the win rate against the SFT (a saturating function of r).
+      ev["target_reward"], ev["target_kl"] = task.stats(info["beta"], task.win_rate(cfg.bt_scale))
     if info.get("advantage_estimator") == "gae":
       # PPO's objective E[score'] - kl_coef KL, score' = the score over the running std (reward scaling or
       # normalisation): optimum pi_sft exp(score / (kl_coef std)); the reward model's tilt (or the true one's).
