@@ -26,7 +26,12 @@
    the reward model), and, when the PPO module is present and `run_online` is
    set, PPO (the `ppo_max` preset) and GRPO on the reward model. Each lands at
    an exact point (true reward, KL(pi || pi_sft)) by enumeration, also
-   estimated by Monte Carlo from samples (with standard errors) as a check.
+   estimated by Monte Carlo from samples (with standard errors) as a check;
+   next to it, the run's population optimum where one is known: DPO's
+   `pi_sft exp(r / beta)` (a frontier point), IPO's tilt by the win rate
+   against the SFT, PPO's tilt by the reward model at `kl_coef` times the
+   running reward std. `dpo_unlimited_betas` adds DPO runs that draw fresh
+   Bradley-Terry pairs from pi_sft at every step (no finite-data error).
 6. Figures: `frontier.png` (the DPO paper's Figure 2 on an exact frontier) and
    `overoptimisation.png` (the reward-model-optimal policies
    `pi_sft exp(rm / beta)`: their reward-model gain against their true gain

@@ -2,7 +2,6 @@
 dpo_loss / slic_loss on the policy's sequence log-probs, sample-and-rank pairing, and bad input rejected before
 compute. (Training through jaxml.train, with resume, is tested by tests/alignment/test_experiment.py.)"""
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
