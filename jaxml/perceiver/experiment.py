@@ -85,14 +85,14 @@ class PerceiverExperimentConfig:
   # byte LM
   lm_seq_len: int = 128
   lm_batch: int = 16
-  lm_steps: int = 1500
+  lm_steps: int = 3000
   lm_lr: float = 1e-3
   lm_mask_rate: float = 0.15
   lm_corpus_bytes: int = 1_000_000
   lm_eval_fraction: float = 0.05
   lm_eval_windows: int = 64
   lm_d_model: int = 64
-  lm_num_latents: int = 32
+  lm_num_latents: int = 64
   lm_d_latents: int = 128
   lm_self_attends: int = 4
   lm_heads: int = 4
