@@ -587,6 +587,10 @@ cross_entropy = nn.cross_entropy
 def loss_fn(params: Params, batch: dict[str, jax.Array], cfg: LlamaConfig):
   """Next-token loss: the logits at `t` score the token at `t + 1`.
 
+  With `cfg.loss_chunk = n > 0` the logits are computed from the hidden states
+  `n` positions at a time (`nn.chunked_token_nll`, its own backward): the same
+  loss, metrics and gradients without the `[B, T, V]` float32 logits.
+
   Checks `params` against `cfg` (as `apply`) and `batch["tokens"]`, targets
   included, with `check_tokens`. Under a caller's own `jax.jit` (the train
   step) the token values are tracers and out-of-vocabulary ids cannot be
