@@ -89,7 +89,6 @@ samples the same responses as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable
 
 import jax
@@ -100,10 +99,6 @@ import optax
 from jaxml import llama, rl
 from jaxml import train as jt
 from jaxml.alignment import reward_model as rm
-
-# The compiled prefill + decode loop of `llama.generate_arrays`, called here inside the step's own trace
-# (`generate_arrays` itself is a host function; the package name `generate` is the list form).
-_gen = importlib.import_module("jaxml.llama.generate")
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -483,7 +478,7 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
   """
   value_cfg = policy_cfg if value_cfg is None else value_cfg
   N = int(max_new_tokens)
-  _gen._check_sampling(policy_cfg, N, ppo_cfg.temperature, None, None, eos_id, jax.random.PRNGKey(0))
+  llama.check_sampling(policy_cfg, N, ppo_cfg.temperature, None, None, eos_id, jax.random.PRNGKey(0))
   if int(min_prompt_len) != min_prompt_len or min_prompt_len < 1:
     raise ValueError(f"min_prompt_len must be a positive int, got {min_prompt_len}")
   gae_mode = ppo_cfg.advantage_estimator == "gae"
@@ -505,10 +500,10 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
     right = jnp.take_along_axis(prompts, jnp.minimum(cols + (P - lengths)[:, None], P - 1), axis=1)
     right = jnp.where(cols < lengths[:, None], right, 0)
     buf = jnp.zeros((R, P + N), jnp.int32).at[:, :P].set(right)
-    new, _, n_new, bad = _gen._generate_buffer(
+    new, _, n_new, bad = llama.decode_loop(
         jax.lax.stop_gradient(policy), buf, lengths, rng, cfg=policy_cfg, min_prompt_len=int(min_prompt_len),
         max_new_tokens=N, temperature=float(ppo_cfg.temperature), top_k=None, top_p=None,
-        eos_id=None if eos_id is None else int(eos_id), segments=(_gen._SEGMENTS, _gen._SEGMENT_MIN_LEN),
+        eos_id=None if eos_id is None else int(eos_id),
         with_logprobs=False)
     resp_mask = (jnp.arange(N, dtype=jnp.int32)[None, :] < n_new[:, None])
     tokens = jnp.concatenate([prompts, new], axis=1)

@@ -53,7 +53,25 @@ def sample_logits(rng: jax.Array, logits_BxV: jax.Array, *, temperature: float =
     drop_sorted = (cum - probs) > top_p
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
     logits = jnp.where(drop, neg, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return _draw(rng, logits)
+
+
+def _draw(rng: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+  """One draw per row from `softmax(logits)`, by inverting the cumulative distribution.
+
+  Token `i` is drawn when `u` falls in `[F_{i-1}, F_i)`, where `F` is the running sum of
+  `exp(logits - max)` and `u` is uniform on `[0, F_V)`: one uniform per row, where
+  `jax.random.categorical` (Gumbel-max) draws one per vocabulary entry. On CPU that draw
+  dominated a sampled decode step (about 10 ms per draw at batch 8 and 32,000 ids, against
+  0.1 ms for this form). Entries of probability 0 (masked by top-k/top-p) are never drawn.
+  The float32 running sum is exact to a relative error of about `V * 2**-24` at worst.
+  """
+  logits = logits_BxV.astype(jnp.float32)
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  cdf = jnp.cumsum(weights, axis=-1)
+  u = jax.random.uniform(rng, (logits.shape[0], 1), jnp.float32) * cdf[:, -1:]
+  idx = jnp.sum((cdf <= u).astype(jnp.int32), axis=-1)
+  return jnp.minimum(idx, logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def greedy_token(logits_BxV: jax.Array) -> jax.Array:
@@ -92,18 +110,39 @@ class NonFiniteLogitsError(FloatingPointError):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "eos_id", "segments", "with_logprobs"))
-def _generate_buffer(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_prompt_len: int,
-                     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                     eos_id: int | None, segments: tuple[int, int], with_logprobs: bool = True):
-  """Fills `tokens_BxS` after each row's prompt (its first `lengths_B` slots).
+def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_prompt_len: int,
+                max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                eos_id: int | None = None, segments: tuple[int, int] | None = None, with_logprobs: bool = True):
+  """The compiled prefill + decode loop of `generate_arrays`, traceable under a caller's `jax.jit`.
 
-  Returns `(tokens_BxN, logprobs_BxN, lengths_B, bad_B)`: each row's
-  `N = max_new_tokens` new tokens and their log-probabilities (see
-  `generate_arrays`), the number of new tokens up to and including EOS, and
-  the first buffer position whose logits (used to pick a new token) were not
-  finite, or -1. Without `with_logprobs` the log-probabilities are zeros
-  (the step skips their log-sum-exp over the vocabulary).
+  It fills `tokens_BxS` after each row's prompt; no host checks and no
+  error on non-finite logits (it returns where they occurred instead), so a
+  compiled program such as a PPO step can generate inside itself.
+  `check_sampling` validates the static arguments.
+
+  Args:
+    params: model parameters.
+    tokens_BxS: `[B, S]` int32 buffer, row `i`'s prompt in its first
+      `lengths_B[i]` slots (right-padded; the rest is overwritten), `S` =
+      longest prompt + `max_new_tokens` <= `cfg.max_seq_len`.
+    lengths_B: `[B]` int32 prompt lengths, each >= `min_prompt_len`.
+    rng: PRNG key (unused when greedy).
+    cfg: the model config.
+    min_prompt_len: static, the shortest prompt length (prefilled at once).
+    max_new_tokens: static, `N`.
+    temperature, top_k, top_p, eos_id: as in `generate_arrays`.
+    segments: `(count, min_len)` of the decode loop's segments; None: the
+      module's defaults.
+    with_logprobs: False skips the log-probabilities (zeros are returned),
+      saving a log-sum-exp over the vocabulary per step.
+
+  Returns:
+    `(tokens_BxN, logprobs_BxN, lengths_B, bad_B)`: each row's `N` new
+    tokens and their log-probabilities (see `generate_arrays`), the number of
+    new tokens up to and including EOS, and the first buffer position whose
+    logits (used to pick a new token) were not finite, or -1.
   """
+  segments = (_SEGMENTS, _SEGMENT_MIN_LEN) if segments is None else segments
   B, S = tokens_BxS.shape
   N = max_new_tokens
   prompt_mask_BxS = jnp.arange(S, dtype=jnp.int32)[None, :] < lengths_B[:, None]
@@ -173,7 +212,8 @@ def _generate_buffer(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, mi
   return new_BxN, logp_BxN, (N - after_eos.sum(axis=1)).astype(jnp.int32), bad_B
 
 
-def _check_sampling(cfg: LlamaConfig, max_new_tokens, temperature, top_k, top_p, eos_id, rng) -> None:
+def check_sampling(cfg: LlamaConfig, max_new_tokens, temperature, top_k, top_p, eos_id, rng) -> None:
+  """Raises `ValueError` naming the argument when a generation setting is invalid for `cfg`."""
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if temperature < 0:
@@ -228,7 +268,7 @@ def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray
   buf = np.zeros((tokens_BxP.shape[0], total), np.int32)
   buf[:, :longest] = tokens_BxP[:, :longest]
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  new, logp, n, bad = _generate_buffer(
+  new, logp, n, bad = decode_loop(
       params, jnp.asarray(buf), jnp.asarray(lengths_B), rng, cfg=cfg, min_prompt_len=int(lengths_B.min()),
       max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
       top_p=None if top_p is None else float(top_p), eos_id=None if eos_id is None else int(eos_id),
@@ -282,7 +322,7 @@ def generate_arrays(params: model.Params, cfg: LlamaConfig, prompt_tokens_BxP: A
       new token were NaN or inf; the message names the first such step.
     ValueError, TypeError: for bad arguments, before any compute.
   """
-  _check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng)
+  check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng)
   tokens, lengths = _prompt_arrays(cfg, prompt_tokens_BxP, prompt_lengths_B, "prompt_tokens_BxP")
   return _run(params, cfg, tokens, lengths, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               eos_id=eos_id, rng=rng)
@@ -319,7 +359,7 @@ def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[
     ValueError, TypeError: for bad arguments, before any compute.
   """
   del pad_id  # the buffer's padding is zeros, never attended to
-  _check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng)
+  check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng)
   if hasattr(prompts, "shape") and hasattr(prompts, "dtype"):
     tokens, lengths = _prompt_arrays(cfg, prompts, prompt_lengths, "prompts")
   else:

@@ -223,6 +223,18 @@ class SampleLogitsTest(chex.TestCase):
     np.testing.assert_allclose(freq[2:], [0.36, 0.64], atol=0.015)
     self.assertEqual(np.asarray(llama.sample_logits(None, logits[:3])).tolist(), [3, 3, 3])
 
+  def test_draw_follows_the_softmax_over_a_wide_vocabulary(self):
+    # One uniform per row inverts the running sum: frequencies match softmax(logits) over 4,096 ids,
+    # most of them -inf (never drawn, wherever they sit, including the last id).
+    V = 4096
+    probs = np.zeros(V)
+    probs[[0, 7, 1000, 4094]] = [0.1, 0.2, 0.3, 0.4]
+    logits = jnp.asarray(np.tile(np.log(probs), (20000, 1)), jnp.float32)
+    draws = np.asarray(llama.sample_logits(jax.random.PRNGKey(2), logits, temperature=1.0))
+    freq = np.bincount(draws, minlength=V) / draws.size
+    self.assertEqual(set(np.flatnonzero(freq)), {0, 7, 1000, 4094})
+    np.testing.assert_allclose(freq[[0, 7, 1000, 4094]], [0.1, 0.2, 0.3, 0.4], atol=0.015)
+
 
 if __name__ == "__main__":
   absltest.main()
