@@ -176,7 +176,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   train_tokens, eval_tokens = data.split_tokens(tokens, config.eval_fraction)
   cfg = model_config(config, tokenizer.vocab_size)
   # A changed model on an existing workdir raises here, naming the fields, before anything is touched.
-  jt.check_run_config(os.path.join(workdir, "checkpoints"), cfg.to_dict(), fields="model config")
+  jt.check_run_config(os.path.join(workdir, "checkpoints"), cfg.to_dict(), fields="model config",
+                      defaults=llama_config.LlamaConfig().to_dict())  # fields added since a run began resume at their defaults
   if jax.process_index() == 0:
     with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2)

@@ -94,17 +94,20 @@ def _unique(path: str) -> str:
   return candidate
 
 
-def _diff(recorded: Any, given: Any, prefix: str = "") -> list[str]:
+def _diff(recorded: Any, given: Any, prefix: str = "", defaults: Any = None) -> list[str]:
   if isinstance(recorded, dict) and isinstance(given, dict):
+    defaults = defaults if isinstance(defaults, dict) else {}
     out = []
     for k in sorted(set(recorded) | set(given), key=str):
       name = f"{prefix}{k}"
+      if k not in recorded and k in defaults and defaults[k] == given[k]:
+        continue  # a field added since the run was recorded, at its default: the recorded run had its behaviour
       if k not in recorded:
         out.append(f"{name} (new: {given[k]!r})")
       elif k not in given:
         out.append(f"{name} (recorded {recorded[k]!r}, now absent)")
       else:
-        out += _diff(recorded[k], given[k], name + ".")
+        out += _diff(recorded[k], given[k], name + ".", defaults.get(k))
     return out
   if recorded != given:
     return [f"{prefix[:-1] if prefix.endswith('.') else prefix}: recorded {recorded!r}, now {given!r}"]
@@ -115,7 +118,7 @@ def _jsonable(config: Any) -> Any:
   return json.loads(json.dumps(config, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def check_run_config(directory: str, config: dict, *, fields: str = "config") -> None:
+def check_run_config(directory: str, config: dict, *, fields: str = "config", defaults: dict | None = None) -> None:
   """Records `config` in `directory/run_config.json`, or checks it against the record.
 
   Args:
@@ -123,6 +126,11 @@ def check_run_config(directory: str, config: dict, *, fields: str = "config") ->
     config: a JSON-serialisable dict of what must not change across resumes
       (the model's config; lists and tuples compare equal).
     fields: what to call the config in the error message.
+    defaults: the config's default values (e.g. `to_dict` of the config class
+      built with no arguments). A field missing from the record is accepted
+      when its value here equals its default: a field added to the class since
+      the run was recorded, whose default keeps the old behaviour (the record
+      is left as it was). Without `defaults` every new field is a difference.
 
   Raises:
     ConfigMismatchError: the recorded config differs; the message names every
@@ -134,7 +142,7 @@ def check_run_config(directory: str, config: dict, *, fields: str = "config") ->
   if os.path.exists(path):
     with open(path) as f:
       recorded = json.load(f)
-    problems = _diff(recorded, given)
+    problems = _diff(recorded, given, defaults=None if defaults is None else _jsonable(defaults))
     if problems:
       raise ConfigMismatchError(
           f"the {fields} differs from the one {directory!r} was trained with: " + "; ".join(problems) +

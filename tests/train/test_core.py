@@ -202,6 +202,17 @@ class CoreTest(chex.TestCase):
       jt.check_run_config(workdir, {"n_layers": 3, "dim": 64, "mults": (1, 2)})
     self.assertEqual(listing(workdir), before)
 
+  def test_fields_added_at_their_defaults_resume(self):
+    # A run recorded before `loss_chunk` existed resumes when it is at its default, and raises otherwise.
+    workdir = self.tmpdir()
+    jt.check_run_config(workdir, {"dim": 32, "sub": {"a": 1}})
+    defaults = {"dim": 16, "loss_chunk": 0, "sub": {"a": 0, "b": "x"}}
+    jt.check_run_config(workdir, {"dim": 32, "loss_chunk": 0, "sub": {"a": 1, "b": "x"}}, defaults=defaults)
+    with self.assertRaisesRegex(jt.ConfigMismatchError, r"loss_chunk \(new: 512\)"):
+      jt.check_run_config(workdir, {"dim": 32, "loss_chunk": 512, "sub": {"a": 1, "b": "x"}}, defaults=defaults)
+    with self.assertRaisesRegex(jt.ConfigMismatchError, r"loss_chunk \(new: 0\)"):
+      jt.check_run_config(workdir, {"dim": 32, "loss_chunk": 0, "sub": {"a": 1}})  # no defaults given
+
   def test_set_aside_folders_never_overwrite(self):
     workdir = self.tmpdir()
     for _ in range(2):
