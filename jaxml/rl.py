@@ -195,7 +195,19 @@ def kl_penalty(logp_BxT: Array, ref_logp_BxT: Array, kind: str = "k1") -> Array:
   return jnp.expm1(-log_ratio) + log_ratio
 
 
-def _reduce(x: Array, mask: Array, reduction: str) -> Array:
+def masked_reduce(x: Array, mask: Array, reduction: str = "token") -> Array:
+  """The loss reduction PPO's losses use, over the entries where `mask` is nonzero.
+
+  Args:
+    x: `[B, T, ...]` per-token values.
+    mask: broadcastable to `x`.
+    reduction: "token" (the mean over all valid tokens of the batch) or
+      "sequence" (each row's mean over its valid tokens, then the mean over
+      rows with any valid token).
+
+  Returns:
+    a scalar.
+  """
   if reduction == "token":
     return masked_mean(x, mask)
   if jnp.ndim(x) < 2:
@@ -245,7 +257,7 @@ def ppo_policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
-  loss = _reduce(jnp.maximum(unclipped, clipped), mask, reduction)
+  loss = masked_reduce(jnp.maximum(unclipped, clipped), mask, reduction)
   log_ratio_sg = jax.lax.stop_gradient(log_ratio)
   metrics = {
       "policy_loss": jax.lax.stop_gradient(loss),

@@ -566,20 +566,20 @@ def make_loss(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, *, value_cfg: l
       total, metrics = rl.ppo_policy_loss(logp, mb["old_logp"], adv, m, clip_eps=clip,
                                           reduction=ppo_cfg.loss_reduction)
     else:
-      total = rl._reduce(-jax.lax.stop_gradient(adv) * logp, m, ppo_cfg.loss_reduction)
+      total = rl.masked_reduce(-jax.lax.stop_gradient(adv) * logp, m, ppo_cfg.loss_reduction)
       lr_sg = jax.lax.stop_gradient(logp - mb["old_logp"])
       metrics = {"policy_loss": jax.lax.stop_gradient(total), "clip_fraction": jnp.zeros(()),
                  "approx_kl": rl.masked_mean(jnp.expm1(lr_sg) - lr_sg, m), "ratio": rl.masked_mean(jnp.exp(lr_sg), m)}
     metrics = dict(metrics)
     if ppo_cfg.entropy_coef > 0:
-      total = total - ppo_cfg.entropy_coef * rl._reduce(entropy, m, ppo_cfg.loss_reduction)
+      total = total - ppo_cfg.entropy_coef * rl.masked_reduce(entropy, m, ppo_cfg.loss_reduction)
     if gae_mode:
       values = token_values(params["value"], mb["tokens"], mb["mask"], P, value_cfg)
       vloss, vmetrics = rl.ppo_value_loss(values, mb["old_values"], mb["returns"], m, clip_eps=ppo_cfg.value_clip)
       total = total + ppo_cfg.vf_coef * vloss
       metrics.update(vmetrics)
     if ppo_cfg.kl_mode == "as_loss" and ppo_cfg.kl_coef > 0:
-      kl = rl._reduce(rl.kl_penalty(logp, mb["ref_logp"], ppo_cfg.kl_estimator), m, ppo_cfg.loss_reduction)
+      kl = rl.masked_reduce(rl.kl_penalty(logp, mb["ref_logp"], ppo_cfg.kl_estimator), m, ppo_cfg.loss_reduction)
       total = total + ppo_cfg.kl_coef * kl
       metrics["kl_loss"] = jax.lax.stop_gradient(kl)
     if ppo_cfg.ptx_coef > 0 and ptx is not None:
