@@ -14,14 +14,14 @@ transformers); never imports jaxml. It answers JSON-line requests:
   {"op": "matmul_peak", "n", "repeats"}     FLOP/s of one n x n float32 matmul
   {"op": "quit"}
 """
-import json
-import os
-import statistics
 import sys
 import time
 
 import torch
 import transformers
+
+import peer_protocol  # benchmarks/peer_protocol.py, beside this script
+from peer_protocol import op_hello, op_matmul_peak  # noqa: F401  (peers that extend this one use them)
 
 _MODELS = {}
 
@@ -34,12 +34,6 @@ def _hf_config(c: dict) -> transformers.LlamaConfig:
       rms_norm_eps=c["norm_eps"], rope_theta=c["rope_theta"], max_position_embeddings=c["max_seq_len"],
       tie_word_embeddings=False, attention_bias=False, mlp_bias=False, pad_token_id=0, bos_token_id=None,
       eos_token_id=None)
-
-
-def op_hello(threads: int) -> dict:
-  torch.set_num_threads(threads)
-  return {"torch": torch.__version__, "transformers": transformers.__version__,
-          "threads": torch.get_num_threads()}
 
 
 def op_build(name: str, config: dict, seed: int = 0) -> dict:
@@ -82,38 +76,12 @@ def op_generate(name: str, prompts: list, new_tokens: int, repeats: int) -> dict
   return {"times": times, "new_tokens": int(out.shape[1] - ids.shape[1])}
 
 
-def op_matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
-  a, b = torch.randn(n, n), torch.randn(n, n)
-  a @ b
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    a @ b
-    times.append(time.perf_counter() - start)
-  return {"flops": 2.0 * n**3 / statistics.median(times)}
-
-
-OPS = {"hello": op_hello, "build": op_build, "train": op_train, "generate": op_generate,
-       "matmul_peak": op_matmul_peak}
+OPS = {"build": op_build, "train": op_train, "generate": op_generate}
 
 
 def main() -> int:
-  # Keep the protocol channel clean: anything libraries print goes to stderr.
-  channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-  sys.stdout = sys.stderr
   transformers.logging.set_verbosity_error()
-  for line in sys.stdin:
-    request = json.loads(line)
-    op = request.pop("op")
-    if op == "quit":
-      channel.write(json.dumps({"ok": True}) + "\n")
-      return 0
-    try:
-      answer = {"ok": True, **OPS[op](**request)}
-    except Exception as e:  # reported to the caller, which raises with this text.
-      answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    channel.write(json.dumps(answer) + "\n")
-  return 0
+  return peer_protocol.serve(OPS, packages=("transformers",))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ RecBole runs with two shims, both outside what is timed: NumPy 2 removed `np.flo
 complex128, str_); and `torch.utils.tensorboard` (imported by `recbole.utils` at import time) is
 replaced by a no-op writer, so the tensorboard package is not needed.
 """
-import json
 import os
 import sys
 import time
@@ -30,10 +29,7 @@ import types
 import numpy as np
 import torch
 
-
-def op_hello(threads: int) -> dict:
-  torch.set_num_threads(threads)
-  return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+import peer_protocol  # benchmarks/peer_protocol.py, beside this script
 
 
 def op_mf_ips_train(n_users: int, n_items: int, dim: int, batch: int, steps: int, seed: int = 0,
@@ -145,23 +141,9 @@ def op_recbole_round() -> dict:
   return {"train_seconds": train_s, "eval_seconds": eval_s, "metrics": {k: float(v) for k, v in result.items()}}
 
 
-OPS = {"hello": op_hello, "mf_ips_train": op_mf_ips_train, "full_rank": op_full_rank,
+OPS = {"mf_ips_train": op_mf_ips_train, "full_rank": op_full_rank,
        "recbole_build": op_recbole_build, "recbole_round": op_recbole_round}
 
 
-def main():
-  for line in sys.stdin:
-    req = json.loads(line)
-    op = req.pop("op")
-    if op == "quit":
-      print(json.dumps({"ok": True}), flush=True)
-      return
-    try:
-      out = OPS[op](**req)
-      print(json.dumps({"ok": True, **out}), flush=True)
-    except Exception as e:  # noqa: BLE001 - reported to the caller
-      print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}), flush=True)
-
-
 if __name__ == "__main__":
-  main()
+  sys.exit(peer_protocol.serve(OPS))

@@ -20,8 +20,6 @@ reference log-probs precomputed: `precompute_ref_logps=True`), `loss.backward()`
 step and `zero_grad`.
 """
 import collections
-import json
-import os
 import sys
 import time
 import types
@@ -31,6 +29,8 @@ import transformers
 import trl
 from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
+
+import peer_protocol  # benchmarks/peer_protocol.py, beside this script
 
 _STATE = {}
 
@@ -44,12 +44,6 @@ def _stand_in(model, beta):
       args=types.SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
       _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
       _total_train_tokens=0, _tp_size=1)
-
-
-def op_hello(threads: int) -> dict:
-  torch.set_num_threads(threads)
-  return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-          "threads": torch.get_num_threads()}
 
 
 def op_build(hf_dir: str, lr: float, beta: float) -> dict:
@@ -81,26 +75,12 @@ def op_step(input_ids, attention_mask, completion_mask, ref_chosen_logps, ref_re
   return {"times": times, "losses": losses}
 
 
-OPS = {"hello": op_hello, "build": op_build, "step": op_step}
+OPS = {"build": op_build, "step": op_step}
 
 
 def main() -> int:
-  # Keep the protocol channel clean: anything libraries print goes to stderr.
-  channel = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-  sys.stdout = sys.stderr
   transformers.logging.set_verbosity_error()
-  for line in sys.stdin:
-    request = json.loads(line)
-    op = request.pop("op")
-    if op == "quit":
-      channel.write(json.dumps({"ok": True}) + "\n")
-      return 0
-    try:
-      answer = {"ok": True, **OPS[op](**request)}
-    except Exception as e:  # reported to the caller, which raises with this text.
-      answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    channel.write(json.dumps(answer) + "\n")
-  return 0
+  return peer_protocol.serve(OPS, packages=("transformers", "trl"))
 
 
 if __name__ == "__main__":
