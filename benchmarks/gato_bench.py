@@ -10,6 +10,8 @@ random weights: episodes of a few dozen steps, the loop stops when every episode
                   evaluator runs) and calls the jitted batched policy (`policy.policy_batch`) once per step
   gymnax loop     `policy.python_loop`: the gymnax environment, one jitted policy call and one jitted
                   environment step per step from Python
+  per-env loop    the gymnasium loop with the policy called for one environment at a time (batch 1), as
+                  JAT's evaluator calls its model
 
 Each path runs the same number of loop iterations (those the compiled run needed); steps/s counts
 `num_envs` environment steps per iteration; medians of `repeats`, the paths interleaved per round.
@@ -67,6 +69,28 @@ def gymnasium_loop(params, cfg, prompt, rng, num_envs, keep, iterations):
   return iterations
 
 
+def gymnasium_loop_per_env(params, cfg, prompt, rng, num_envs, keep, iterations):
+  """As `gymnasium_loop`, but the policy is called once per environment step with a batch of one (as JAT's
+  evaluator calls its model for one environment at a time)."""
+  envs = [gymnasium.make("CartPole-v1") for _ in range(num_envs)]
+  obs = [e.reset(seed=i)[0].astype(np.float32)[None] for i, e in enumerate(envs)]
+  pol = policy.policy_batch(cfg, LAYOUT, SPEC, 1.0)
+  empty = jax.vmap(lambda _: policy.empty_context(SPEC, cfg, keep))(jnp.arange(1))
+  ctx = [empty] * num_envs
+  for _ in range(iterations):
+    rng, k_act, _ = jax.random.split(rng, 3)
+    keys = jax.random.split(k_act, num_envs)
+    for i, e in enumerate(envs):
+      action, ctx[i] = pol(params, prompt, ctx[i], jnp.asarray(obs[i]), keys[i:i + 1])
+      o, _, term, trunc, _ = e.step(int(action[0]))
+      if term or trunc:
+        o, _ = e.reset()
+        ctx[i] = empty
+      obs[i] = o.astype(np.float32)[None]
+  jax.block_until_ready(ctx)
+  return iterations
+
+
 def train_speed(cfg, batch, length, repeats):
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 259, (batch, length)).astype(np.int32)
@@ -102,7 +126,8 @@ def main(_):
   policy.evaluate(params, prompt, jax.random.PRNGKey(0), max_steps=iters, **kw)        # compile (max_steps is static)
   policy.python_loop(params, prompt, jax.random.PRNGKey(0), max_steps=2, **kw)          # compile
   gymnasium_loop(params, cfg, prompt, jax.random.PRNGKey(0), n, keep, 2)
-  t_c, t_g, t_x = [], [], []
+  gymnasium_loop_per_env(params, cfg, prompt, jax.random.PRNGKey(0), 2, keep, 2)
+  t_c, t_g, t_x, t_1 = [], [], [], []
   for r in range(FLAGS.repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(policy.evaluate(params, prompt, jax.random.PRNGKey(0), max_steps=iters, **kw))
@@ -113,13 +138,18 @@ def main(_):
     t0 = time.perf_counter()
     jax.block_until_ready(policy.python_loop(params, prompt, jax.random.PRNGKey(0), max_steps=iters, **kw))
     t_x.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    gymnasium_loop_per_env(params, cfg, prompt, jax.random.PRNGKey(r), n, keep, iters)
+    t_1.append(time.perf_counter() - t0)
   steps = n * iters
   res = {"eval_num_envs": n, "eval_loop_iterations": iters,
          "eval_steps_per_s_compiled": steps / median(t_c),
          "eval_steps_per_s_gymnasium_loop": steps / median(t_g),
-         "eval_steps_per_s_gymnax_python_loop": steps / median(t_x)}
+         "eval_steps_per_s_gymnax_python_loop": steps / median(t_x),
+         "eval_steps_per_s_gymnasium_loop_per_env": steps / median(t_1)}
   res["eval_speedup_vs_gymnasium_loop"] = median(t_g) / median(t_c)
   res["eval_speedup_vs_gymnax_python_loop"] = median(t_x) / median(t_c)
+  res["eval_speedup_vs_gymnasium_loop_per_env"] = median(t_1) / median(t_c)
 
   peak = matmul_peak_flops()
   for name in ("tiny", "small"):

@@ -30,7 +30,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.text_bytes = 400_000  # bytes of the Python standard library source for the text task
   c.eval_episodes = 50  # evaluation episodes per task and model (Gato: 50)
   c.eval_history = 8  # earlier timesteps kept in the evaluation context, after the prompt
-  c.eval_temperature = 0.0  # 0: argmax over the valid action ids; 1: sample the policy (as Gato deploys)
+  c.eval_temperature = 1.0  # 1: sample the policy (as Gato deploys); 0: argmax over the valid action ids
   c.bootstrap = 2000  # bootstrap resamples of the mean score
   c.figures_dir = ""  # also copy gato_scores.png and gato_twin.png there (e.g. docs/figures)
   if variant == "small":  # under 15 minutes on 2 CPU cores

@@ -71,7 +71,7 @@ class GatoExperimentConfig:
   text_bytes: int = 400_000  # stdlib source bytes for the text task
   eval_episodes: int = 50  # episodes per task and model
   eval_history: int = 8  # earlier timesteps kept in the evaluation context (after the prompt)
-  eval_temperature: float = 0.0  # 0: argmax over the valid action ids; 1: sample the policy (as Gato deploys)
+  eval_temperature: float = 1.0  # 1: sample the policy (as Gato deploys); 0: argmax over the valid action ids
   bootstrap: int = 2000  # bootstrap resamples
   figures_dir: str = ""  # also copy the figures there (e.g. docs/figures)
 
