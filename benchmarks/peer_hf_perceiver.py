@@ -12,6 +12,7 @@ transformers); never imports jaxml. It answers JSON-line requests:
   {"op": "forward", "inputs", "repeats"}    seconds of each inference forward (eval mode, no grad)
   {"op": "flops", "inputs", "labels"}       FLOPs of one training step counted by torch's FlopCounterMode
   {"op": "matmul_peak", "n", "repeats"}     FLOP/s of one n x n float32 matmul
+  {"op": "matmul", "m", "k", "n", "repeats"}  median seconds of one [m, k] @ [k, n] float32 product
   {"op": "quit"}
 """
 import sys
@@ -20,7 +21,7 @@ import time
 import torch
 import transformers
 
-import peer_hf_llama as protocol  # a sibling script (this folder is on sys.path): the shared JSON-line loop
+import peer_protocol  # benchmarks/peer_protocol.py (this folder is on sys.path): the shared JSON-line loop
 
 _STATE = {}
 
@@ -92,11 +93,26 @@ def op_flops(inputs: list, labels: list) -> dict:
   return {"flops": float(counter.get_total_flops())}
 
 
+def op_matmul(m: int, k: int, n: int, repeats: int = 50) -> dict:
+  """Median seconds of one float32 `[m, k] @ [k, n]` product."""
+  a, b = torch.randn(m, k), torch.randn(k, n)
+  a @ b
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    a @ b
+    times.append(time.perf_counter() - start)
+  times.sort()
+  return {"seconds": times[len(times) // 2]}
+
+
+OPS = {"load": op_load, "loss": op_loss, "train": op_train, "forward": op_forward, "flops": op_flops,
+       "matmul": op_matmul}
+
+
 def main() -> int:
-  """The JSON-line loop of `peer_hf_llama` (one protocol for every benchmark peer), with this file's ops."""
-  protocol.OPS = {"hello": protocol.op_hello, "matmul_peak": protocol.op_matmul_peak, "load": op_load,
-                  "loss": op_loss, "train": op_train, "forward": op_forward, "flops": op_flops}
-  return protocol.main()
+  transformers.logging.set_verbosity_error()
+  return peer_protocol.serve(OPS, packages=("transformers",))
 
 
 if __name__ == "__main__":
