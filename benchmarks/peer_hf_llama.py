@@ -21,7 +21,6 @@ import torch
 import transformers
 
 import peer_protocol  # benchmarks/peer_protocol.py, beside this script
-from peer_protocol import op_hello, op_matmul_peak  # noqa: F401  (peers that extend this one use them)
 
 _MODELS = {}
 
