@@ -23,14 +23,14 @@ import numpy as np
 from jaxml.gato import sequence as sq
 from jaxml.gato.model import GatoConfig, Params, embed, head
 from jaxml.gato.tokens import TokenLayout
+from jaxml.llama.generate import sample_logits
 from jaxml.llama import model as llama
 
 
 def _sample(rng, logits_V, valid_V, temperature):
-  logits = jnp.where(valid_V, logits_V, -jnp.inf)
-  if temperature == 0.0:
-    return jnp.argmax(logits).astype(jnp.int32)
-  return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
+  """One id among the valid ones: `jaxml.llama.generate.sample_logits` over the logits with the others masked."""
+  logits = jnp.where(valid_V, logits_V.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  return sample_logits(rng, logits[None], temperature=temperature)[0]
 
 
 def act_window(params: Params, cfg: GatoConfig, layout: TokenLayout, spec: sq.TaskSpec, window: sq.Tokens,
