@@ -65,7 +65,7 @@ class GatoExperimentConfig:
   prompt_prob: float = 0.25  # fraction of prompted training sequences
   prompt_timesteps: int = 6  # prompt length in timesteps (training and evaluation)
   rows_per_task: int = 4  # sequences per task per step (text and captions too)
-  steps: int = 600  # training steps (every model)
+  steps: int = 1500  # training steps (every model)
   steps_per_call: int = 20  # divides steps
   lr: float = 1e-3  # AdamW peak (warm-up 5%, cosine)
   text_bytes: int = 400_000  # stdlib source bytes for the text task
