@@ -7,12 +7,15 @@ import shutil
 import tempfile
 
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from experiments.configs.alignment import get_config
 from jaxml import experiment as experiment_lib
 from jaxml import report
 from jaxml.alignment import experiment
+
+pytestmark = pytest.mark.xdist_group("test_alignment_experiment")  # one worker: the class fixture runs once
 
 
 def quiet(_):

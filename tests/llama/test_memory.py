@@ -14,6 +14,8 @@ from jaxml import train as jt
 from jaxml.llama import config as llama_config
 from jaxml.llama import model
 
+pytestmark = pytest.mark.xdist_group("test_llama_memory")  # one worker: the module fixture runs once
+
 CHIP_GIB = 16.0  # TPU v5e HBM per chip
 # Per-layer growth of the 7b recipe's per-device memory, from `python -m benchmarks.llama_memory
 # --preset=7b` (32 layers, 64 devices: 10.03 GiB) minus `--layers=2` (64 devices: 4.86 GiB), over 30

@@ -11,6 +11,7 @@ from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments.configs.perceiver import get_config
 from jaxml import experiment as experiment_lib
@@ -21,6 +22,8 @@ from jaxml.perceiver import baselines as bl
 from jaxml.perceiver import experiment
 from jaxml.perceiver import model as pm
 from jaxml.perceiver.config import BYTE_OFFSET, MASK_ID
+
+pytestmark = pytest.mark.xdist_group("test_perceiver_experiment")  # one worker: the class fixture runs once
 
 TINY = dict(eval_every=10, checkpoint_every=20, warmup_steps=2, digits_test=100, digits_steps=20, digits_batch=16,
             num_bands=2, num_latents=4, d_latents=16, num_blocks=1, self_attends=1, latent_heads=2, mlp_hidden=(16,),
