@@ -95,15 +95,7 @@ def op_flops(inputs: list, labels: list) -> dict:
 
 def op_matmul(m: int, k: int, n: int, repeats: int = 50) -> dict:
   """Median seconds of one float32 `[m, k] @ [k, n]` product."""
-  a, b = torch.randn(m, k), torch.randn(k, n)
-  a @ b
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    a @ b
-    times.append(time.perf_counter() - start)
-  times.sort()
-  return {"seconds": times[len(times) // 2]}
+  return {"seconds": peer_protocol.matmul_seconds(m, k, n, repeats)}
 
 
 OPS = {"load": op_load, "loss": op_loss, "train": op_train, "forward": op_forward, "flops": op_flops,

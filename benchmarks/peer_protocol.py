@@ -24,16 +24,21 @@ def op_hello(threads: int, packages: tuple[str, ...] = ()) -> dict:
   return {"torch": torch.__version__, **versions, "threads": torch.get_num_threads()}
 
 
-def op_matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
-  """FLOP/s of one `n x n` float32 matmul, the median of `repeats`."""
-  a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_seconds(m: int, k: int, n: int, repeats: int) -> float:
+  """Median seconds of one float32 `[m, k] @ [k, n]` product (after one warm-up)."""
+  a, b = torch.randn(m, k), torch.randn(k, n)
   a @ b
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     a @ b
     times.append(time.perf_counter() - start)
-  return {"flops": 2.0 * n**3 / statistics.median(times)}
+  return statistics.median(times)
+
+
+def op_matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
+  """FLOP/s of one `n x n` float32 matmul, the median of `repeats`."""
+  return {"flops": 2.0 * n**3 / matmul_seconds(n, n, n, repeats)}
 
 
 def serve(ops: dict[str, Callable[..., dict]], *, packages: tuple[str, ...] = ()) -> int:
