@@ -149,15 +149,6 @@ def flops_per_token(cfg: GatoConfig, seq_len: int) -> float:
   return 6.0 * n_matmul + 12.0 * lc.n_layers * lc.dim * seq_len
 
 
-def _group_norm(x_NxHxWxC, p, groups: int, eps: float = 1e-5):
-  n, h, w, c = x_NxHxWxC.shape
-  g = x_NxHxWxC.reshape(n, h, w, groups, c // groups)
-  mean = g.mean(axis=(1, 2, 4), keepdims=True)
-  var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
-  g = (g - mean) * jax.lax.rsqrt(var + eps)
-  return g.reshape(n, h, w, c) * p["scale"] + p["bias"]
-
-
 def _conv(p, x_NxHxWxC):
   y = jax.lax.conv_general_dilated(x_NxHxWxC, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return y + p["b"]
@@ -170,9 +161,9 @@ def patch_embedding(params: Params, patches_NxP: jax.Array, cfg: GatoConfig) -> 
   pp = params["patch"]
   s, c, w = cfg.patch_size, cfg.image_channels, cfg.patch_width
   x = patches_NxP.astype(jnp.float32).reshape(-1, s, s, c)
-  pre = jax.nn.gelu(_group_norm(x, pp["norm1"], _groups(cfg, c)))
+  pre = jax.nn.gelu(nn.group_norm(x, pp["norm1"]["scale"], pp["norm1"]["bias"], _groups(cfg, c)))
   h = _conv(pp["conv1"], pre)
-  h = _conv(pp["conv2"], jax.nn.gelu(_group_norm(h, pp["norm2"], _groups(cfg, w))))
+  h = _conv(pp["conv2"], jax.nn.gelu(nn.group_norm(h, pp["norm2"]["scale"], pp["norm2"]["bias"], _groups(cfg, w))))
   h = h + _conv(pp["skip"], pre)
   return nn.linear(h.reshape(h.shape[0], s * s * w), pp["proj"]["w"]) + pp["proj"]["b"]
 

@@ -45,6 +45,31 @@ def layer_norm(x: Array, scale: Array, bias: Array, eps: float = 1e-5) -> Array:
   return (y * scale + bias).astype(x.dtype)
 
 
+def group_norm(x_NxHxWxC: Array, scale_C: Array, bias_C: Array, groups: int, eps: float = 1e-5) -> Array:
+  """GroupNorm (Wu & He 2018) over channels-last images: the `C` channels split into `groups`
+  groups, each normalised over its spatial positions and channels; statistics in float32.
+
+  `groups = 1` is LayerNorm over `[H, W, C]`; `groups = C` is InstanceNorm.
+
+  Args:
+    x_NxHxWxC: `[N, H, W, C]` activations.
+    scale_C, bias_C: `[C]` affine parameters.
+    groups: divides `C`.
+    eps: added to the variance.
+
+  Returns:
+    `[N, H, W, C]`, the dtype of `x`.
+  """
+  n, h, w, c = x_NxHxWxC.shape
+  if groups <= 0 or c % groups:
+    raise ValueError(f"groups must be a positive divisor of the channel count {c}, got {groups}")
+  g = x_NxHxWxC.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
+  mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
+  var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+  y = ((g - mean) * jax.lax.rsqrt(var + eps)).reshape(n, h, w, c)
+  return (y * scale_C + bias_C).astype(x_NxHxWxC.dtype)
+
+
 # ----------------------------------------------------------------------------- rotary
 
 

@@ -250,6 +250,27 @@ class NormAndMlpTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(1, 2, 6)
+  def test_group_norm(self, groups):
+    # Each of the `groups` channel groups standardised over (H, W, its channels), written out in NumPy;
+    # groups=1 is LayerNorm over [H, W, C], groups=C (6) InstanceNorm.
+    rng = np.random.default_rng(5)
+    x = rng.normal(2.0, 3.0, size=(2, 4, 5, 6)).astype(np.float32)
+    scale, bias = rng.normal(size=6).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    got = self.variant(lambda x: nn.group_norm(x, scale, bias, groups))(x)
+    expected = np.empty_like(x, dtype=np.float64)
+    size = 6 // groups
+    for n in range(2):
+      for g in range(groups):
+        block = x[n, :, :, g * size:(g + 1) * size].astype(np.float64)
+        expected[n, :, :, g * size:(g + 1) * size] = (block - block.mean()) / np.sqrt(block.var() + 1e-5)
+    np.testing.assert_allclose(got, expected * scale + bias, rtol=1e-5, atol=1e-5)
+
+  def test_group_norm_rejects_groups_that_do_not_divide_the_channels(self):
+    with self.assertRaisesRegex(ValueError, "groups must be a positive divisor of the channel count 6, got 4"):
+      nn.group_norm(jnp.ones((1, 2, 2, 6)), jnp.ones(6), jnp.zeros(6), 4)
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_linear_value_and_gradients_equal_matmul(self):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(2, 5, 8)).astype(np.float32)
