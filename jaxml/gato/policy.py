@@ -4,12 +4,29 @@ Deployment (Reed et al. 2022, Sec. 2.3): the context is [prompt] [earlier timest
 [separator]; the action's tokens are sampled one at a time, each restricted to the task's valid
 action ids and fed back through the KV cache, then detokenized and sent to the environment.
 
-The context is a fixed-length window of `W = P + K * S` positions (prompt of P tokens, K
-timesteps of S tokens): the current timestep sits right after the `n < K` earlier timesteps of
-the episode that are kept (the most recent ones), later slots are padding that causal
-attention never reads. The whole window is prefilled into a KV cache of W slots and the
-action tokens are written at the slots after the separator, so each environment of a batch
-has its own context length (the per-environment function is vmapped).
+Two forms of the per-step policy, both over a window of `W = P + (K + 1) * S` positions (prompt
+of P tokens, up to K earlier timesteps of S tokens, the current timestep):
+
+  re-prefill (`policy_step`, `evaluate(incremental=False)`): every step builds the window from
+    the prompt, the K most recent earlier timesteps (fewer at an episode's start) and the
+    current observation, prefills all of it into a fresh KV cache of W slots and decodes the
+    action tokens after the separator. Each action is conditioned on
+    `prompt + the min(t, K) previous timesteps + observation + separator` (t: its step in the
+    episode); once K timesteps are kept, every token's position shifts by S each step.
+  incremental (`cached_step`, `evaluate(incremental=True)`): one KV cache of W slots is carried
+    across steps. Slot s holds the token at position s (the decoder's default positions,
+    `cache_index + arange(T)`; Gato's local positions are part of each token's embedding), so a
+    token written at slot s gets exactly the position it would have in a prefill of the window
+    `cache[0:s + 1]`. A step writes only the observation and separator tokens, then decodes and
+    writes the action tokens. When the cache already holds K timesteps, it is first refilled:
+    the most recent R (`refill`, K // 2 by default) timesteps are prefilled again at slots
+    `P + [0, R * S)` (the prompt's slots are kept: their keys depend on the prompt alone).
+    Each action is therefore conditioned on `prompt + the n previous timesteps + observation +
+    separator`, where n counts the timesteps held since the episode's start or the last refill:
+    n = t for t <= K, then n cycles R, R + 1, ..., K - 1, K, R, ... (the steps with n = K are
+    followed by a refill). The context never shrinks below R earlier timesteps after the first
+    K steps, and a refill costs one prefill of R * S tokens every K - R + 1 steps instead of
+    W tokens every step.
 """
 from __future__ import annotations
 
@@ -151,6 +168,137 @@ def policy_step(params: Params, cfg: GatoConfig, layout: TokenLayout, spec: sq.T
   return sq.action_from_ids(spec, layout, ids), push(ctx, done_step, s)
 
 
+class CacheState(NamedTuple):
+  """The incremental policy's per-environment state (leading batch axis B in `cached_step`).
+
+  cache: the KV cache of `W = P + (K + 1) * S` slots: the prompt at `[0, P)`, held timestep i at
+    `P + i * S + [0, S)`.
+  tokens: `[(K + 1) * S]` the tokens of the held timesteps, timestep i at `i * S` (what a refill
+    prefills again; later slots are stale).
+  held: how many finished timesteps the cache holds after the prompt (int32).
+  """
+  cache: llama.KVCache
+  tokens: sq.Tokens
+  held: jax.Array
+
+
+def _decode_chunk(params, cfg, chunk, cache, at, images):
+  """Writes the `[T]` record `chunk` at cache slots `[at, at + T)` (positions the same); `(h_TxD, cache)`."""
+  batch = sq.Tokens(*(x[None] for x in chunk))
+  h, cache = llama.decoder(params["decoder"], embed(params, batch, cfg, with_patches=images), cfg.llama(),
+                           cache=cache, cache_index=at)
+  return h[0], cache
+
+
+def init_cached(params: Params, cfg: GatoConfig, spec: sq.TaskSpec, prompt: sq.Tokens, num_envs: int,
+                keep: int) -> CacheState:
+  """`num_envs` fresh states: the prompt prefilled once into a cache of `P + (keep + 1) * S` slots."""
+  check_window(cfg, spec, prompt.length, keep)
+  s = sq.timestep_len(spec, cfg.patch_size)
+  w = prompt.length + (keep + 1) * s
+  cache = llama.init_cache(cfg.llama(), 1, w)
+  if prompt.length:
+    _, cache = _decode_chunk(params, cfg, prompt, cache, 0, _has_images(spec))
+  bcast = lambda x: jnp.broadcast_to(x, (num_envs, *x.shape))  # noqa: E731
+  return CacheState(jax.tree.map(bcast, cache), jax.tree.map(bcast, sq.empty_tokens((keep + 1) * s, cfg.patch_dim,
+                                                                                     jnp)),
+                    jnp.zeros((num_envs,), jnp.int32))
+
+
+def _has_images(spec):
+  return any(f.kind == "image" for _, f in spec.fields)
+
+
+def cached_step(params: Params, cfg: GatoConfig, layout: TokenLayout, spec: sq.TaskSpec, state: CacheState,
+                observations: Any, rngs: jax.Array, *, refill: int, temperature: float) -> tuple[jax.Array, CacheState]:
+  """One incremental step for a batch of environments (jit-able; module docstring, "incremental").
+
+  Environments whose cache holds K + 1 timesteps are first refilled with their last `refill` (R)
+  timesteps (one `lax.cond` for the batch: when none needs it, no refill is computed). Then each
+  environment writes its observation and separator at slot `P + held * S`, samples the action
+  tokens one at a time (restricted to the valid ids, each written back), and holds one more timestep.
+
+  Args:
+    params, cfg, layout, spec: the policy and the task.
+    state: `CacheState` with a leading axis B (`init_cached`).
+    observations: the task's observation structure with a leading axis B.
+    rngs: `[B]` keys (one per action token is split from each, as `act_window` does).
+    refill: R, in [0, K].
+    temperature: 0 is greedy.
+
+  Returns:
+    `(actions_B, state)`.
+  """
+  s = sq.timestep_len(spec, cfg.patch_size)
+  n_in = s - spec.action_len  # observation and separator
+  k = state.tokens.length // s - 1
+  p = state.cache.max_len - (k + 1) * s
+  if not 0 <= refill <= k:
+    raise ValueError(f"refill must lie in [0, keep={k}], got {refill}")
+  images = _has_images(spec)
+  valid = jnp.asarray(sq.valid_action_ids(spec, layout))
+  need = state.held > k
+
+  def refill_one(st: CacheState) -> CacheState:
+    toks = sq.Tokens(*(jnp.roll(x, -(k + 1 - refill) * s, axis=0) for x in st.tokens))
+    cache = st.cache
+    if refill:
+      _, cache = _decode_chunk(params, cfg, sq.Tokens(*(x[:refill * s] for x in toks)), cache, p, images)
+    return CacheState(cache, toks, jnp.int32(refill))
+
+  def refill_batch(st: CacheState) -> CacheState:
+    new = jax.vmap(refill_one)(st)
+    pick = lambda a, b: jnp.where(need.reshape(need.shape + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
+    return jax.tree.map(pick, new, st)
+
+  state = jax.lax.cond(need.any(), refill_batch, lambda st: st, state)
+
+  def one(st: CacheState, obs, rng):
+    at = p + st.held * s
+    cur = _current_timestep(spec, layout, cfg, obs)
+    h, cache = _decode_chunk(params, cfg, sq.Tokens(*(x[:n_in] for x in cur)), st.cache, at, images)
+    h_last = h[-1:]
+    keys = jax.random.split(rng, spec.action_len)
+    ids = []
+    for i in range(spec.action_len):
+      tok = _sample(keys[i], head(params, h_last[None], cfg)[0, 0], valid, temperature)
+      ids.append(tok)
+      one_tok = sq.empty_tokens(1, cfg.patch_dim, jnp)._replace(ids=tok.reshape(1), loss_mask=jnp.ones((1,), bool))
+      h_last, cache = _decode_chunk(params, cfg, one_tok, cache, at + n_in + i, False)
+    ids = jnp.stack(ids)
+    done = cur._replace(ids=cur.ids.at[n_in:].set(ids))
+    toks = sq.Tokens(*(jax.lax.dynamic_update_slice_in_dim(t, d, st.held * s, axis=0)
+                       for t, d in zip(st.tokens, done)))
+    return sq.action_from_ids(spec, layout, ids), CacheState(cache, toks, st.held + 1)
+
+  return jax.vmap(one)(state, observations, rngs)
+
+
+@functools.lru_cache(maxsize=16)
+def cached_policy_batch(cfg: GatoConfig, layout: TokenLayout, spec: sq.TaskSpec, refill: int, temperature: float):
+  """The jitted `cached_step`: `(params, state, observations_B, keys_B) -> (actions_B, state)` (what a Python
+  loop over a batch of environments calls once per step)."""
+  return jax.jit(lambda p, st, o, k: cached_step(p, cfg, layout, spec, st, o, k, refill=refill,
+                                                 temperature=temperature))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
+def reset_cached(state: CacheState, fresh: CacheState, done: jax.Array, cfg: GatoConfig, spec: sq.TaskSpec
+                 ) -> CacheState:
+  """The batched states with those of finished episodes (`done_B`) replaced by `fresh` (`init_cached`)."""
+  del cfg, spec
+  pick = lambda a, b: jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
+  return jax.tree.map(pick, fresh, state)
+
+
+def default_refill(keep: int, refill: int | None) -> int:
+  """R: `keep // 2` unless given (the most recent half of the history, whole timesteps)."""
+  r = keep // 2 if refill is None else refill
+  if not 0 <= r <= keep:
+    raise ValueError(f"refill must lie in [0, keep={keep}], got {r}")
+  return r
+
+
 class EvalResult(NamedTuple):
   returns: jax.Array  # [B] undiscounted return of each environment's first episode
   lengths: jax.Array  # [B] its length in steps
@@ -162,11 +310,9 @@ def _split(rng, n):
   return rng, jax.random.split(k_act, n), jax.random.split(k_env, n)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "spec", "env", "num_envs", "keep", "max_steps",
-                                             "temperature"))
 def evaluate(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoConfig, layout: TokenLayout,
              spec: sq.TaskSpec, env: Any, env_params: Any, num_envs: int, keep: int, max_steps: int,
-             temperature: float = 1.0) -> EvalResult:
+             temperature: float = 1.0, incremental: bool = False, refill: int | None = None) -> EvalResult:
   """Runs `num_envs` environments for one whole episode each inside one `jax.lax.while_loop`.
 
   Args:
@@ -176,10 +322,66 @@ def evaluate(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoConf
     spec: the task; `env`, `env_params`: its gymnax environment.
     num_envs: B; keep: timesteps of history kept (K); max_steps: the loop's bound.
     temperature: 0 is greedy.
+    incremental: carry a KV cache across steps (`cached_step`) instead of prefilling the whole
+      window every step (`policy_step`); the module docstring states each form's context. In the
+      incremental form a finished environment's cache is not reset (its later actions are never
+      counted), so all environments refill at the same steps and one refill serves the batch.
+    refill: R, the timesteps an incremental refill keeps (`keep // 2` by default).
 
   Returns:
     `EvalResult`; the loop stops when every environment finished its first episode.
+
+  Raises:
+    ValueError: naming `refill` or the context length (prompt plus keep + 1 timesteps), before compute.
   """
+  if incremental:
+    refill = default_refill(keep, refill)
+    check_window(cfg, spec, prompt.length, keep)
+    return _evaluate_cached(params, prompt, rng, cfg=cfg, layout=layout, spec=spec, env=env, env_params=env_params,
+                            num_envs=num_envs, keep=keep, max_steps=max_steps, temperature=temperature, refill=refill)
+  return _evaluate(params, prompt, rng, cfg=cfg, layout=layout, spec=spec, env=env, env_params=env_params,
+                   num_envs=num_envs, keep=keep, max_steps=max_steps, temperature=temperature)
+
+
+def check_window(cfg: GatoConfig, spec: sq.TaskSpec, prompt_len: int, keep: int) -> None:
+  s = sq.timestep_len(spec, cfg.patch_size)
+  if keep < 0 or prompt_len + (keep + 1) * s > cfg.max_seq_len:
+    raise ValueError(f"the prompt ({prompt_len} tokens) plus keep + 1 = {keep + 1} timesteps of {s} tokens must fit "
+                     f"in max_seq_len={cfg.max_seq_len}")
+
+
+_STATIC = ("cfg", "layout", "spec", "env", "num_envs", "keep", "max_steps", "temperature")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("refill",))
+def _evaluate_cached(params, prompt, rng, *, cfg, layout, spec, env, env_params, num_envs, keep, max_steps,
+                     temperature, refill) -> EvalResult:
+  rng, k_reset = jax.random.split(rng)
+  obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_envs), env_params)
+  pol = init_cached(params, cfg, spec, prompt, num_envs, keep)
+  zeros = jnp.zeros((num_envs,), jnp.float32)
+
+  def cond(carry):
+    t, *_, alive = carry
+    return (t < max_steps) & alive.any()
+
+  def body(carry):
+    t, rng, obs, state, pol, ret, length, alive = carry
+    rng, k_act, k_env = _split(rng, num_envs)
+    action, pol = cached_step(params, cfg, layout, spec, pol, obs, k_act, refill=refill, temperature=temperature)
+    obs, state, reward, term, trunc, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(k_env, state, action, env_params)
+    ret = ret + jnp.where(alive, reward, 0.0)
+    length = length + alive.astype(jnp.int32)
+    return t + 1, rng, obs, state, pol, ret, length, alive & ~(term | trunc)
+
+  init = (jnp.int32(0), rng, obs, state, pol, zeros, jnp.zeros((num_envs,), jnp.int32), jnp.ones((num_envs,), bool))
+  t, _, _, _, _, ret, length, _ = jax.lax.while_loop(cond, body, init)
+  return EvalResult(ret, length, t)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _evaluate(params, prompt, rng, *, cfg, layout, spec, env, env_params, num_envs, keep, max_steps,
+              temperature) -> EvalResult:
   rng, k_reset = jax.random.split(rng)
   obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_envs), env_params)
   ctx = jax.vmap(lambda _: empty_context(spec, cfg, keep))(jnp.arange(num_envs))
@@ -209,11 +411,31 @@ def evaluate(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoConf
 
 def python_loop(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoConfig, layout: TokenLayout,
                 spec: sq.TaskSpec, env: Any, env_params: Any, num_envs: int, keep: int, max_steps: int,
-                temperature: float = 1.0) -> EvalResult:
+                temperature: float = 1.0, incremental: bool = False, refill: int | None = None) -> EvalResult:
   """`evaluate` stepped from Python: one jitted policy call and one jitted environment step per iteration,
-  the same keys. The reference `evaluate` is tested against, and the benchmark's slow path."""
+  the same keys (and, with `incremental`, the same carried caches, not reset at an episode's end). The
+  reference `evaluate` is tested against, and the benchmark's slow path."""
   rng, k_reset = jax.random.split(rng)
   obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_envs), env_params)
+  if incremental:
+    refill = default_refill(keep, refill)
+    check_window(cfg, spec, prompt.length, keep)
+    pol_state = init_cached(params, cfg, spec, prompt, num_envs, keep)
+    pol = cached_policy_batch(cfg, layout, spec, refill, float(temperature))
+    env_step = _env_step(env)
+    ret = np.zeros(num_envs, np.float32)
+    length = np.zeros(num_envs, np.int32)
+    alive = np.ones(num_envs, bool)
+    t = 0
+    while t < max_steps and alive.any():
+      rng, k_act, k_env = _split(rng, num_envs)
+      action, pol_state = pol(params, pol_state, obs, k_act)
+      obs, state, reward, done = env_step(k_env, state, action, env_params)
+      ret += np.where(alive, np.asarray(reward), 0.0)
+      length += alive
+      alive &= ~np.asarray(done)
+      t += 1
+    return EvalResult(jnp.asarray(ret), jnp.asarray(length), jnp.int32(t))
   ctx = jax.vmap(lambda _: empty_context(spec, cfg, keep))(jnp.arange(num_envs))
   pol = policy_batch(cfg, layout, spec, float(temperature))
   env_step = _env_step(env)

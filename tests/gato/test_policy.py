@@ -81,5 +81,74 @@ class EvaluateTest(absltest.TestCase):
     self.assertGreater(int(np.asarray(compiled.lengths).max()), 4)      # the history window rolled over
 
 
+class IncrementalTest(absltest.TestCase):
+
+  def test_greedy_actions_equal_the_full_forward_on_the_held_context(self):
+    # Two environments, K = 3 kept timesteps, refills keep R = 1; environment 1 restarts at step 3, so the two
+    # hold different counts and refill at different steps. The reference recomputes, from its own record
+    # of the timesteps, the context the module docstring states (prompt, the n held timesteps, the
+    # observation and separator) and takes the restricted argmax of one uncached forward over it.
+    keep, refill, steps, b = 3, 1, 10, 2
+    rng = np.random.default_rng(3)
+    prompt = jax.tree.map(jnp.asarray, sq.episode_tokens(
+        TWO_D, LAYOUT, {"pos": rng.normal(size=(2, 3)).astype(np.float32), "flag": rng.integers(0, 4, 2)},
+        rng.uniform(-2, 2, (2, 2)).astype(np.float32), patch_size=5, channels=1))
+    s = sq.timestep_len(TWO_D, 5)
+    width = prompt.length + (keep + 1) * s
+    fresh = policy.init_cached(params(), CFG, TWO_D, prompt, b, keep)
+    state = fresh
+    step = policy.cached_policy_batch(CFG, LAYOUT, TWO_D, refill, 0.0)
+    forward = jax.jit(lambda t: model.apply(params(), t, CFG))
+    valid = np.flatnonzero(sq.valid_action_ids(TWO_D, LAYOUT))
+    held = [[] for _ in range(b)]  # the reference's timesteps held after the prompt, per environment
+    refills = 0
+    for t in range(steps):
+      if t == 3:
+        state = policy.reset_cached(state, fresh, jnp.array([False, True]), CFG, TWO_D)
+        held[1] = []
+      obs = {"pos": rng.normal(size=(b, 3)).astype(np.float32), "flag": rng.integers(0, 4, b).astype(np.int32)}
+      actions, state = step(params(), state, jax.tree.map(jnp.asarray, obs), jax.random.split(jax.random.PRNGKey(t), b))
+      for e in range(b):
+        if len(held[e]) == keep + 1:
+          held[e] = held[e][-refill:]
+          refills += 1
+        o = {k: v[e] for k, v in obs.items()}
+        ids = np.asarray(sq.action_ids(TWO_D, LAYOUT, actions[e]))
+        cur = sq.timestep_tokens(TWO_D, LAYOUT, o, actions[e], patch_size=5, channels=1)
+        window = sq.concat([prompt] + held[e] + [cur], jnp)
+        n = window.length - TWO_D.action_len  # the context length before the first action token
+        logits = np.asarray(forward(jax.tree.map(lambda x: x[None], sq.pad_to(jax.tree.map(np.asarray, window),
+                                                                              width))))[0]
+        for i in range(TWO_D.action_len):
+          self.assertEqual(int(ids[i]), valid[np.argmax(logits[n - 1 + i][valid])], (t, e, i))
+        held[e].append(cur)
+        self.assertEqual(int(state.held[e]), len(held[e]))
+    self.assertGreaterEqual(refills, 3)  # environment 0 refills at steps 4 and 7, environment 1 at step 7
+
+  def test_compiled_incremental_evaluation_equals_python_loop(self):
+    env, env_params = gymnax.make("CartPole-v1")
+    rng = np.random.default_rng(1)
+    prompt = jax.tree.map(jnp.asarray, sq.episode_tokens(CART, LAYOUT, rng.normal(size=(2, 4)).astype(np.float32),
+                                                         np.array([0, 1]), patch_size=5, channels=1))
+    kw = dict(cfg=CFG, layout=LAYOUT, spec=CART, env=env, env_params=env_params, num_envs=3, keep=4, max_steps=40,
+              incremental=True, refill=2)
+    compiled = policy.evaluate(params(), prompt, jax.random.PRNGKey(7), **kw)
+    stepped = policy.python_loop(params(), prompt, jax.random.PRNGKey(7), **kw)
+    np.testing.assert_array_equal(np.asarray(compiled.returns), np.asarray(stepped.returns))
+    np.testing.assert_array_equal(np.asarray(compiled.lengths), np.asarray(stepped.lengths))
+    self.assertEqual(int(compiled.steps), int(stepped.steps))
+    self.assertGreater(int(np.asarray(compiled.lengths).max()), 5 + 3)  # at least one refill (after 5 steps)
+
+  def test_bad_input(self):
+    env, env_params = gymnax.make("CartPole-v1")
+    prompt = sq.Tokens(*(jnp.asarray(x) for x in sq.empty_tokens(0, CFG.patch_dim)))
+    kw = dict(cfg=CFG, layout=LAYOUT, spec=CART, env=env, env_params=env_params, num_envs=2, max_steps=3,
+              incremental=True)
+    with self.assertRaisesRegex(ValueError, "refill"):
+      policy.evaluate(params(), prompt, jax.random.PRNGKey(0), keep=2, refill=3, **kw)
+    with self.assertRaisesRegex(ValueError, "max_seq_len"):
+      policy.evaluate(params(), prompt, jax.random.PRNGKey(0), keep=CFG.max_seq_len, **kw)
+
+
 if __name__ == "__main__":
   absltest.main()
