@@ -333,17 +333,8 @@ def train(name: str, workdir: str, init_params, loss: LossFn, *, lr: float, step
   """
   init_fn = init_params if callable(init_params) else (lambda rng: init_params)
   tx, _ = jt.make_optimizer(lr, total_steps=steps, kind="adam", schedule="constant", clip_norm=clip_norm)
-  train_dir = os.path.join(workdir, name)
-  rng = jax.random.PRNGKey(seed)
-  ckpt = jt.Checkpointer(os.path.join(train_dir, "checkpoints"), every=checkpoint_every, keep=2)
-  try:
-    jt.check_run_config(ckpt.directory, record, fields=f"{name} training config")
-    abstract, _ = jt.abstract_train_state(init_fn, tx, rng)
-    state, start = jt.restore_or_init(ckpt, abstract, lambda: jt.init_train_state(init_fn, tx, rng)[0],
-                                      allow_fresh_start=allow_fresh_start)
-    step = jax.jit(jt.make_train_step(loss, tx, steps_per_call=steps_per_call), donate_argnums=0)
-    return jt.train(step, state, None, num_steps=steps, workdir=train_dir, start_step=start,
-                    steps_per_call=steps_per_call, checkpointer=ckpt, log_every=max(steps // 5, steps_per_call),
-                    plot_title=f"{name} loss", print_fn=lambda s: log(f"{name}: {s}"))
-  finally:
-    ckpt.close()
+  return jt.fit(loss, init_fn, tx, jax.random.PRNGKey(seed), num_steps=steps, workdir=os.path.join(workdir, name),
+                record=record, record_name=f"{name} training config", checkpoint_every=checkpoint_every, keep=2,
+                steps_per_call=steps_per_call, allow_fresh_start=allow_fresh_start,
+                log_every=max(steps // 5, steps_per_call), plot_title=f"{name} loss",
+                print_fn=lambda s: log(f"{name}: {s}"))

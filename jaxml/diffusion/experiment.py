@@ -127,20 +127,11 @@ def train_score_model(name: str, cfg: DiffusionExperimentConfig, workdir: str, *
     The loop's `TrainResult` (`state.ema_params` is the model to sample).
   """
   tx, _ = jt.make_optimizer(lr, total_steps=steps, kind="adam", schedule="constant", b2=0.999, clip_norm=1.0)
-  train_dir = os.path.join(workdir, name)
-  ckpt = jt.Checkpointer(os.path.join(train_dir, "checkpoints"), every=checkpoint_every)
-  try:
-    jt.check_run_config(ckpt.directory, record, fields=f"{name} training config")
-    abstract, _ = jt.abstract_train_state(init_fn, tx, rng, ema=True)
-    state, start = jt.restore_or_init(ckpt, abstract, lambda: jt.init_train_state(init_fn, tx, rng, ema=True)[0],
-                                      allow_fresh_start=cfg.allow_fresh_start)
-    step = jax.jit(jt.make_train_step(loss, tx, ema_decay=cfg.ema_decay, ema_warmup=True,
-                                      steps_per_call=steps_per_call), donate_argnums=0)
-    return jt.train(step, state, None, num_steps=steps, workdir=train_dir, start_step=start,
-                    steps_per_call=steps_per_call, checkpointer=ckpt, log_every=log_every,
-                    plot_title=f"DSM loss, {name}", print_fn=lambda s: log(f"{name}: {s}"))
-  finally:
-    ckpt.close()
+  return jt.fit(loss, init_fn, tx, rng, num_steps=steps, workdir=os.path.join(workdir, name), record=record,
+                record_name=f"{name} training config", checkpoint_every=checkpoint_every,
+                steps_per_call=steps_per_call, ema_decay=cfg.ema_decay, ema_warmup=True,
+                allow_fresh_start=cfg.allow_fresh_start, log_every=log_every, plot_title=f"DSM loss, {name}",
+                print_fn=lambda s: log(f"{name}: {s}"))
 
 
 def _final_loss(workdir: str, name: str) -> float:

@@ -226,24 +226,19 @@ def train_model(name: str, cfg: PerceiverExperimentConfig, workdir: str, *, init
                             weight_decay=cfg.weight_decay, clip_norm=1.0, kind="adamw", schedule="cosine",
                             b2=0.999)
   train_dir = os.path.join(workdir, name)
-  ckpt = jt.Checkpointer(os.path.join(train_dir, "checkpoints"), every=cfg.checkpoint_every)
-  try:
-    jt.check_run_config(ckpt.directory, record, fields=f"{name} training config")
-    abstract, _ = jt.abstract_train_state(init_fn, tx, rng)
-    state, start = jt.restore_or_init(ckpt, abstract, lambda: jt.init_train_state(init_fn, tx, rng)[0])
-    inner = jt.make_train_step(loss, tx, steps_per_call=k)
 
+  def with_evaluation(inner):
     def step(state, batch):
       state, metrics = inner(state, batch)
       held_out = evaluate(state.params)
       metrics.update({f"test_{n}": jnp.broadcast_to(v, (k,)) if k > 1 else v for n, v in held_out.items()})
       return state, metrics
+    return step
 
-    result = jt.train(jax.jit(step, donate_argnums=0), state, batch_fn, num_steps=steps, workdir=train_dir,
-                      start_step=start, steps_per_call=k, checkpointer=ckpt, log_every=k,
-                      plot_title=f"training loss, {name}", print_fn=lambda s: log(f"{name}: {s}"))
-  finally:
-    ckpt.close()
+  result = jt.fit(loss, init_fn, tx, rng, num_steps=steps, batch_fn=batch_fn, workdir=train_dir, record=record,
+                  record_name=f"{name} training config", checkpoint_every=cfg.checkpoint_every, steps_per_call=k,
+                  wrap_step=with_evaluation, log_every=k, plot_title=f"training loss, {name}",
+                  print_fn=lambda s: log(f"{name}: {s}"))
   curve = [r for r in jt.read_metrics(train_dir) if "step" in r and "loss" in r]
   return result, curve
 

@@ -5,6 +5,7 @@ loop, and multi-host start-up. The core names no model: each family owns its rul
 from jaxml.train.checkpoint import (CheckpointMismatchError, Checkpointer, ConfigMismatchError,
                                     NoUsableCheckpointError, check_run_config, restore_or_init)
 from jaxml.train.distributed import maybe_initialize_distributed
+from jaxml.train.fitting import fit
 from jaxml.train.hostmem import relaunch_with_huge_pages
 from jaxml.train.loop import MetricsWriter, NonFiniteLossError, TrainResult, plot_loss, read_metrics, train
 from jaxml.train.optim import decay_mask, make_optimizer, path_str, warmup_cosine_schedule

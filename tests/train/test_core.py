@@ -213,6 +213,30 @@ class CoreTest(chex.TestCase):
     with self.assertRaisesRegex(jt.ConfigMismatchError, r"loss_chunk \(new: 0\)"):
       jt.check_run_config(workdir, {"dim": 32, "loss_chunk": 0, "sub": {"a": 1}})  # no defaults given
 
+  def test_fit_resumes_to_the_uninterrupted_result_and_checks_its_record(self):
+    # fit's recipe (checkpoints, record, restore, the built step, the loop): 4 updates, then 4 more from the
+    # workdir's checkpoint, equal 8 in one go bitwise; without a workdir nothing is left on disk.
+    tx = optax.sgd(0.05)
+    rng = jax.random.PRNGKey(0)
+    go = lambda workdir, n: jt.fit(noisy_loss, init_fn, tx, rng, num_steps=n, batch_fn=batch_fn,  # noqa: E731
+                                   workdir=workdir, record={"lr": 0.05}, checkpoint_every=2, steps_per_call=2,
+                                   ema_decay=0.9, print_fn=lambda s: None)
+    whole, parts = self.tmpdir(), self.tmpdir()
+    one = go(whole, 8).state
+    self.assertEqual(int(go(parts, 4).state.step), 4)
+    resumed = go(parts, 8).state
+    chex.assert_trees_all_equal((one.params, one.ema_params), (resumed.params, resumed.ema_params))
+    self.assertEqual(int(resumed.step), 8)
+    with self.assertRaisesRegex(jt.ConfigMismatchError, r"lr: recorded 0.05, now 0.1"):
+      jt.fit(noisy_loss, init_fn, tx, rng, num_steps=8, batch_fn=batch_fn, workdir=parts, record={"lr": 0.1})
+    before = set(os.listdir(tempfile.gettempdir()))
+    plain = jt.fit(noisy_loss, init_fn, tx, rng, num_steps=8, batch_fn=batch_fn, steps_per_call=2, ema_decay=0.9,
+                   print_fn=lambda s: None).state
+    chex.assert_trees_all_equal(plain.params, one.params)
+    self.assertEqual({n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("jaxml_fit_")}, set())
+    with self.assertRaisesRegex(ValueError, "exactly one of loss_fn and step"):
+      jt.fit(None, init_fn, tx, rng, num_steps=2)
+
   def test_set_aside_folders_never_overwrite(self):
     workdir = self.tmpdir()
     for _ in range(2):

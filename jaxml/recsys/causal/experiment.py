@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import time
 from typing import Callable
 
@@ -63,9 +62,10 @@ def _loss_key(loss_fn):
   return key
 
 
-def fit(loss_fn, init_fn: Callable, batch_fn: Callable[[int], dict], *, steps: int, lr: float, seed: int,
-        steps_per_call: int = 50) -> tuple[dict, list]:
-  """Trains `init_fn(rng)` on `loss_fn` with Adam through `jaxml.train.train`; returns (params, history).
+def fit_model(loss_fn, init_fn: Callable, batch_fn: Callable[[int], dict], *, steps: int, lr: float, seed: int,
+              steps_per_call: int = 50) -> tuple[dict, list]:
+  """Trains `init_fn(rng)` on `loss_fn` with Adam through `jaxml.train.fit` (no checkpoints: each fit takes
+  seconds); returns (params, history).
 
   Runs with the same loss (the same function and keywords) and learning rate share one compiled
   step (the jit cache then only retraces for new shapes).
@@ -73,7 +73,6 @@ def fit(loss_fn, init_fn: Callable, batch_fn: Callable[[int], dict], *, steps: i
   steps = max(steps_per_call, steps // steps_per_call * steps_per_call)
   tx, _ = jt.make_optimizer(lr, total_steps=steps, kind="adam", schedule="constant", clip_norm=None, b1=0.9,
                             b2=0.999, eps=1e-8)
-  state, _ = jt.init_train_state(init_fn, tx, jax.random.PRNGKey(seed))
   key = _loss_key(loss_fn)
   key = None if key is None else (key, lr, steps_per_call)
   step = _STEPS.get(key) if key is not None else None
@@ -81,9 +80,8 @@ def fit(loss_fn, init_fn: Callable, batch_fn: Callable[[int], dict], *, steps: i
     step = jax.jit(jt.make_train_step(loss_fn, tx, steps_per_call=steps_per_call), donate_argnums=0)
     if key is not None:
       _STEPS[key] = step
-  with tempfile.TemporaryDirectory() as workdir:
-    result = jt.train(step, state, batch_fn, num_steps=steps, workdir=workdir, steps_per_call=steps_per_call,
-                      log_every=steps, tensorboard=False, plot=False, print_fn=lambda s: None)
+  result = jt.fit(None, init_fn, tx, jax.random.PRNGKey(seed), num_steps=steps, batch_fn=batch_fn, step=step,
+                  steps_per_call=steps_per_call, log_every=steps, print_fn=lambda s: None)
   return result.state.params, result.history
 
 
@@ -195,7 +193,7 @@ def train_rating_models(train_UxI, observed, p_true, p_nb, cfg_fit, seed) -> dic
   for name, b in batches.items():
     mean = float(np.average(b["ratings"], weights=b["weights"]))
     loss = functools.partial(mf.mf_ips_loss, l2=cfg_fit.l2)
-    params, _ = fit(loss, lambda r, mean=mean: mf.mf_init(r, n_u, n_i, cfg_fit.dim, global_bias=mean), _const(b),
+    params, _ = fit_model(loss, lambda r, mean=mean: mf.mf_init(r, n_u, n_i, cfg_fit.dim, global_bias=mean), _const(b),
                     steps=cfg_fit.steps, lr=cfg_fit.lr, seed=seed)
     out[name] = np.asarray(mf.mf_scores(params))
   dr_props = {"DR-JL (naive Bayes p)": p_nb}
@@ -205,7 +203,7 @@ def train_rating_models(train_UxI, observed, p_true, p_nb, cfg_fit, seed) -> dic
   for name, p in dr_props.items():
     b = objectives.all_cells_batch(train_UxI, observed, p)
     loss = functools.partial(objectives.dr_jl_loss, l2=cfg_fit.l2, imputation_l2=cfg_fit.imputation_l2)
-    params, _ = fit(loss, lambda r: objectives.dr_jl_init(r, n_u, n_i, cfg_fit.dim, global_bias=mean), _const(b),
+    params, _ = fit_model(loss, lambda r: objectives.dr_jl_init(r, n_u, n_i, cfg_fit.dim, global_bias=mean), _const(b),
                     steps=cfg_fit.steps, lr=cfg_fit.lr, seed=seed)
     out[name] = np.asarray(mf.mf_scores(params["prediction"]))
   return out
@@ -251,7 +249,7 @@ def implicit_models(train_pos_TxUxI, n_items, item_groups_IxG, c, seed) -> dict:
   out = {}
   for gamma, names in ((0.0, ("BPR-MF",)), (c.pda_gamma, ("PD", "PDA"))):
     loss = functools.partial(objectives.pda_loss, gamma=gamma, l2=c.l2)
-    params, _ = fit(loss, init, bpr_batches(us, it, st, pop, n_items, c.batch_size, seed), steps=c.steps, lr=c.lr,
+    params, _ = fit_model(loss, init, bpr_batches(us, it, st, pop, n_items, c.batch_size, seed), steps=c.steps, lr=c.lr,
                     seed=seed)
     f = mf.mf_scores(params)
     if gamma == 0.0:
@@ -262,20 +260,20 @@ def implicit_models(train_pos_TxUxI, n_items, item_groups_IxG, c, seed) -> dict:
       out["PDA"] = np.asarray(popularity.pda_inference(f, pop[-1], gamma=gamma, pop_prev_I=prev))
   clicks = click_batches(us, it, n_items, c.batch_size, seed)
   loss = functools.partial(objectives.macr_train_loss, alpha=c.macr_alpha, beta=c.macr_beta, l2=c.l2)
-  params, _ = fit(loss, lambda r: objectives.macr_init(init(r), n_u, n_items), clicks, steps=c.steps, lr=c.lr,
+  params, _ = fit_model(loss, lambda r: objectives.macr_init(init(r), n_u, n_items), clicks, steps=c.steps, lr=c.lr,
                   seed=seed)
   y_k = mf.mf_scores(params["backbone"])
   out["MACR (c=0: training score)"] = np.asarray(objectives.macr_scores(params, y_k, 0.0))
   out[f"MACR (c={c.macr_c})"] = np.asarray(objectives.macr_scores(params, y_k, c.macr_c))
   loss = functools.partial(objectives.bce_loss, l2=c.l2)
-  fm_params, _ = fit(loss, init, clicks, steps=c.steps, lr=c.lr, seed=seed)
+  fm_params, _ = fit_model(loss, init, clicks, steps=c.steps, lr=c.lr, seed=seed)
   fm_logits = mf.mf_scores(fm_params)
   out["FM (BCE)"] = np.asarray(fm_logits)
   pos = train_pos_TxUxI.any(0)
   d_u = objectives.group_distribution(pos, item_groups_IxG)
   prior = d_u[pos.any(1)].mean(0)
   loss = functools.partial(objectives.decrs_loss, prior_G=jnp.asarray(prior, jnp.float32), l2=c.l2)
-  dec_params, _ = fit(loss, lambda r: objectives.decrs_init(r, n_u, n_items, item_groups_IxG.shape[1], c.dim), clicks,
+  dec_params, _ = fit_model(loss, lambda r: objectives.decrs_init(r, n_u, n_items, item_groups_IxG.shape[1], c.dim), clicks,
                       steps=c.steps, lr=c.lr, seed=seed)
   first = objectives.group_distribution(train_pos_TxUxI[: max(1, n_t // 2)].any(0), item_groups_IxG)
   second = objectives.group_distribution(train_pos_TxUxI[max(1, n_t // 2):].any(0), item_groups_IxG)
@@ -356,7 +354,7 @@ def ml100k_section(config, log) -> dict:
   for seed in config.seeds[:1]:
     for label, gamma in (("BPR-MF", 0.0), ("PD", c.pd_gamma), ("PDA", c.pda_gamma)):
       loss = functools.partial(objectives.pda_loss, gamma=gamma, l2=c.l2)
-      params, _ = fit(loss, init, bpr_batches(split["train_users"], split["train_items"], split["train_stages"], pop,
+      params, _ = fit_model(loss, init, bpr_batches(split["train_users"], split["train_items"], split["train_stages"], pop,
                                               n_i, c.batch_size, seed), steps=c.steps, lr=c.lr, seed=seed)
       f = mf.mf_scores(params)
       if label == "BPR-MF":
@@ -392,7 +390,7 @@ def tower_section(config, log) -> dict:
                         ("tower + SNIPS", w_ips, True)):
       b = towers_adapter.tower_batch(u, i, labels_B=labels, weights_B=w)
       loss = functools.partial(towers_adapter.tower_ips_loss, cfg=cfg, self_normalize=sn)
-      params, _ = fit(loss, lambda r: towers.init(r, cfg), lambda s, b=b: b, steps=c.steps, lr=c.lr, seed=seed)
+      params, _ = fit_model(loss, lambda r: towers.init(r, cfg), lambda s, b=b: b, steps=c.steps, lr=c.lr, seed=seed)
       probs = jax.nn.sigmoid(towers_adapter.tower_logits(params, cfg, *o.shape))[test]
       per.setdefault(name, []).append({"auc": float(ctr_metrics.auc(truth, probs)),
                                        "logloss": float(ctr_metrics.logloss(truth, probs)),
