@@ -286,8 +286,30 @@ def preprocess(params: Params, inputs, cfg: PerceiverConfig, *, input_mask=None)
 # ----------------------------------------------------------------------------- layers
 
 
+def gelu_erf(x: Array) -> Array:
+  """Exact GELU as `x / 2 * (1 + erf(x / sqrt(2)))` (torch's form, which transformers runs).
+
+  The same function as `jax.nn.gelu(x, approximate=False)`, which writes it
+  with `erfc(-x / sqrt(2))` (equal up to float32 rounding: for x << 0 the sum
+  `1 + erf` cancels, an absolute difference below 1e-6 for |x| < 9); XLA:CPU
+  expands `erfc` into a polynomial with an exponential (about 30 operations
+  per element, recomputed in each fusion that reads it), while `erf` stays
+  one vectorised operation.
+  """
+  return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
 def _gelu(cfg: PerceiverConfig):
-  return functools.partial(jax.nn.gelu, approximate=cfg.gelu == "tanh")
+  return functools.partial(jax.nn.gelu, approximate=True) if cfg.gelu == "tanh" else gelu_erf
+
+
+def _dense(p: Params, x: Array) -> Array:
+  """`x w + b` through `jaxml.nn.linear` (its weight gradient runs on XLA:CPU's GEMM path)."""
+  return nn.linear(x, p["w"]) + p["b"]
+
+
+def _mlp(layers: list[Params], x: Array, act) -> Array:
+  return _dense(layers[1], act(_dense(layers[0], x)))
 
 
 def _fold(rng: Array | None, n: int) -> Array | None:
@@ -306,22 +328,19 @@ def _attend(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxV: Array, key_mask_BxS: 
 
   Scores `q k / sqrt(K)` and the softmax are float32; masked keys get the
   float32 minimum (probability exactly 0 when a row has any real key), and an
-  example with no real key gets zero output. Equal widths run on
-  `jaxml.nn.attention_core` (hand-written backward); unequal widths on einsums.
+  example with no real key gets zero output. Runs on `jaxml.nn.attention_core`
+  (hand-written backward); unequal qk and value widths are zero-padded to the
+  larger one first (zero channels add nothing to the scores, and the padded
+  output channels are dropped), the same function as the two einsums.
   """
   K, V = q_BxTxHxK.shape[-1], v_BxSxHxV.shape[-1]
-  q = jnp.swapaxes(q_BxTxHxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxHxK.dtype), 1, 2)  # [B, H, T, K]
-  k = jnp.swapaxes(k_BxSxHxK, 1, 2)  # [B, H, S, K]
+  W = max(K, V)
+  pad = lambda a: a if a.shape[-1] == W else jnp.pad(a, [(0, 0)] * 3 + [(0, W - a.shape[-1])])  # noqa: E731
+  q = jnp.swapaxes(pad(q_BxTxHxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxHxK.dtype)), 1, 2)  # [B, H, T, W]
+  k = jnp.swapaxes(pad(k_BxSxHxK), 1, 2)  # [B, H, S, W]
   mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]
-  if K == V:
-    out = nn.attention_core(q, k, jnp.transpose(v_BxSxHxV, (0, 2, 3, 1)), mask)  # values as [B, H, V, S]
-  else:
-    scores = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhts,bshv->bhtv", probs.astype(v_BxSxHxV.dtype), v_BxSxHxV)
-  out = jnp.swapaxes(out, 1, 2)  # [B, T, H, V]
+  out = nn.attention_core(q, k, jnp.transpose(pad(v_BxSxHxV), (0, 2, 3, 1)), mask)  # values as [B, H, W, S]
+  out = jnp.swapaxes(out[..., :V], 1, 2)  # [B, T, H, V]
   if key_mask_BxS is not None:
     out = jnp.where(jnp.any(key_mask_BxS, axis=-1)[:, None, None, None], out, 0.0).astype(out.dtype)
   return out
@@ -335,13 +354,13 @@ def _layer(p: Params, x_BxTxD: Array, kv_BxSxC: Array | None, cfg: PerceiverConf
   xkv = xq if kv_BxSxC is None else nn.layer_norm(kv_BxSxC, p["norm_kv"]["scale"], p["norm_kv"]["bias"], eps)
   B, T, _ = xq.shape
   S = xkv.shape[1]
-  q = nn.dense(p["query"], xq).reshape(B, T, heads, -1)
-  k = nn.dense(p["key"], xkv).reshape(B, S, heads, -1)
-  v = nn.dense(p["value"], xkv).reshape(B, S, heads, -1)
-  a = nn.dense(p["out"], _attend(q, k, v, key_mask_BxS).reshape(B, T, -1))
+  q = _dense(p["query"], xq).reshape(B, T, heads, -1)
+  k = _dense(p["key"], xkv).reshape(B, S, heads, -1)
+  v = _dense(p["value"], xkv).reshape(B, S, heads, -1)
+  a = _dense(p["out"], _attend(q, k, v, key_mask_BxS).reshape(B, T, -1))
   a = _dropout(a, cfg.dropout, _fold(rng, 0))
   x = x_BxTxD + a if query_residual else a
-  h = nn.mlp(p["mlp"], nn.layer_norm(x, p["norm_mlp"]["scale"], p["norm_mlp"]["bias"], eps), act=_gelu(cfg))
+  h = _mlp(p["mlp"], nn.layer_norm(x, p["norm_mlp"]["scale"], p["norm_mlp"]["bias"], eps), _gelu(cfg))
   return x + _dropout(h, cfg.dropout, _fold(rng, 1))
 
 
@@ -453,7 +472,7 @@ def _decode(p: Params, z: Array, d: DecoderConfig, cfg: PerceiverConfig, queries
             rng: Array | None) -> Array:
   out = _layer(p["cross_attend"], queries, z, cfg, heads=d.num_heads, query_residual=d.use_query_residual, rng=rng)
   if "final" in p:
-    out = nn.dense(p["final"], out)
+    out = _dense(p["final"], out)
   if query_mask is not None:
     out = jnp.where(query_mask[..., None], out, 0.0).astype(out.dtype)
   return out

@@ -14,6 +14,7 @@ import optax
 from absl.testing import absltest, parameterized
 
 from jaxml import perceiver as pc
+from jaxml.perceiver import model as pm
 
 # Tiny models: an array encoder with two query sets (learned and Fourier), a byte masked LM, a pixel classifier.
 MULTI = pc.PerceiverConfig(
@@ -181,6 +182,56 @@ class EncoderTest(chex.TestCase, parameterized.TestCase):
     diff = float(jnp.abs(exact - tanh).max())
     self.assertGreater(diff, 1e-7)
     self.assertLess(diff, 1e-2)
+
+
+class FastFormsTest(chex.TestCase, parameterized.TestCase):
+  """The forms the model runs for speed against the plain ones: values and gradients."""
+
+  def test_gelu_erf_is_exact_gelu(self):
+    x = jnp.concatenate([jnp.linspace(-9.0, 9.0, 2001), jax.random.normal(jax.random.PRNGKey(9), (1000,)) * 3])
+    plain = lambda x: jax.nn.gelu(x, approximate=False)  # noqa: E731  (the erfc form)
+    # For x << 0, 1 + erf(x / sqrt 2) cancels: its float32 rounding (a few units of 2^-24) times |x| / 2
+    # (at most 4.5 here) bounds the absolute difference from the erfc form: 4 * 2^-24 * 4.5 = 1.1e-6.
+    tail = 4 * 2.0**-24 * 4.5
+    np.testing.assert_allclose(pm.gelu_erf(x), plain(x), rtol=2e-6, atol=tail)
+    grad = jax.vmap(jax.grad(pm.gelu_erf))(x)
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(plain))(x), rtol=2e-6, atol=tail)
+    # d/dx [x Phi(x)] = Phi(x) + x phi(x), written out.
+    phi = jnp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    np.testing.assert_allclose(grad, 0.5 * (1 + jax.scipy.special.erf(x / math.sqrt(2))) + x * phi, atol=2e-6)
+
+  @parameterized.named_parameters(("v_narrower", 6, 4, True), ("v_wider", 3, 5, True), ("equal", 4, 4, False),
+                                  ("v_narrower_no_mask", 6, 2, False))
+  def test_attend_matches_einsums(self, K, V, masked):
+    """`_attend` (zero-padded to one width, `attention_core`) against softmax attention as two einsums."""
+    ks = jax.random.split(jax.random.PRNGKey(10), 4)
+    q = jax.random.normal(ks[0], (2, 5, 3, K))
+    k = jax.random.normal(ks[1], (2, 7, 3, K))
+    v = jax.random.normal(ks[2], (2, 7, 3, V))
+    mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3], bool) if masked else None
+    w = jax.random.normal(ks[3], (2, 5, 3, V))
+
+    def plain(q, k, v):
+      s = jnp.einsum("bthk,bshk->bhts", q, k) / math.sqrt(K)
+      if mask is not None:
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+      return jnp.einsum("bhts,bshv->bthv", jax.nn.softmax(s, axis=-1), v)
+
+    fast = lambda q, k, v: pm._attend(q, k, v, mask)  # noqa: E731
+    np.testing.assert_allclose(fast(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+    g_fast = jax.grad(lambda *a: jnp.sum(fast(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    g_plain = jax.grad(lambda *a: jnp.sum(plain(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_fast, g_plain):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def test_dense_matches_matmul(self):
+    ks = jax.random.split(jax.random.PRNGKey(11), 3)
+    p = {"w": jax.random.normal(ks[0], (6, 4)), "b": jax.random.normal(ks[1], (4,))}
+    x = jax.random.normal(ks[2], (2, 3, 6))
+    np.testing.assert_allclose(pm._dense(p, x), x @ p["w"] + p["b"], rtol=1e-6, atol=1e-6)
+    g = jax.grad(lambda p, x: jnp.sum(jnp.sin(pm._dense(p, x))), argnums=(0, 1))(p, x)
+    g_plain = jax.grad(lambda p, x: jnp.sum(jnp.sin(x @ p["w"] + p["b"])), argnums=(0, 1))(p, x)
+    chex.assert_trees_all_close(g, g_plain, rtol=1e-5, atol=1e-6)
 
 
 class DecoderTest(chex.TestCase, parameterized.TestCase):
