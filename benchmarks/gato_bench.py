@@ -13,7 +13,16 @@ random weights: episodes of a few dozen steps, the loop stops when every episode
   per-env loop    the gymnasium loop with the policy called for one environment at a time (batch 1), as
                   JAT's evaluator calls its model
 
-Each path runs the same number of loop iterations (those the compiled run needed); steps/s counts
+Every path runs in two policy forms (`jaxml.gato.policy` module docstring): re-prefill (the whole
+window prefilled every step; the names without a suffix) and incremental (a KV cache carried across
+steps, refilled with the last `keep // 2` timesteps on overflow; names ending `_incremental`). The
+gymnasium loops reset a finished episode's context (cache); the compiled and gymnax loops do not
+need to (only first episodes are counted). `eval_speedup_vs_gymnasium_incremental` is the compiled
+incremental evaluation's steps/s over the per-env gymnasium loop's calling the same incremental policy (the
+issue's comparison); `eval_speedup_incremental_vs_gymnasium_loop_per_env` is it against the per-env
+loop with the re-prefill policy (the earlier baseline).
+
+Each path runs the same number of loop iterations (those the compiled run of its form needed); steps/s counts
 `num_envs` environment steps per iteration; medians of `repeats`, the paths interleaved per round.
 Training: the masked next-token step (`jaxml.train.make_train_step` on `model.loss_fn`), tokens/s and
 MFU against the measured matmul peak (`benchmarks.common`). Ends with `name: value` lines.
@@ -47,15 +56,41 @@ LAYOUT = TokenLayout(text_vocab=259, discrete_vocab=8)
 SPEC = sq.TaskSpec.create("CartPole-v1", sq.Field("continuous", (4,)), sq.Field("discrete", (), num_values=2))
 
 
-def gymnasium_loop(params, cfg, prompt, rng, num_envs, keep, iterations):
+class _Policy:
+  """A batched policy for the gymnasium loops: `fresh(n)`, `step(ctx, obs_B, keys_B)`, `reset(ctx, done_B, fresh)`."""
+
+  def __init__(self, params, cfg, prompt, keep, incremental):
+    self.params, self.cfg, self.prompt, self.keep, self.incremental = params, cfg, prompt, keep, incremental
+    if incremental:
+      self.pol = policy.cached_policy_batch(cfg, LAYOUT, SPEC, policy.default_refill(keep, None), 1.0)
+    else:
+      self.pol = policy.policy_batch(cfg, LAYOUT, SPEC, 1.0)
+
+  def fresh(self, n):
+    if self.incremental:
+      return policy.init_cached(self.params, self.cfg, SPEC, self.prompt, n, self.keep)
+    return jax.vmap(lambda _: policy.empty_context(SPEC, self.cfg, self.keep))(jnp.arange(n))
+
+  def step(self, ctx, obs, keys):
+    if self.incremental:
+      return self.pol(self.params, ctx, obs, keys)
+    return self.pol(self.params, self.prompt, ctx, obs, keys)
+
+  def reset(self, ctx, done, fresh):
+    if self.incremental:
+      return policy.reset_cached(ctx, fresh, done, self.cfg, SPEC)
+    return policy.reset_contexts(ctx, done, self.cfg, SPEC, self.keep)
+
+
+def gymnasium_loop(pol, rng, num_envs, iterations):
   """`iterations` steps of `num_envs` gymnasium CartPole-v1 envs driven by the jitted batched policy."""
   envs = [gymnasium.make("CartPole-v1") for _ in range(num_envs)]
   obs = np.stack([e.reset(seed=i)[0] for i, e in enumerate(envs)]).astype(np.float32)
-  pol = policy.policy_batch(cfg, LAYOUT, SPEC, 1.0)
-  ctx = jax.vmap(lambda _: policy.empty_context(SPEC, cfg, keep))(jnp.arange(num_envs))
+  fresh = pol.fresh(num_envs)
+  ctx = fresh
   for _ in range(iterations):
     rng, k_act, _ = jax.random.split(rng, 3)
-    action, ctx = pol(params, prompt, ctx, jnp.asarray(obs), jax.random.split(k_act, num_envs))
+    action, ctx = pol.step(ctx, jnp.asarray(obs), jax.random.split(k_act, num_envs))
     action = np.asarray(action)
     done = np.zeros(num_envs, bool)
     for i, e in enumerate(envs):
@@ -64,24 +99,24 @@ def gymnasium_loop(params, cfg, prompt, rng, num_envs, keep, iterations):
         o, _ = e.reset()
         done[i] = True
       obs[i] = o
-    ctx = policy.reset_contexts(ctx, jnp.asarray(done), cfg, SPEC, keep)
+    if done.any():
+      ctx = pol.reset(ctx, jnp.asarray(done), fresh)
   jax.block_until_ready(ctx)
   return iterations
 
 
-def gymnasium_loop_per_env(params, cfg, prompt, rng, num_envs, keep, iterations):
+def gymnasium_loop_per_env(pol, rng, num_envs, iterations):
   """As `gymnasium_loop`, but the policy is called once per environment step with a batch of one (as JAT's
   evaluator calls its model for one environment at a time)."""
   envs = [gymnasium.make("CartPole-v1") for _ in range(num_envs)]
   obs = [e.reset(seed=i)[0].astype(np.float32)[None] for i, e in enumerate(envs)]
-  pol = policy.policy_batch(cfg, LAYOUT, SPEC, 1.0)
-  empty = jax.vmap(lambda _: policy.empty_context(SPEC, cfg, keep))(jnp.arange(1))
+  empty = pol.fresh(1)
   ctx = [empty] * num_envs
   for _ in range(iterations):
     rng, k_act, _ = jax.random.split(rng, 3)
     keys = jax.random.split(k_act, num_envs)
     for i, e in enumerate(envs):
-      action, ctx[i] = pol(params, prompt, ctx[i], jnp.asarray(obs[i]), keys[i:i + 1])
+      action, ctx[i] = pol.step(ctx[i], jnp.asarray(obs[i]), keys[i:i + 1])
       o, _, term, trunc, _ = e.step(int(action[0]))
       if term or trunc:
         o, _ = e.reset()
@@ -121,35 +156,42 @@ def main(_):
   env, env_params = gymnax.make("CartPole-v1")
   prompt = sq.Tokens(*(jnp.asarray(x) for x in sq.empty_tokens(0, cfg.patch_dim)))
   kw = dict(cfg=cfg, layout=LAYOUT, spec=SPEC, env=env, env_params=env_params, num_envs=n, keep=keep)
-  first = policy.evaluate(params, prompt, jax.random.PRNGKey(0), max_steps=500, **kw)   # compile
-  iters = int(first.steps)
-  policy.evaluate(params, prompt, jax.random.PRNGKey(0), max_steps=iters, **kw)        # compile (max_steps is static)
-  policy.python_loop(params, prompt, jax.random.PRNGKey(0), max_steps=2, **kw)          # compile
-  gymnasium_loop(params, cfg, prompt, jax.random.PRNGKey(0), n, keep, 2)
-  gymnasium_loop_per_env(params, cfg, prompt, jax.random.PRNGKey(0), 2, keep, 2)
-  t_c, t_g, t_x, t_1 = [], [], [], []
-  for r in range(FLAGS.repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(policy.evaluate(params, prompt, jax.random.PRNGKey(0), max_steps=iters, **kw))
-    t_c.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    gymnasium_loop(params, cfg, prompt, jax.random.PRNGKey(r), n, keep, iters)
-    t_g.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    jax.block_until_ready(policy.python_loop(params, prompt, jax.random.PRNGKey(0), max_steps=iters, **kw))
-    t_x.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    gymnasium_loop_per_env(params, cfg, prompt, jax.random.PRNGKey(r), n, keep, iters)
-    t_1.append(time.perf_counter() - t0)
-  steps = n * iters
-  res = {"eval_num_envs": n, "eval_loop_iterations": iters,
-         "eval_steps_per_s_compiled": steps / median(t_c),
-         "eval_steps_per_s_gymnasium_loop": steps / median(t_g),
-         "eval_steps_per_s_gymnax_python_loop": steps / median(t_x),
-         "eval_steps_per_s_gymnasium_loop_per_env": steps / median(t_1)}
-  res["eval_speedup_vs_gymnasium_loop"] = median(t_g) / median(t_c)
-  res["eval_speedup_vs_gymnax_python_loop"] = median(t_x) / median(t_c)
-  res["eval_speedup_vs_gymnasium_loop_per_env"] = median(t_1) / median(t_c)
+  res = {"eval_num_envs": n}
+  rate = {}
+  for inc in (False, True):
+    sfx = "_incremental" if inc else ""
+    first = policy.evaluate(params, prompt, jax.random.PRNGKey(0), max_steps=500, incremental=inc, **kw)  # compile
+    iters = int(first.steps)  # the forms' episodes differ (different contexts): each its own iteration count
+    res[f"eval_loop_iterations{sfx}"] = iters
+    pol = _Policy(params, cfg, prompt, keep, inc)
+    ev = lambda r: policy.evaluate(params, prompt, jax.random.PRNGKey(0), max_steps=iters, incremental=inc,  # noqa
+                                   **kw)
+    ev(0)                                                                                 # compile (static max_steps)
+    policy.python_loop(params, prompt, jax.random.PRNGKey(0), max_steps=2, incremental=inc, **kw)   # compile
+    gymnasium_loop(pol, jax.random.PRNGKey(0), n, 2)
+    jax.block_until_ready(pol.reset(pol.fresh(n), jnp.zeros((n,), bool), pol.fresh(n)))  # compile the reset
+    gymnasium_loop_per_env(pol, jax.random.PRNGKey(0), 2, 2)
+    paths = {"compiled": lambda r: jax.block_until_ready(ev(r)),
+             "gymnasium_loop": lambda r: gymnasium_loop(pol, jax.random.PRNGKey(r), n, iters),
+             "gymnax_python_loop": lambda r: jax.block_until_ready(policy.python_loop(
+                 params, prompt, jax.random.PRNGKey(0), max_steps=iters, incremental=inc, **kw)),
+             "gymnasium_loop_per_env": lambda r: gymnasium_loop_per_env(pol, jax.random.PRNGKey(r), n, iters)}
+    t = {k: [] for k in paths}
+    for r in range(FLAGS.repeats):
+      for name, fn in paths.items():
+        t0 = time.perf_counter()
+        fn(r)
+        t[name].append(time.perf_counter() - t0)
+    for name in paths:
+      rate[name + sfx] = n * iters / median(t[name])
+      res[f"eval_steps_per_s_{name}{sfx}"] = rate[name + sfx]
+    for name in ("gymnasium_loop", "gymnax_python_loop", "gymnasium_loop_per_env"):
+      res[f"eval_speedup{sfx}_vs_{name}{sfx}"] = rate["compiled" + sfx] / rate[name + sfx]
+  res["eval_speedup_vs_gymnasium_incremental"] = rate["compiled_incremental"] / \
+      rate["gymnasium_loop_per_env_incremental"]
+  res["eval_speedup_incremental_vs_gymnasium_loop_per_env"] = rate["compiled_incremental"] / \
+      rate["gymnasium_loop_per_env"]
+  res["eval_incremental_over_reprefill_compiled"] = rate["compiled_incremental"] / rate["compiled"]
 
   peak = matmul_peak_flops()
   for name in ("tiny", "small"):

@@ -30,6 +30,7 @@ of P tokens, up to K earlier timesteps of S tokens, the current timestep):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -182,12 +183,32 @@ class CacheState(NamedTuple):
   held: jax.Array
 
 
+def _decode_rows(params, cfg, batch, cache, at, images):
+  """Writes the `[B, T]` record `batch` at cache slots `[at, at + T)` (positions the same); `(h_BxTxD, cache)`."""
+  return llama.decoder(params["decoder"], embed(params, batch, cfg, with_patches=images), cfg.llama(),
+                       cache=cache, cache_index=at)
+
+
 def _decode_chunk(params, cfg, chunk, cache, at, images):
-  """Writes the `[T]` record `chunk` at cache slots `[at, at + T)` (positions the same); `(h_TxD, cache)`."""
-  batch = sq.Tokens(*(x[None] for x in chunk))
-  h, cache = llama.decoder(params["decoder"], embed(params, batch, cfg, with_patches=images), cfg.llama(),
-                           cache=cache, cache_index=at)
+  """`_decode_rows` for one `[T]` record (a cache of batch 1); `(h_TxD, cache)`."""
+  h, cache = _decode_rows(params, cfg, sq.Tokens(*(x[None] for x in chunk)), cache, at, images)
   return h[0], cache
+
+
+def _valid_range(spec: sq.TaskSpec, layout: TokenLayout) -> tuple[int, int]:
+  """The task's valid action ids as one range `[lo, hi)` (`sq.valid_action_ids` is contiguous)."""
+  ok = np.flatnonzero(sq.valid_action_ids(spec, layout))
+  if ok.size == 0 or ok[-1] - ok[0] + 1 != ok.size:
+    raise ValueError(f"the valid action ids of task {spec.name!r} are not one contiguous range")
+  return int(ok[0]), int(ok[-1]) + 1
+
+
+def _action_logits(params: Params, h_BxTxD: jax.Array, cfg: GatoConfig, lo: int, hi: int) -> jax.Array:
+  """`[B, T, hi - lo]` logits of the ids `[lo, hi)` only (`llama.head` over those output columns): the same
+  values as `head(...)[..., lo:hi]`, and a categorical draw over them is the draw restricted to the range."""
+  dec = params["decoder"]
+  w = dec["tok_embeddings"].T if cfg.tie_embeddings else dec["output"]
+  return llama.head({"output": w[:, lo:hi]}, h_BxTxD, dataclasses.replace(cfg.llama(), vocab_size=hi - lo))
 
 
 def init_cached(params: Params, cfg: GatoConfig, spec: sq.TaskSpec, prompt: sq.Tokens, num_envs: int,
@@ -210,13 +231,16 @@ def _has_images(spec):
 
 
 def cached_step(params: Params, cfg: GatoConfig, layout: TokenLayout, spec: sq.TaskSpec, state: CacheState,
-                observations: Any, rngs: jax.Array, *, refill: int, temperature: float) -> tuple[jax.Array, CacheState]:
+                observations: Any, rngs: jax.Array, *, refill: int, temperature: float,
+                same_held: bool = False) -> tuple[jax.Array, CacheState]:
   """One incremental step for a batch of environments (jit-able; module docstring, "incremental").
 
   Environments whose cache holds K + 1 timesteps are first refilled with their last `refill` (R)
   timesteps (one `lax.cond` for the batch: when none needs it, no refill is computed). Then each
   environment writes its observation and separator at slot `P + held * S`, samples the action
   tokens one at a time (restricted to the valid ids, each written back), and holds one more timestep.
+  When every environment holds the same count the cache writes run as one batch; otherwise (after
+  some were reset) per environment (`jax.vmap`, its own slot each).
 
   Args:
     params, cfg, layout, spec: the policy and the task.
@@ -225,6 +249,8 @@ def cached_step(params: Params, cfg: GatoConfig, layout: TokenLayout, spec: sq.T
     rngs: `[B]` keys (one per action token is split from each, as `act_window` does).
     refill: R, in [0, K].
     temperature: 0 is greedy.
+    same_held: the caller guarantees that every environment holds the same count (no environment was
+      reset on its own, as in `evaluate`): the batched form without the per-environment branch.
 
   Returns:
     `(actions_B, state)`.
@@ -236,50 +262,86 @@ def cached_step(params: Params, cfg: GatoConfig, layout: TokenLayout, spec: sq.T
   if not 0 <= refill <= k:
     raise ValueError(f"refill must lie in [0, keep={k}], got {refill}")
   images = _has_images(spec)
-  valid = jnp.asarray(sq.valid_action_ids(spec, layout))
+  lo, hi = _valid_range(spec, layout)
   need = state.held > k
 
-  def refill_one(st: CacheState) -> CacheState:
-    toks = sq.Tokens(*(jnp.roll(x, -(k + 1 - refill) * s, axis=0) for x in st.tokens))
-    cache = st.cache
+  def refill_rows(cache, toks):
+    """A batch of rows' caches refilled with their last R timesteps (`toks` `[B, (K + 1) * S]`)."""
+    toks = sq.Tokens(*(jnp.roll(x, -(k + 1 - refill) * s, axis=1) for x in toks))
     if refill:
-      _, cache = _decode_chunk(params, cfg, sq.Tokens(*(x[:refill * s] for x in toks)), cache, p, images)
-    return CacheState(cache, toks, jnp.int32(refill))
+      _, cache = _decode_rows(params, cfg, sq.Tokens(*(x[:, :refill * s] for x in toks)), cache, p, images)
+    return cache, toks
 
-  def refill_batch(st: CacheState) -> CacheState:
-    new = jax.vmap(refill_one)(st)
+  def refill_some(st: CacheState) -> CacheState:
+    def one(c, t):
+      c, t = refill_rows(c, jax.tree.map(lambda x: x[None], t))
+      return c, jax.tree.map(lambda x: x[0], t)
+    cache, toks = jax.vmap(one)(st.cache, st.tokens)
     pick = lambda a, b: jnp.where(need.reshape(need.shape + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
-    return jax.tree.map(pick, new, st)
+    return jax.tree.map(pick, CacheState(cache, toks, jnp.full_like(st.held, refill)), st)
 
-  state = jax.lax.cond(need.any(), refill_batch, lambda st: st, state)
+  def refill_all(st: CacheState) -> CacheState:
+    cache, toks = refill_rows(_squeeze(st.cache), st.tokens)
+    return CacheState(_unsqueeze(cache), toks, jnp.full_like(st.held, refill))
 
-  def one(st: CacheState, obs, rng):
-    at = p + st.held * s
-    cur = _current_timestep(spec, layout, cfg, obs)
-    h, cache = _decode_chunk(params, cfg, sq.Tokens(*(x[:n_in] for x in cur)), st.cache, at, images)
-    h_last = h[-1:]
-    keys = jax.random.split(rng, spec.action_len)
+  if same_held:
+    state = jax.lax.cond(need[0], refill_all, lambda st: st, state)
+  else:
+    state = jax.lax.cond(need.any(), refill_some, lambda st: st, state)
+
+  def rows(cache, toks, held, obs, rngs):
+    """The step for a batch of rows that all hold `held` timesteps (one cache of that batch)."""
+    at = p + held * s
+    cur = jax.vmap(lambda o: _current_timestep(spec, layout, cfg, o))(obs)
+    h, cache = _decode_rows(params, cfg, sq.Tokens(*(x[:, :n_in] for x in cur)), cache, at, images)
+    h_last = h[:, -1:]
+    keys = jax.vmap(lambda r: jax.random.split(r, spec.action_len))(rngs)
     ids = []
     for i in range(spec.action_len):
-      tok = _sample(keys[i], head(params, h_last[None], cfg)[0, 0], valid, temperature)
+      logits = _action_logits(params, h_last, cfg, lo, hi)[:, 0]
+      tok = lo + jax.vmap(lambda k, l: sample_logits(k, l[None], temperature=temperature)[0])(keys[:, i], logits)
       ids.append(tok)
-      one_tok = sq.empty_tokens(1, cfg.patch_dim, jnp)._replace(ids=tok.reshape(1), loss_mask=jnp.ones((1,), bool))
-      h_last, cache = _decode_chunk(params, cfg, one_tok, cache, at + n_in + i, False)
-    ids = jnp.stack(ids)
-    done = cur._replace(ids=cur.ids.at[n_in:].set(ids))
-    toks = sq.Tokens(*(jax.lax.dynamic_update_slice_in_dim(t, d, st.held * s, axis=0)
-                       for t, d in zip(st.tokens, done)))
-    return sq.action_from_ids(spec, layout, ids), CacheState(cache, toks, st.held + 1)
+      one_tok = sq.Tokens(*(x[None] for x in sq.empty_tokens(1, cfg.patch_dim, jnp)))
+      one_tok = sq.Tokens(*(jnp.broadcast_to(x, (tok.shape[0], *x.shape[1:])) for x in one_tok))
+      h_last, cache = _decode_rows(params, cfg, one_tok._replace(ids=tok[:, None]), cache, at + n_in + i, False)
+    ids = jnp.stack(ids, -1)
+    done = cur._replace(ids=cur.ids.at[:, n_in:].set(ids))
+    toks = sq.Tokens(*(jax.lax.dynamic_update_slice_in_dim(t, d, held * s, axis=1) for t, d in zip(toks, done)))
+    return jax.vmap(lambda i: sq.action_from_ids(spec, layout, i))(ids), cache, toks
 
-  return jax.vmap(one)(state, observations, rngs)
+  def shared(st: CacheState):
+    # Every row holds the same count: one batched cache write per decoder call.
+    act, cache, toks = rows(_squeeze(st.cache), st.tokens, st.held[0], observations, rngs)
+    return act, CacheState(_unsqueeze(cache), toks, st.held + 1)
+
+  def per_row(st: CacheState):
+    def one(c, t, n, o, r):
+      act, c, t = rows(c, jax.tree.map(lambda x: x[None], t), n, jax.tree.map(lambda x: x[None], o), r[None])
+      return act[0], c, jax.tree.map(lambda x: x[0], t)
+    act, cache, toks = jax.vmap(one)(st.cache, st.tokens, st.held, observations, rngs)
+    return act, CacheState(cache, toks, st.held + 1)
+
+  if same_held:
+    return shared(state)
+  return jax.lax.cond((state.held == state.held[0]).all(), shared, per_row, state)
+
+
+def _squeeze(cache):
+  """Per-environment caches `[B, 1, ...]` as one cache of batch B."""
+  return jax.tree.map(lambda a: a[:, 0], cache)
+
+
+def _unsqueeze(cache):
+  return jax.tree.map(lambda a: a[:, None], cache)
 
 
 @functools.lru_cache(maxsize=16)
-def cached_policy_batch(cfg: GatoConfig, layout: TokenLayout, spec: sq.TaskSpec, refill: int, temperature: float):
+def cached_policy_batch(cfg: GatoConfig, layout: TokenLayout, spec: sq.TaskSpec, refill: int, temperature: float,
+                        same_held: bool = False):
   """The jitted `cached_step`: `(params, state, observations_B, keys_B) -> (actions_B, state)` (what a Python
   loop over a batch of environments calls once per step)."""
   return jax.jit(lambda p, st, o, k: cached_step(p, cfg, layout, spec, st, o, k, refill=refill,
-                                                 temperature=temperature))
+                                                 temperature=temperature, same_held=same_held))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec"))
@@ -368,7 +430,8 @@ def _evaluate_cached(params, prompt, rng, *, cfg, layout, spec, env, env_params,
   def body(carry):
     t, rng, obs, state, pol, ret, length, alive = carry
     rng, k_act, k_env = _split(rng, num_envs)
-    action, pol = cached_step(params, cfg, layout, spec, pol, obs, k_act, refill=refill, temperature=temperature)
+    action, pol = cached_step(params, cfg, layout, spec, pol, obs, k_act, refill=refill, temperature=temperature,
+                              same_held=True)
     obs, state, reward, term, trunc, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(k_env, state, action, env_params)
     ret = ret + jnp.where(alive, reward, 0.0)
     length = length + alive.astype(jnp.int32)
@@ -421,7 +484,7 @@ def python_loop(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoC
     refill = default_refill(keep, refill)
     check_window(cfg, spec, prompt.length, keep)
     pol_state = init_cached(params, cfg, spec, prompt, num_envs, keep)
-    pol = cached_policy_batch(cfg, layout, spec, refill, float(temperature))
+    pol = cached_policy_batch(cfg, layout, spec, refill, float(temperature), same_held=True)
     env_step = _env_step(env)
     ret = np.zeros(num_envs, np.float32)
     length = np.zeros(num_envs, np.int32)

@@ -81,13 +81,26 @@ class EvaluateTest(absltest.TestCase):
     self.assertGreater(int(np.asarray(compiled.lengths).max()), 4)      # the history window rolled over
 
 
+@functools.lru_cache(maxsize=None)
+def _forward():
+  return jax.jit(lambda t: model.apply(params(), t, CFG))
+
+
 class IncrementalTest(absltest.TestCase):
 
   def test_greedy_actions_equal_the_full_forward_on_the_held_context(self):
     # Two environments, K = 3 kept timesteps, refills keep R = 1; environment 1 restarts at step 3, so the two
-    # hold different counts and refill at different steps. The reference recomputes, from its own record
-    # of the timesteps, the context the module docstring states (prompt, the n held timesteps, the
-    # observation and separator) and takes the restricted argmax of one uncached forward over it.
+    # hold different counts and refill at different steps (the per-environment branch).
+    self._check_against_full_forward(same_held=False, reset_at=3, min_refills=3)
+
+  def test_greedy_actions_equal_the_full_forward_with_same_held(self):
+    # The batched form `evaluate` uses (no resets): refills at steps 4 and 7 for both environments.
+    self._check_against_full_forward(same_held=True, reset_at=None, min_refills=4)
+
+  def _check_against_full_forward(self, *, same_held, reset_at, min_refills):
+    # The reference recomputes, from its own record of the timesteps, the context the module docstring
+    # states (prompt, the n held timesteps, the observation and separator) and takes the restricted argmax
+    # of one uncached forward over it.
     keep, refill, steps, b = 3, 1, 10, 2
     rng = np.random.default_rng(3)
     prompt = jax.tree.map(jnp.asarray, sq.episode_tokens(
@@ -97,13 +110,13 @@ class IncrementalTest(absltest.TestCase):
     width = prompt.length + (keep + 1) * s
     fresh = policy.init_cached(params(), CFG, TWO_D, prompt, b, keep)
     state = fresh
-    step = policy.cached_policy_batch(CFG, LAYOUT, TWO_D, refill, 0.0)
-    forward = jax.jit(lambda t: model.apply(params(), t, CFG))
+    step = policy.cached_policy_batch(CFG, LAYOUT, TWO_D, refill, 0.0, same_held=same_held)
+    forward = _forward()
     valid = np.flatnonzero(sq.valid_action_ids(TWO_D, LAYOUT))
     held = [[] for _ in range(b)]  # the reference's timesteps held after the prompt, per environment
     refills = 0
     for t in range(steps):
-      if t == 3:
+      if t == reset_at:
         state = policy.reset_cached(state, fresh, jnp.array([False, True]), CFG, TWO_D)
         held[1] = []
       obs = {"pos": rng.normal(size=(b, 3)).astype(np.float32), "flag": rng.integers(0, 4, b).astype(np.int32)}
@@ -123,7 +136,7 @@ class IncrementalTest(absltest.TestCase):
           self.assertEqual(int(ids[i]), valid[np.argmax(logits[n - 1 + i][valid])], (t, e, i))
         held[e].append(cur)
         self.assertEqual(int(state.held[e]), len(held[e]))
-    self.assertGreaterEqual(refills, 3)  # environment 0 refills at steps 4 and 7, environment 1 at step 7
+    self.assertGreaterEqual(refills, min_refills)  # environment 0 refills at steps 4 and 7 (1 at 7 after its reset)
 
   def test_compiled_incremental_evaluation_equals_python_loop(self):
     env, env_params = gymnax.make("CartPole-v1")
