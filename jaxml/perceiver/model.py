@@ -308,6 +308,18 @@ def _dense(p: Params, x: Array) -> Array:
   return nn.linear(x, p["w"]) + p["b"]
 
 
+def _joined(p: Params, names: tuple[str, ...]) -> Params:
+  """Dense layers `p[name]` that read the same input as one layer, their outputs side by side.
+
+  One `[B T, C] @ [C, sum widths]` product in place of several: the input's
+  transpose for the weight gradient is made once, and the input gradient is
+  one product instead of a sum of several. Equal to the separate layers (each
+  output column is the same dot product).
+  """
+  return {"w": jnp.concatenate([p[n]["w"] for n in names], axis=-1),
+          "b": jnp.concatenate([p[n]["b"] for n in names], axis=-1)}
+
+
 def _mlp(layers: list[Params], x: Array, act) -> Array:
   return _dense(layers[1], act(_dense(layers[0], x)))
 
@@ -354,9 +366,13 @@ def _layer(p: Params, x_BxTxD: Array, kv_BxSxC: Array | None, cfg: PerceiverConf
   xkv = xq if kv_BxSxC is None else nn.layer_norm(kv_BxSxC, p["norm_kv"]["scale"], p["norm_kv"]["bias"], eps)
   B, T, _ = xq.shape
   S = xkv.shape[1]
-  q = _dense(p["query"], xq).reshape(B, T, heads, -1)
-  k = _dense(p["key"], xkv).reshape(B, S, heads, -1)
-  v = _dense(p["value"], xkv).reshape(B, S, heads, -1)
+  qk, vw = p["key"]["w"].shape[-1], p["value"]["w"].shape[-1]
+  if kv_BxSxC is None:  # one product for queries, keys and values (`_joined`)
+    q, k, v = jnp.split(_dense(_joined(p, ("query", "key", "value")), xq), (qk, 2 * qk), axis=-1)
+  else:  # keys and values from one product
+    q = _dense(p["query"], xq)
+    k, v = jnp.split(_dense(_joined(p, ("key", "value")), xkv), (qk,), axis=-1)
+  q, k, v = q.reshape(B, T, heads, -1), k.reshape(B, S, heads, -1), v.reshape(B, S, heads, -1)
   a = _dense(p["out"], _attend(q, k, v, key_mask_BxS).reshape(B, T, -1))
   a = _dropout(a, cfg.dropout, _fold(rng, 0))
   x = x_BxTxD + a if query_residual else a
