@@ -78,7 +78,7 @@ class _Policy:
 
   def reset(self, ctx, done, fresh):
     if self.incremental:
-      return policy.reset_cached(ctx, fresh, done, self.cfg, SPEC)
+      return policy.reset_cached(ctx, fresh, done)
     return policy.reset_contexts(ctx, done, self.cfg, SPEC, self.keep)
 
 

@@ -344,11 +344,9 @@ def cached_policy_batch(cfg: GatoConfig, layout: TokenLayout, spec: sq.TaskSpec,
                                                  temperature=temperature, same_held=same_held))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec"))
-def reset_cached(state: CacheState, fresh: CacheState, done: jax.Array, cfg: GatoConfig, spec: sq.TaskSpec
-                 ) -> CacheState:
+@jax.jit
+def reset_cached(state: CacheState, fresh: CacheState, done: jax.Array) -> CacheState:
   """The batched states with those of finished episodes (`done_B`) replaced by `fresh` (`init_cached`)."""
-  del cfg, spec
   pick = lambda a, b: jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
   return jax.tree.map(pick, fresh, state)
 
@@ -482,25 +480,15 @@ def python_loop(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoC
   obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_envs), env_params)
   if incremental:
     refill = default_refill(keep, refill)
-    check_window(cfg, spec, prompt.length, keep)
-    pol_state = init_cached(params, cfg, spec, prompt, num_envs, keep)
-    pol = cached_policy_batch(cfg, layout, spec, refill, float(temperature), same_held=True)
-    env_step = _env_step(env)
-    ret = np.zeros(num_envs, np.float32)
-    length = np.zeros(num_envs, np.int32)
-    alive = np.ones(num_envs, bool)
-    t = 0
-    while t < max_steps and alive.any():
-      rng, k_act, k_env = _split(rng, num_envs)
-      action, pol_state = pol(params, pol_state, obs, k_act)
-      obs, state, reward, done = env_step(k_env, state, action, env_params)
-      ret += np.where(alive, np.asarray(reward), 0.0)
-      length += alive
-      alive &= ~np.asarray(done)
-      t += 1
-    return EvalResult(jnp.asarray(ret), jnp.asarray(length), jnp.int32(t))
-  ctx = jax.vmap(lambda _: empty_context(spec, cfg, keep))(jnp.arange(num_envs))
-  pol = policy_batch(cfg, layout, spec, float(temperature))
+    ctx = init_cached(params, cfg, spec, prompt, num_envs, keep)
+    cached = cached_policy_batch(cfg, layout, spec, refill, float(temperature), same_held=True)
+    pol = lambda ctx, obs, keys: cached(params, ctx, obs, keys)  # noqa: E731
+    reset = lambda ctx, done: ctx  # noqa: E731  (as `evaluate`: the caches are carried on)
+  else:
+    ctx = jax.vmap(lambda _: empty_context(spec, cfg, keep))(jnp.arange(num_envs))
+    batch = policy_batch(cfg, layout, spec, float(temperature))
+    pol = lambda ctx, obs, keys: batch(params, prompt, ctx, obs, keys)  # noqa: E731
+    reset = lambda ctx, done: reset_contexts(ctx, done, cfg, spec, keep)  # noqa: E731
   env_step = _env_step(env)
   ret = np.zeros(num_envs, np.float32)
   length = np.zeros(num_envs, np.int32)
@@ -508,11 +496,11 @@ def python_loop(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoC
   t = 0
   while t < max_steps and alive.any():
     rng, k_act, k_env = _split(rng, num_envs)
-    action, ctx = pol(params, prompt, ctx, obs, k_act)
+    action, ctx = pol(ctx, obs, k_act)
     obs, state, reward, done = env_step(k_env, state, action, env_params)
     ret += np.where(alive, np.asarray(reward), 0.0)
     length += alive
-    ctx = reset_contexts(ctx, done, cfg, spec, keep)
+    ctx = reset(ctx, done)
     alive &= ~np.asarray(done)
     t += 1
   return EvalResult(jnp.asarray(ret), jnp.asarray(length), jnp.int32(t))

@@ -117,7 +117,7 @@ class IncrementalTest(absltest.TestCase):
     refills = 0
     for t in range(steps):
       if t == reset_at:
-        state = policy.reset_cached(state, fresh, jnp.array([False, True]), CFG, TWO_D)
+        state = policy.reset_cached(state, fresh, jnp.array([False, True]))
         held[1] = []
       obs = {"pos": rng.normal(size=(b, 3)).astype(np.float32), "flag": rng.integers(0, 4, b).astype(np.int32)}
       actions, state = step(params(), state, jax.tree.map(jnp.asarray, obs), jax.random.split(jax.random.PRNGKey(t), b))
