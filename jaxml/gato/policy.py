@@ -413,12 +413,14 @@ def check_window(cfg: GatoConfig, spec: sq.TaskSpec, prompt_len: int, keep: int)
 _STATIC = ("cfg", "layout", "spec", "env", "num_envs", "keep", "max_steps", "temperature")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("refill",))
-def _evaluate_cached(params, prompt, rng, *, cfg, layout, spec, env, env_params, num_envs, keep, max_steps,
-                     temperature, refill) -> EvalResult:
+def _episodes(rng, env, env_params, num_envs: int, max_steps: int, pol, act, on_done=None) -> EvalResult:
+  """Runs `num_envs` environments for whole episodes in one `lax.while_loop`.
+
+  `act(pol, obs, keys) -> (actions, pol)` is the policy's step over the batch (its state `pol` carried);
+  `on_done(pol, done) -> pol` resets the state of environments whose episode just ended (None: kept).
+  """
   rng, k_reset = jax.random.split(rng)
   obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_envs), env_params)
-  pol = init_cached(params, cfg, spec, prompt, num_envs, keep)
   zeros = jnp.zeros((num_envs,), jnp.float32)
 
   def cond(carry):
@@ -428,46 +430,40 @@ def _evaluate_cached(params, prompt, rng, *, cfg, layout, spec, env, env_params,
   def body(carry):
     t, rng, obs, state, pol, ret, length, alive = carry
     rng, k_act, k_env = _split(rng, num_envs)
-    action, pol = cached_step(params, cfg, layout, spec, pol, obs, k_act, refill=refill, temperature=temperature,
-                              same_held=True)
+    action, pol = act(pol, obs, k_act)
     obs, state, reward, term, trunc, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(k_env, state, action, env_params)
     ret = ret + jnp.where(alive, reward, 0.0)
     length = length + alive.astype(jnp.int32)
-    return t + 1, rng, obs, state, pol, ret, length, alive & ~(term | trunc)
+    done = term | trunc
+    if on_done is not None:
+      pol = on_done(pol, done)
+    return t + 1, rng, obs, state, pol, ret, length, alive & ~done
 
   init = (jnp.int32(0), rng, obs, state, pol, zeros, jnp.zeros((num_envs,), jnp.int32), jnp.ones((num_envs,), bool))
   t, _, _, _, _, ret, length, _ = jax.lax.while_loop(cond, body, init)
   return EvalResult(ret, length, t)
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC + ("refill",))
+def _evaluate_cached(params, prompt, rng, *, cfg, layout, spec, env, env_params, num_envs, keep, max_steps,
+                     temperature, refill) -> EvalResult:
+  act = lambda pol, obs, keys: cached_step(params, cfg, layout, spec, pol, obs, keys, refill=refill,  # noqa: E731
+                                           temperature=temperature, same_held=True)
+  return _episodes(rng, env, env_params, num_envs, max_steps, init_cached(params, cfg, spec, prompt, num_envs, keep),
+                   act)
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _evaluate(params, prompt, rng, *, cfg, layout, spec, env, env_params, num_envs, keep, max_steps,
               temperature) -> EvalResult:
-  rng, k_reset = jax.random.split(rng)
-  obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, num_envs), env_params)
   ctx = jax.vmap(lambda _: empty_context(spec, cfg, keep))(jnp.arange(num_envs))
-  step_fn = jax.vmap(lambda c, o, k: policy_step(params, cfg, layout, spec, prompt, c, o, k, temperature))
-  zeros = jnp.zeros((num_envs,), jnp.float32)
+  act = jax.vmap(lambda c, o, k: policy_step(params, cfg, layout, spec, prompt, c, o, k, temperature))
 
-  def cond(carry):
-    t, *_, alive = carry
-    return (t < max_steps) & alive.any()
+  def on_done(ctx, done):
+    return jax.vmap(lambda c, d: jax.tree.map(lambda a, b: jnp.where(d, a, b), empty_context(spec, cfg, keep), c))(
+        ctx, done)
 
-  def body(carry):
-    t, rng, obs, state, ctx, ret, length, alive = carry
-    rng, k_act, k_env = _split(rng, num_envs)
-    action, new_ctx = step_fn(ctx, obs, k_act)
-    obs, state, reward, term, trunc, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(k_env, state, action, env_params)
-    ret = ret + jnp.where(alive, reward, 0.0)
-    length = length + alive.astype(jnp.int32)
-    done = term | trunc
-    new_ctx = jax.vmap(lambda c, d: jax.tree.map(lambda a, b: jnp.where(d, a, b), empty_context(spec, cfg, keep), c))(
-        new_ctx, done)
-    return t + 1, rng, obs, state, new_ctx, ret, length, alive & ~done
-
-  init = (jnp.int32(0), rng, obs, state, ctx, zeros, jnp.zeros((num_envs,), jnp.int32), jnp.ones((num_envs,), bool))
-  t, _, _, _, _, ret, length, _ = jax.lax.while_loop(cond, body, init)
-  return EvalResult(ret, length, t)
+  return _episodes(rng, env, env_params, num_envs, max_steps, ctx, act, on_done)
 
 
 def python_loop(params: Params, prompt: sq.Tokens, rng: jax.Array, *, cfg: GatoConfig, layout: TokenLayout,
