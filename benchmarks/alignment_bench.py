@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import PeerWorker, median, print_results
+from benchmarks.common import PeerWorker, median, pin_threads, print_results
 from jaxml import alignment, llama
 from jaxml import train as jt
 from jaxml.alignment import ppo
@@ -304,12 +304,8 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
 
 def main(argv):
   del argv
-  allowed = sorted(os.sched_getaffinity(0))
-  threads = FLAGS.threads or len(allowed)
-  if threads < len(allowed):
-    # XLA sizes its CPU thread pool from the affinity mask when its backend starts (below);
-    # the peer process inherits the mask.
-    os.sched_setaffinity(0, allowed[:threads])
+  cpus = len(os.sched_getaffinity(0))
+  threads = pin_threads(FLAGS.threads)  # before JAX's CPU backend starts
   rounds = 2 if FLAGS.quick else FLAGS.repeats
   budget = 0.3 if FLAGS.quick else 1.5   # seconds per side per round
   load_start = os.getloadavg()[0]
@@ -325,8 +321,8 @@ def main(argv):
     say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.machine()}), torch {hello['torch']}, "
         f"transformers {hello['transformers']}, trl {hello['trl']}; threads {threads} (torch {hello['threads']}); "
         f"{rounds} rounds; load average {load_start:.1f}")
-    if load_start > len(allowed):
-      say(f"note: load average {load_start:.1f} > {len(allowed)} CPUs: the machine is shared, timings are noisy")
+    if load_start > cpus:
+      say(f"note: load average {load_start:.1f} > {cpus} CPUs: the machine is shared, timings are noisy")
     dpo = bench_dpo(cfg, worker, rounds=rounds, budget_s=budget, seed=FLAGS.seed, say=say)
   say(f"DPO step: jaxml {dpo['jax_tokens_per_s']:.0f} tokens/s, TRL {dpo['trl_tokens_per_s']:.0f} tokens/s "
       f"({dpo['speedup']:.2f}x; target >= {DPO_TARGET}x); compile {dpo['compile_s']:.1f}s")

@@ -28,6 +28,19 @@ import jax.numpy as jnp
 from tests import peer
 
 
+def pin_threads(threads: int | None) -> int:
+  """Restricts this process to its first `threads` allowed CPUs (0/None: all); returns the count used.
+
+  Call before anything runs on JAX's CPU backend: XLA sizes its thread pool from the affinity
+  mask when the backend starts, and a peer process started later inherits the mask.
+  """
+  allowed = sorted(os.sched_getaffinity(0))
+  threads = threads or len(allowed)
+  if threads < len(allowed):
+    os.sched_setaffinity(0, allowed[:threads])
+  return min(threads, len(allowed))
+
+
 def median(xs: Iterable[float]) -> float:
   return float(statistics.median(list(xs)))
 

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import optax
 
-from benchmarks.common import PeerWorker, matmul_peak_flops, median, print_results
+from benchmarks.common import PeerWorker, matmul_peak_flops, median, pin_threads, print_results
 from jaxml.llama import LlamaConfig, flops_per_token, init, loss_fn, param_count
 from jaxml.llama.generate import generate
 from jaxml import train as jt
@@ -166,12 +166,8 @@ def bench_decode(name, cfg, params, worker, *, batch: int, rounds: int, budget_s
 
 def main(argv):
   del argv
-  allowed = sorted(os.sched_getaffinity(0))
-  threads = FLAGS.threads or len(allowed)
-  if threads < len(allowed):
-    # XLA sizes its CPU thread pool from the affinity mask when its backend starts (below);
-    # the peer process inherits the mask.
-    os.sched_setaffinity(0, allowed[:threads])
+  cpus = len(os.sched_getaffinity(0))
+  threads = pin_threads(FLAGS.threads)  # before JAX's CPU backend starts
   rounds = 2 if FLAGS.quick else FLAGS.repeats
   budget = 0.3 if FLAGS.quick else 1.5  # seconds per side per round (small config and decode).
   configs = bench_configs()
@@ -188,8 +184,8 @@ def main(argv):
     say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.machine()}), torch {hello['torch']}, "
         f"transformers {hello['transformers']}; threads {threads} (torch {hello['threads']}); {rounds} rounds; "
         f"load average {load_start:.1f}")
-    if load_start > len(allowed):
-      say(f"note: load average {load_start:.1f} > {len(allowed)} CPUs: the machine is shared, timings are noisy "
+    if load_start > cpus:
+      say(f"note: load average {load_start:.1f} > {cpus} CPUs: the machine is shared, timings are noisy "
           f"(medians of interleaved rounds; compare with --threads=1)")
 
     jax_peak = matmul_peak_flops(2048, repeats=3 if FLAGS.quick else 5)

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import PeerWorker, matmul_peak_flops, median, print_results, time_call
+from benchmarks.common import PeerWorker, matmul_peak_flops, median, pin_threads, print_results, time_call
 from jaxml import report
 from jaxml import train as jt
 from jaxml.perceiver import baselines as bl
@@ -278,10 +278,7 @@ def bench_vs_hf(worker, rounds: int, budget_s: float, say) -> dict:
 
 def main(argv):
   del argv
-  allowed = sorted(os.sched_getaffinity(0))
-  threads = FLAGS.threads or len(allowed)
-  if threads < len(allowed):
-    os.sched_setaffinity(0, allowed[:threads])  # XLA sizes its pool from the mask; the peer inherits it
+  threads = pin_threads(FLAGS.threads)  # before JAX's CPU backend starts
   repeats = 2 if FLAGS.quick else FLAGS.repeats
   sizes = SIZES[:3] if FLAGS.quick else SIZES
   load_start = os.getloadavg()[0]
