@@ -32,11 +32,27 @@ Errors at unobserved cells are never read (they may be NaN: the true rating
 there is unknown); only `dr_risk` reads `imputed_errors_UxI` everywhere.
 All functions return a float scalar, are jit-able and vmap-able (value checks
 run where inputs are concrete; shape checks always).
+
+Replay (off-policy evaluation of a recommender's lists from logged feedback,
+Dudik, Langford, Li, "Doubly Robust Policy Evaluation and Learning", ICML
+2011). `replay_lists` gathers, for each user's top-K list, the logged reward,
+whether the (user, item) pair was logged and its logging propensity, into
+[users, K] matrices; the estimators above then read the list's cells as their
+"all cells", so with `N = |U| K`
+
+    ips_risk(r, o, p)          = (1 / N) sum_{listed, logged} r / p
+    dr_risk(r, o, p, r_hat)    = (1 / N) sum_{listed} [ r_hat + 1[logged] (r - r_hat) / p ]
+
+which are jurity's `CTR(estimation="ips")` and `CTR(estimation="dr")` at
+`k = K` (unclipped and not self-normalised; tests/recsys/causal/test_jurity.py
+checks both against jurity 2.1.0 run live). `snips_risk` on the same matrices
+is the self-normalised replay estimate.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxml.recsys.causal import _checks
 
@@ -64,6 +80,54 @@ def _prepare(errors_UxI, observed_UxI, propensities_UxI=None, clip=None, **extra
   if clip is not None:
     p = jnp.maximum(p, jnp.asarray(clip, dtype))
   return e, o, p
+
+
+@jax.jit
+def _replay(top, rewards, logged, propensities, predicted):
+  take = lambda x: jnp.take_along_axis(x, top, axis=1)  # noqa: E731
+  o = take(logged.astype(bool))
+  out = {"rewards_UxK": jnp.where(o, take(rewards.astype(jnp.float32)), 0.0),
+         "observed_UxK": o,
+         "propensities_UxK": jnp.where(o, take(propensities.astype(jnp.float32)), 1.0)}
+  if predicted is not None:
+    out["predicted_UxK"] = take(predicted.astype(jnp.float32))
+  return out
+
+
+def replay_lists(top_items_UxK: Array, rewards_UxI: Array, logged_UxI: Array, propensities_UxI: Array,
+                 predicted_UxI: Array | None = None) -> dict[str, Array]:
+  """The logged feedback at each user's recommended items, for a replay estimate (module docstring).
+
+  Args:
+    top_items_UxK: [users, K] integer item ids, each user's list (e.g. `metrics.mf_top_k`).
+    rewards_UxI: [users, items] the logged reward (click or rating); read only where logged.
+    logged_UxI: [users, items] 0/1 or boolean, 1 where the logging policy showed the item.
+    propensities_UxI: [users, items] the logging policy's P(shown), each in (0, 1] where logged
+      (cells not logged are never read and may hold anything, NaN included).
+    predicted_UxI: [users, items] a reward model's prediction (DR's imputation), or None.
+
+  Returns:
+    `{"rewards_UxK", "observed_UxK", "propensities_UxK"}` (+ `"predicted_UxK"`): rewards 0 and
+    propensities 1 where not logged, so `ips_risk(r, o, p)`, `snips_risk(r, o, p)` and
+    `dr_risk(r, o, p, predicted)` are the replay estimates of the lists' mean reward.
+  """
+  _checks.matrix("rewards_UxI", rewards_UxI)
+  _checks.same_shape("rewards_UxI", rewards_UxI, logged_UxI=logged_UxI, propensities_UxI=propensities_UxI,
+                     predicted_UxI=predicted_UxI)
+  _checks.mask("logged_UxI", logged_UxI)
+  n_u, n_i = np.shape(rewards_UxI)
+  if np.ndim(top_items_UxK) != 2 or np.shape(top_items_UxK)[0] != n_u:
+    raise ValueError(f"top_items_UxK must be a [users, K] matrix with {n_u} rows (as rewards_UxI), got shape "
+                     f"{tuple(np.shape(top_items_UxK))}")
+  if not np.issubdtype(np.asarray(top_items_UxK).dtype if _checks.is_concrete(top_items_UxK)
+                       else top_items_UxK.dtype, np.integer):
+    raise TypeError("top_items_UxK must hold integer item ids")
+  _checks.ids_in_range("top_items_UxK", top_items_UxK, n_i)
+  if _checks.is_concrete(logged_UxI) and _checks.is_concrete(propensities_UxI):
+    shown = np.asarray(logged_UxI).astype(bool)
+    _checks.propensities("propensities_UxI (where logged)", np.asarray(propensities_UxI)[shown])
+  return _replay(jnp.asarray(top_items_UxK, jnp.int32), jnp.asarray(rewards_UxI), jnp.asarray(logged_UxI),
+                 jnp.asarray(propensities_UxI), None if predicted_UxI is None else jnp.asarray(predicted_UxI))
 
 
 @jax.jit
