@@ -4,6 +4,6 @@ from jaxml.llama.model import (KVCache, apply, check_params, check_tokens, cross
                                init_cache, loss_fn, param_shapes, sequence_logprobs, stack_layers, unstack_layers,
                                apply_split_cache, split_output_columns)
 from jaxml.llama.generate import (NonFiniteLogitsError, check_sampling, decode_loop, generate, generate_arrays,
-                                  greedy_token, sample_logits)
+                                  greedy_token, penalize_repeats, sample_logits)
 from jaxml.llama.convert import from_hf, from_meta, to_hf
 from jaxml.llama.tokenizer import Tokenizer, chat_tokens, train_tokenizer

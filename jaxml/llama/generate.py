@@ -56,6 +56,26 @@ def sample_logits(rng: jax.Array, logits_BxV: jax.Array, *, temperature: float =
   return _draw(rng, logits)
 
 
+def penalize_repeats(logits_BxV: jax.Array, seen_BxV: jax.Array, penalty: float) -> jax.Array:
+  """The CTRL repetition penalty (Keskar et al., 2019), as transformers applies it.
+
+  Each logit of a token already in the row's sequence (`seen_BxV` true) is
+  divided by `penalty` where it is positive and multiplied by it where it is
+  negative, so `penalty > 1` makes every seen token less likely.
+
+  Args:
+    logits_BxV: `[B, V]` logits.
+    seen_BxV: `[B, V]` bool, the tokens each row holds so far (prompt and new).
+    penalty: the factor, > 0 (1 leaves the logits unchanged).
+
+  Returns:
+    `[B, V]` float32 penalised logits.
+  """
+  logits = logits_BxV.astype(jnp.float32)
+  penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+  return jnp.where(seen_BxV, penalised, logits)
+
+
 def _draw(rng: jax.Array, logits_BxV: jax.Array) -> jax.Array:
   """One draw per row from `softmax(logits)`, by inverting the cumulative distribution.
 
@@ -109,10 +129,12 @@ class NonFiniteLogitsError(FloatingPointError):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "eos_id", "segments", "with_logprobs"))
+                                             "top_p", "eos_id", "segments", "with_logprobs",
+                                             "repetition_penalty"))
 def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_prompt_len: int,
                 max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                eos_id: int | None = None, segments: tuple[int, int] | None = None, with_logprobs: bool = True):
+                eos_id: int | None = None, segments: tuple[int, int] | None = None, with_logprobs: bool = True,
+                repetition_penalty: float | None = None):
   """The compiled prefill + decode loop of `generate_arrays`, traceable under a caller's `jax.jit`.
 
   It fills `tokens_BxS` after each row's prompt; no host checks and no
@@ -135,6 +157,7 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
       module's defaults.
     with_logprobs: False skips the log-probabilities (zeros are returned),
       saving a log-sum-exp over the vocabulary per step.
+    repetition_penalty: as in `generate_arrays`.
 
   Returns:
     `(tokens_BxN, logprobs_BxN, lengths_B, bad_B)`: each row's `N` new
@@ -158,19 +181,29 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
   done = jnp.zeros((B,), bool)
   logprobs_BxS = jnp.zeros((B, S), jnp.float32)
   bad_B = jnp.full((B,), -1, jnp.int32)
+  rows_B = jnp.arange(B)
+  penalise = repetition_penalty is not None and repetition_penalty != 1.0
+  # The tokens each row holds (for the repetition penalty): the prefilled prompt slots, then each new slot.
+  seen = jnp.zeros((B, cfg.vocab_size if penalise else 1), bool)
+  if penalise:
+    seen = seen.at[rows_B[:, None], tokens_BxS[:, :min_prompt_len]].set(True)
 
   def cond(end, carry):
-    cur, _, _, _, _, done, _, _ = carry
+    cur = carry[0]
+    done = carry[5]
     return (cur < end) & ~jnp.all(done)
 
   def body(past, end, carry):
-    cur, tokens, logprobs, recent, last_logits, done, bad, rng = carry
+    cur, tokens, logprobs, recent, last_logits, done, bad, rng, seen = carry
     rng, step_rng = jax.random.split(rng)
-    nxt = sample_logits(step_rng, last_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    draw_logits = penalize_repeats(last_logits, seen, repetition_penalty) if penalise else last_logits
+    nxt = sample_logits(step_rng, draw_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     in_prompt = jax.lax.dynamic_index_in_dim(prompt_mask_BxS, cur, axis=1, keepdims=False)
     given = jax.lax.dynamic_index_in_dim(tokens, cur, axis=1, keepdims=False)
     nxt = jnp.where(in_prompt, given, nxt)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, cur, axis=1)
+    if penalise:
+      seen = seen.at[rows_B, nxt].set(True)
     # The log-probability of the new token under softmax(logits / temperature) (plain softmax when greedy),
     # and whether the logits that picked it were finite; only for rows still generating.
     new = ~in_prompt & ~done
@@ -188,14 +221,14 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
     if eos_id is not None:
       done = done | (~in_prompt & (nxt == eos_id))
     logits, recent = model.apply_split_cache(params, nxt[:, None], cfg, past, recent, cur)
-    return cur + 1, tokens, logprobs, recent, logits[:, -1, :], done, bad, rng
+    return cur + 1, tokens, logprobs, recent, logits[:, -1, :], done, bad, rng, seen
 
   cur = jnp.int32(min_prompt_len)
   start = min_prompt_len
   for end in _segment_ends(min_prompt_len, S, *segments):
     recent = model.init_cache(cfg, B, end - start)
-    carry = (cur, tokens_BxS, logprobs_BxS, recent, last_logits, done, bad_B, rng)
-    cur, tokens_BxS, logprobs_BxS, recent, last_logits, done, bad_B, rng = jax.lax.while_loop(
+    carry = (cur, tokens_BxS, logprobs_BxS, recent, last_logits, done, bad_B, rng, seen)
+    cur, tokens_BxS, logprobs_BxS, recent, last_logits, done, bad_B, rng, seen = jax.lax.while_loop(
         functools.partial(cond, end), functools.partial(body, past, end), carry)
     past = past.append(recent)
     start = end
@@ -212,8 +245,12 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
   return new_BxN, logp_BxN, (N - after_eos.sum(axis=1)).astype(jnp.int32), bad_B
 
 
-def check_sampling(cfg: LlamaConfig, max_new_tokens, temperature, top_k, top_p, eos_id, rng) -> None:
+def check_sampling(cfg: LlamaConfig, max_new_tokens, temperature, top_k, top_p, eos_id, rng, *,
+                   repetition_penalty=None) -> None:
   """Raises `ValueError` naming the argument when a generation setting is invalid for `cfg`."""
+  if repetition_penalty is not None and not (isinstance(repetition_penalty, (int, float, np.floating))
+                                             and np.isfinite(repetition_penalty) and repetition_penalty > 0):
+    raise ValueError(f"repetition_penalty must be a finite number > 0 or None, got {repetition_penalty!r}")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
   if temperature < 0:
@@ -255,7 +292,7 @@ def _prompt_arrays(cfg: LlamaConfig, prompt_tokens: Any, prompt_lengths: Any, wh
 
 
 def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray, max_new_tokens: int, *,
-         temperature, top_k, top_p, eos_id, rng, with_logprobs: bool = True):
+         temperature, top_k, top_p, eos_id, rng, with_logprobs: bool = True, repetition_penalty=None):
   """Checks the lengths against the context, runs the compiled loop, raises on non-finite logits."""
   longest = int(lengths_B.max())
   total = longest + max_new_tokens
@@ -272,7 +309,8 @@ def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray
       params, jnp.asarray(buf), jnp.asarray(lengths_B), rng, cfg=cfg, min_prompt_len=int(lengths_B.min()),
       max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
       top_p=None if top_p is None else float(top_p), eos_id=None if eos_id is None else int(eos_id),
-      segments=(_SEGMENTS, _SEGMENT_MIN_LEN), with_logprobs=with_logprobs)
+      segments=(_SEGMENTS, _SEGMENT_MIN_LEN), with_logprobs=with_logprobs,
+      repetition_penalty=None if repetition_penalty is None else float(repetition_penalty))
   bad = np.asarray(bad)
   if (bad >= 0).any():
     rows = np.flatnonzero(bad >= 0)
@@ -285,15 +323,16 @@ def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray
 
 def generate_arrays(params: model.Params, cfg: LlamaConfig, prompt_tokens_BxP: Any, prompt_lengths_B: Any,
                     max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, eos_id: int | None = None, rng: jax.Array | None = None):
+                    top_p: float | None = None, eos_id: int | None = None, rng: jax.Array | None = None,
+                    repetition_penalty: float | None = None):
   """Generates `max_new_tokens` after each prompt; arrays in, arrays out.
 
   One compiled program (prefill + the decode loop, see the module docstring),
   compiled once per shape and sampling setting. Log-probabilities are those of
   the softmax the sampler draws from before truncation: `log_softmax(logits /
   temperature)` at each new token (the plain `log_softmax(logits)` when
-  greedy, `temperature == 0`); `top_k`/`top_p` restrict the draw but not this
-  distribution. A host function (it validates its inputs and reads one flag
+  greedy, `temperature == 0`); `top_k`/`top_p` and the repetition penalty
+  change the draw but not this distribution. A host function (it validates its inputs and reads one flag
   back); not for use under a caller's `jax.jit`.
 
   Args:
@@ -310,6 +349,11 @@ def generate_arrays(params: model.Params, cfg: LlamaConfig, prompt_tokens_BxP: A
     eos_id: a row stops after emitting this id (kept in the output); None
       never stops.
     rng: PRNG key, required when temperature > 0.
+    repetition_penalty: None (off) or the CTRL penalty factor (`penalize_repeats`)
+      applied, before temperature and truncation, to every token the row holds
+      so far (its prompt and its new tokens), as transformers'
+      `repetition_penalty` does; greedy decoding takes the argmax of the
+      penalised logits.
 
   Returns:
     `(tokens_BxN, logprobs_BxN, lengths_B)`: `[B, N]` int32 new tokens,
@@ -322,16 +366,16 @@ def generate_arrays(params: model.Params, cfg: LlamaConfig, prompt_tokens_BxP: A
       new token were NaN or inf; the message names the first such step.
     ValueError, TypeError: for bad arguments, before any compute.
   """
-  check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng)
+  check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng, repetition_penalty=repetition_penalty)
   tokens, lengths = _prompt_arrays(cfg, prompt_tokens_BxP, prompt_lengths_B, "prompt_tokens_BxP")
   return _run(params, cfg, tokens, lengths, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-              eos_id=eos_id, rng=rng)
+              eos_id=eos_id, rng=rng, repetition_penalty=repetition_penalty)
 
 
 def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]] | Any, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, rng: jax.Array | None = None, pad_id: int = 0,
-             prompt_lengths: Any = None) -> list[list[int]]:
+             prompt_lengths: Any = None, repetition_penalty: float | None = None) -> list[list[int]]:
   """Generates up to `max_new_tokens` after each prompt; the list form of `generate_arrays`.
 
   Args:
@@ -348,6 +392,7 @@ def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[
     pad_id: kept for compatibility: slots after short prompts are never read.
     prompt_lengths: with an array of prompts, optional `[B]` integer lengths
       (default: every row is full length); not with lists.
+    repetition_penalty: as in `generate_arrays`.
 
   Returns:
     For each prompt, the list of new token ids (Python ints), cut before the
@@ -359,7 +404,7 @@ def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[
     ValueError, TypeError: for bad arguments, before any compute.
   """
   del pad_id  # the buffer's padding is zeros, never attended to
-  check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng)
+  check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng, repetition_penalty=repetition_penalty)
   if hasattr(prompts, "shape") and hasattr(prompts, "dtype"):
     tokens, lengths = _prompt_arrays(cfg, prompts, prompt_lengths, "prompts")
   else:
@@ -379,7 +424,7 @@ def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[
       tokens[i, :len(p)] = p
     tokens, lengths = _prompt_arrays(cfg, tokens, lengths, "prompts")
   new, _, n = _run(params, cfg, tokens, lengths, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=eos_id, rng=rng, with_logprobs=False)
+                   eos_id=eos_id, rng=rng, with_logprobs=False, repetition_penalty=repetition_penalty)
   new, n = np.asarray(new), np.asarray(n)
   results = []
   for row, k in zip(new, n):

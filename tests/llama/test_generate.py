@@ -200,6 +200,9 @@ class GenerateArraysTest(chex.TestCase, parameterized.TestCase):
       llama.generate(PARAMS, CFG, PROMPTS, 2, prompt_lengths=self.lengths)
     with self.assertRaisesRegex(ValueError, r"prompts must have shape \[batch, prompt_length\]"):
       llama.generate(PARAMS, CFG, np.array([1, 2, 3]), 2)
+    for bad in (0.0, -1.0, float("nan")):
+      with self.assertRaisesRegex(ValueError, "repetition_penalty must be a finite number > 0"):
+        llama.generate_arrays(PARAMS, CFG, self.prompts, self.lengths, 2, repetition_penalty=bad)
 
 
 class SampleLogitsTest(chex.TestCase):
@@ -222,6 +225,12 @@ class SampleLogitsTest(chex.TestCase):
     np.testing.assert_array_equal(freq[:2], 0.0)
     np.testing.assert_allclose(freq[2:], [0.36, 0.64], atol=0.015)
     self.assertEqual(np.asarray(llama.sample_logits(None, logits[:3])).tolist(), [3, 3, 3])
+
+  def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits(self):
+    logits = jnp.array([[2.0, -1.0, 0.5, -3.0]])
+    seen = jnp.array([[True, True, False, False]])
+    np.testing.assert_allclose(np.asarray(llama.penalize_repeats(logits, seen, 2.0)), [[1.0, -2.0, 0.5, -3.0]])
+    np.testing.assert_array_equal(np.asarray(llama.penalize_repeats(logits, seen, 1.0)), np.asarray(logits))
 
   def test_draw_follows_the_softmax_over_a_wide_vocabulary(self):
     # One uniform per row inverts the running sum: frequencies match softmax(logits) over 4,096 ids,

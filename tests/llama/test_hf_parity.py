@@ -37,6 +37,8 @@ META_CONFIG = dict(name="meta", vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4,
                    ffn_dim_multiplier=1.3, norm_eps=1e-5, n_shards=2, seed=4)
 PROMPTS = [[1, 17, 42], [1, 5, 9, 33, 61, 70, 12], [1, 88, 23, 4, 50]]
 MAX_NEW = 8
+# Strong enough that greedy decoding with the penalty departs from decoding without it (asserted below).
+REPETITION_PENALTY = 3.0
 # Padded batches for sequence_logprobs: rows of these lengths, scored after their first PROMPT_LENS tokens.
 SEQ_LENS, PROMPT_LENS, SEQ_T = [14, 6, 9], [3, 1, 5], 14
 
@@ -64,7 +66,8 @@ def ref(tokens, tmp_path_factory):
   for side in ("right", "left"):
     inputs.update(zip([f"seq_{side}_tokens", f"seq_{side}_attention", f"seq_{side}_loss"], _seq_batch(side)))
   return peer.run("hf_llama_models", inputs, workdir=workdir, hf_configs=HF_CONFIGS, prompts=PROMPTS,
-                  max_new_tokens=MAX_NEW, meta=META_CONFIG, seq_batches=["right", "left"])
+                  max_new_tokens=MAX_NEW, meta=META_CONFIG, seq_batches=["right", "left"],
+                  repetition_penalty=REPETITION_PENALTY)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +144,21 @@ def test_greedy_generation_matches_hf(name, ref, imported):
   expected = [list(map(int, g)) for g in ref[f"{name}/gen_eos"]]
   assert stopped == expected
   assert len(stopped[0]) < MAX_NEW  # the EOS picked by the peer really stops the first prompt
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in HF_CONFIGS if c.get("generate")])
+def test_greedy_generation_with_repetition_penalty_matches_hf(name, ref, imported):
+  """`repetition_penalty` penalises prompt and new tokens as transformers' `repetition_penalty` does."""
+  cfg, params = imported[name]
+  expected = [list(map(int, g)) for g in ref[f"{name}/gen_penalty"]]
+  assert expected != [list(map(int, g)) for g in ref[f"{name}/gen_free"]]  # the penalty changes the path
+  got = generate(params, cfg, PROMPTS, MAX_NEW, repetition_penalty=REPETITION_PENALTY)
+  assert got == expected
+  tokens, lengths = np.zeros((len(PROMPTS), 7), np.int32), np.array([len(p) for p in PROMPTS])
+  for i, p in enumerate(PROMPTS):
+    tokens[i, :len(p)] = p
+  arrays, _, _ = llama.generate_arrays(params, cfg, tokens, lengths, MAX_NEW, repetition_penalty=REPETITION_PENALTY)
+  assert np.asarray(arrays).tolist() == expected
 
 
 @pytest.mark.parametrize("name", [c["name"] for c in HF_CONFIGS])

@@ -57,13 +57,14 @@ def _logits(model, tokens):
     return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-def _greedy(model, prompt, max_new_tokens, eos_id):
+def _greedy(model, prompt, max_new_tokens, eos_id, repetition_penalty=None):
   """HF greedy decoding of one prompt; new tokens, cut before the first EOS."""
   ids = torch.as_tensor([prompt], dtype=torch.long)
   with torch.no_grad():
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                         pad_token_id=0 if eos_id is None else eos_id, top_p=None, top_k=None, temperature=None)
+                         pad_token_id=0 if eos_id is None else eos_id, top_p=None, top_k=None, temperature=None,
+                         repetition_penalty=repetition_penalty)
   new = out[0, len(prompt):].tolist()
   if eos_id is not None and eos_id in new:
     new = new[:new.index(eos_id)]
@@ -82,7 +83,7 @@ def _sequence_logprobs(model, inputs, side):
   return (logp.double() * loss[:, 1:]).sum(-1).numpy()
 
 
-def _hf_models(inputs, workdir, configs, prompts, max_new_tokens, result, seq_batches=()):
+def _hf_models(inputs, workdir, configs, prompts, max_new_tokens, result, seq_batches=(), repetition_penalty=None):
   for c in configs:
     torch.manual_seed(c["seed"])
     model = LlamaForCausalLM(_hf_config(c)).eval()
@@ -103,6 +104,9 @@ def _hf_models(inputs, workdir, configs, prompts, max_new_tokens, result, seq_ba
       result[f"{c['name']}/gen_free"] = free
       result[f"{c['name']}/gen_eos"] = stopped
       result[f"{c['name']}/eos_id"] = eos
+      if repetition_penalty is not None:  # transformers' repetition penalty (CTRL's)
+        result[f"{c['name']}/gen_penalty"] = [_greedy(model, p, max_new_tokens, None, repetition_penalty)
+                                              for p in prompts]
 
 
 def _permute_meta_to_hf(w, n_heads):
@@ -229,10 +233,11 @@ def _torch_file(workdir, result):
   result["torch_file/hf_st"], result["torch_file/hf_bin"] = st_dir, bin_dir
 
 
-def run(inputs, workdir, hf_configs=(), prompts=(), max_new_tokens=8, meta=None, torch_file=False, seq_batches=()):
+def run(inputs, workdir, hf_configs=(), prompts=(), max_new_tokens=8, meta=None, torch_file=False, seq_batches=(),
+        repetition_penalty=None):
   torch.manual_seed(0)
   result = {}
-  _hf_models(inputs, workdir, hf_configs, prompts, max_new_tokens, result, seq_batches)
+  _hf_models(inputs, workdir, hf_configs, prompts, max_new_tokens, result, seq_batches, repetition_penalty)
   if meta is not None:
     _meta(inputs, workdir, meta, result)
   if torch_file:
