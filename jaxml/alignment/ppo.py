@@ -22,8 +22,10 @@ left padding and after EOS. Positions count from each row's first real token
 and no token attends to padding. Response token t (column P + t) is the action taken
 from the state ending at column P + t - 1: its log-probability comes from the logits at
 P + t - 1, and so does its value V_t (the critic's scalar head on the hidden state
-there). All log-probabilities (rollout, update, reference) are those of
-softmax(logits / temperature), the distribution the tokens were drawn from (as TRL). Everything
+there). All log-probabilities (rollout, update, reference) are the policy's own, from a
+forward pass: log softmax(logits / temperature) with `logprobs_tempered` (TRL), log
+softmax(logits) without (MOSS-RLHF); top-p truncation and the repetition penalty shape
+only the draw, never these. Everything
 per token is `[B, N]` with the response mask; padding after EOS has
 mask 0 and contributes to no sum, mean, whitening statistic or running moment.
 
@@ -40,7 +42,9 @@ where score' is the processed score: with `reward_scaling` divided by the runnin
 standard deviation of the raw scores, with `reward_norm` standardised by the running
 mean and standard deviation (the moments are updated with the batch first, as MOSS's
 trainer), then clipped to +-`reward_clip`. The running moments live in
-`TrainState.extras["reward_moments"]` (checkpointed with the state).
+`TrainState.extras["reward_moments"]` (checkpointed with the state), and so does kl_coef,
+`extras["kl_coef"]`: fixed at `PPOConfig.kl_coef`, or, with `kl_target` set, moved after
+each rollout by the adaptive controller (`adaptive_kl_coef`, Ziegler et al. 2019).
 
 Advantages. "gae": `jaxml.rl.gae` on r_t and the critic's values (gamma, lam); returns
 are the critic's targets. "grpo" / "rloo": one advantage per response from the group's
@@ -76,7 +80,7 @@ Metrics (one value per step; update metrics averaged over the minibatches):
 reward (mean raw score from `reward_fn`), score (mean processed score'), kl (mean over
 rows of the sequence KL estimate sum_t (logp_old_t - logp_ref_t), the k1 estimate of
 KL(pi || pi_ref) of the whole response), kl_penalty (the same sum with `kl_estimator`),
-kl_guard, entropy (mean token entropy of the policy on the response), response_length,
+kl_guard, kl_coef (the coefficient this rollout used), entropy (mean token entropy of the policy on the response), response_length,
 clip_fraction, value_clip_fraction, value_error, approx_kl, ratio, policy_loss,
 value_loss, advantages, returns, values, reward_mean/reward_std (running moments),
 loss, grad_norm (global norm of the gradient before clipping), plus the means of
@@ -107,6 +111,7 @@ ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
 KL_MODES = ("as_reward", "as_loss")
 CRITIC_INITS = ("reward_model", "policy", "random")
 POLICY_INITS = ("sft", "random")
+ROLLOUT_LOGPROBS = ("forward", "decode")
 # The metrics `jt.train` must see finite (pass as `finite_keys`): kl_guard is NaN when the KL is
 # NaN or above `max_kl`.
 FINITE_KEYS = ("loss", "grad_norm", "kl_guard")
@@ -166,9 +171,33 @@ class PPOConfig:
   adam_b1: float = 0.9               # [M] beta1
   adam_b2: float = 0.95              # [M] beta2
   adam_eps: float = 1e-6             # [M] eps (policy; the critic's 1e-8 there)
-  # Sampling.
+  # Adaptive KL controller ([Z] Ziegler et al. 2019, arXiv 1909.08593, Sec. 2.2, and its code
+  # lm-human-preferences `AdaptiveKLController`): after each rollout
+  #   kl_coef <- kl_coef * (1 + clip(KL / kl_target - 1, -0.2, 0.2) * R / kl_horizon),
+  # KL the rollout's mean sequence KL (metric `kl`), R its rows; the rollout's own rewards use the
+  # coefficient from before the update. The coefficient lives in TrainState.extras["kl_coef"].
+  # Used by [Z] (adaptive_kl, off by default there), trl <= 0.11 PPOTrainer (adap_kl_ctrl=True, init 0.2,
+  # target 6, horizon 10000) and OpenRLHF (--kl_target, None: fixed); MOSS-RLHF, trl 1.12 PPO, trl 1.16
+  # GRPO/RLOO and the paper's PPO-max use a fixed coefficient, so it is off in every preset.
+  kl_target: float | None = None     # None: fixed kl_coef
+  kl_horizon: float = 10000.0        # [Z] horizon 10000 (episodes); [T<=0.11] 10000; OpenRLHF 10000
+  # Sampling (the rollout's draw only; see logprobs_tempered for the log-probabilities).
   temperature: float = 1.0           # 1: the sampled distribution is the policy that the KL regularises
                                      # ([M] 0.8 with top-p 0.9; [T] 0.7)
+  top_p: float | None = None         # nucleus sampling ([M] --topp 0.9; [T] 1.0); None: off
+  repetition_penalty: float | None = None  # CTRL's penalty on ids already in the row ([M] 1.1); None: off
+  # Which log-probabilities the ratio, the KL and the entropy use: always the policy's own distribution
+  # from a forward pass (neither top-p truncation nor the repetition penalty enters them: MOSS-RLHF's
+  # make_experiences and TRL both score the sampled tokens with a plain forward pass of the model).
+  # True: log softmax(logits / temperature) (TRL: `logits /= temperature + 1e-7` before the log-softmax);
+  # False: log softmax(logits), the untempered policy (MOSS-RLHF: `logprobs_from_logits(logits)`, no
+  # temperature). Equal at temperature 1.
+  logprobs_tempered: bool = True
+  # Where the rollout's log-probabilities come from: "forward" (a separate policy forward pass over the
+  # rollout, as TRL and MOSS) or "decode" (those the decode loop computes while sampling, from the same
+  # logits: one forward pass fewer; the rollout's entropy metric is then the one-sample estimate
+  # mean(-log pi(y_t)), whose expectation is the entropy). "decode" needs logprobs_tempered or temperature 1.
+  rollout_logprobs: str = "forward"
   # Stop bound on the rollout's sequence KL (kl_guard); None: only NaN stops.
   max_kl: float | None = None
 
@@ -203,6 +232,23 @@ class PPOConfig:
     need(self.loss_reduction in rl.REDUCTIONS, f"loss_reduction must be one of {rl.REDUCTIONS}")
     need(self.policy_lr >= 0 and self.value_lr >= 0, "policy_lr and value_lr must be >= 0")
     need(self.temperature > 0, f"temperature must be > 0 (PPO samples), got {self.temperature}")
+    need(self.kl_target is None or self.kl_target > 0, f"kl_target must be > 0 or None, got {self.kl_target}")
+    need(self.kl_horizon > 0, f"kl_horizon must be > 0, got {self.kl_horizon}")
+    need(self.kl_target is None or self.kl_coef > 0, "kl_coef must be > 0 with kl_target set (the adaptive "
+         f"controller multiplies it), got {self.kl_coef}")
+    need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must lie in (0, 1] or be None, got {self.top_p}")
+    need(self.repetition_penalty is None or self.repetition_penalty > 0,
+         f"repetition_penalty must be > 0 or None, got {self.repetition_penalty}")
+    need(self.rollout_logprobs in ROLLOUT_LOGPROBS,
+         f"rollout_logprobs must be one of {ROLLOUT_LOGPROBS}, got {self.rollout_logprobs!r}")
+    need(self.rollout_logprobs == "forward" or self.logprobs_tempered or self.temperature == 1.0,
+         "rollout_logprobs='decode' gives log softmax(logits / temperature): it needs logprobs_tempered=True or "
+         f"temperature 1, got logprobs_tempered=False at temperature {self.temperature}")
+
+  @property
+  def logprob_temperature(self) -> float:
+    """The temperature of the distribution whose log-probabilities PPO uses (see logprobs_tempered)."""
+    return float(self.temperature) if self.logprobs_tempered else 1.0
 
   def replace(self, **kw) -> "PPOConfig":
     return dataclasses.replace(self, **kw)
@@ -214,9 +260,11 @@ PRESETS = {
     # MOSS-RLHF's release: config_ppo.py defaults with the flags train_ppo_en.sh sets
     # (--use_reward_scaling --use_critic_loss_clip --use_policy_loss_clip, kl 0.01; reward clip,
     # reward norm, advantage norm/clip, entropy and ptx flags not set), DeepSpeed clipping 1.0.
+    # Sampling: config_ppo.py's temperature 0.8, --topp 0.9, --repetition_penalty 1.1; log-probs of the
+    # untempered policy (make_experiences scores the samples with the plain logits).
     "moss": dict(kl_coef=0.01, reward_scaling=True, reward_norm=False, reward_clip=None, advantage_norm=False,
                  advantage_clip=None, value_clip=0.2, vf_coef=1.0, ppo_epochs=1, num_minibatches=4,
-                 temperature=0.8),
+                 temperature=0.8, top_p=0.9, repetition_penalty=1.1, logprobs_tempered=False),
     # PPO with none of the tricks beyond the clipped surrogate, GAE and the KL penalty: critic from
     # the policy's decoder, no reward/advantage processing, no value clipping, no gradient clipping.
     "vanilla": dict(reward_scaling=False, reward_norm=False, reward_clip=None, advantage_norm=False,
@@ -292,7 +340,7 @@ def init_state(rng: jax.Array, policy_params: Params, ref_params: Params, value_
     tx: the optimizer (default `make_optimizer(ppo_cfg)`); the step must get the same.
 
   Returns:
-    `TrainState(params={"policy", "value"}, extras={"ref", "reward_moments"})`; every
+    `TrainState(params={"policy", "value"}, extras={"ref", "reward_moments", "kl_coef"})`; every
     array is a copy (nothing is shared with the inputs, so a donating step is safe).
 
   Raises:
@@ -320,7 +368,8 @@ def init_state(rng: jax.Array, policy_params: Params, ref_params: Params, value_
   else:
     value = rm.reward_model_init(k_value, value_cfg)
   params = {"policy": policy, "value": value}
-  extras = {"ref": copy(ref_params), "reward_moments": rl.running_moments().init()}
+  extras = {"ref": copy(ref_params), "reward_moments": rl.running_moments().init(),
+            "kl_coef": jnp.asarray(ppo_cfg.kl_coef, jnp.float32)}
   tx = make_optimizer(ppo_cfg) if tx is None else tx
   return jt.create_train_state(params, tx, rng, extras=extras)
 
@@ -367,6 +416,19 @@ def token_values(value_params: Params, tokens_BxT: Array, mask_BxT: Array, promp
 
 
 
+def adaptive_kl_coef(kl_coef: Array, kl: Array, *, target: float, horizon: float, rows: int) -> Array:
+  """One update of the adaptive KL controller (Ziegler et al. 2019, Sec. 2.2).
+
+      e = clip(kl / target - 1, -0.2, 0.2),   kl_coef' = kl_coef * (1 + e * rows / horizon)
+
+  the paper's `beta_{t+1} = beta_t (1 + K_beta e_t)` with the gain `K_beta = rows / horizon` of its
+  code (lm-human-preferences; trl <= 0.11 and OpenRLHF are the same): `rows` episodes per rollout,
+  `horizon` episodes. `kl` is the rollout's mean sequence KL to the reference.
+  """
+  e = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)
+  return jnp.asarray(kl_coef, jnp.float32) * (1.0 + e * (float(rows) / float(horizon)))
+
+
 def process_scores(ppo_cfg: PPOConfig, raw_B: Array, moments: rl.MomentsState) -> tuple[Array, rl.MomentsState]:
   """Reward scaling / normalisation with running moments, then clipping (module docstring).
 
@@ -390,7 +452,8 @@ def process_scores(ppo_cfg: PPOConfig, raw_B: Array, moments: rl.MomentsState) -
 
 
 def compute_advantages(ppo_cfg: PPOConfig, score_B: Array, old_logp_BxN: Array, ref_logp_BxN: Array,
-                       old_values_BxN: Array, mask_BxN: Array) -> tuple[Array, Array, Array]:
+                       old_values_BxN: Array, mask_BxN: Array, *,
+                       kl_coef: float | Array | None = None) -> tuple[Array, Array, Array]:
   """Token rewards and advantages of a rollout (module docstring).
 
   Args:
@@ -399,6 +462,8 @@ def compute_advantages(ppo_cfg: PPOConfig, score_B: Array, old_logp_BxN: Array, 
     old_logp_BxN, ref_logp_BxN: rollout and reference log-probs of the response tokens.
     old_values_BxN: the critic's values (ignored by "grpo"/"rloo").
     mask_BxN: the response mask (contiguous from column 0).
+    kl_coef: the KL coefficient of this rollout (the adaptive controller's current value,
+      `extras["kl_coef"]`); None: `ppo_cfg.kl_coef`.
 
   Returns:
     `(advantages_BxN, returns_BxN, kl_BxN)`, 0 where the mask is 0 (returns are 0 for
@@ -408,14 +473,15 @@ def compute_advantages(ppo_cfg: PPOConfig, score_B: Array, old_logp_BxN: Array, 
   N = m.shape[1]
   kl_tok = rl.kl_penalty(old_logp_BxN, ref_logp_BxN, ppo_cfg.kl_estimator) * m
   kl_reward = ppo_cfg.kl_mode == "as_reward" and ppo_cfg.kl_coef > 0
+  coef = ppo_cfg.kl_coef if kl_coef is None else kl_coef
   if ppo_cfg.advantage_estimator == "gae":
     last = jnp.maximum(jnp.sum(m, axis=1).astype(jnp.int32) - 1, 0)
     at_last = (jnp.arange(N, dtype=jnp.int32)[None, :] == last[:, None]).astype(jnp.float32) * m
-    rewards = score_B[:, None] * at_last - (ppo_cfg.kl_coef * kl_tok if kl_reward else 0.0)
+    rewards = score_B[:, None] * at_last - (coef * kl_tok if kl_reward else 0.0)
     advantages, returns = rl.gae(rewards, old_values_BxN * m, m, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam)
   else:
     G = ppo_cfg.group_size
-    seq = score_B - (ppo_cfg.kl_coef * jnp.sum(kl_tok, axis=1) if kl_reward else 0.0)
+    seq = score_B - (coef * jnp.sum(kl_tok, axis=1) if kl_reward else 0.0)
     if seq.shape[0] % G:
       raise ValueError(f"score_B has {seq.shape[0]} rows, not a multiple of group_size={G}")
     groups = seq.reshape(-1, G)
@@ -478,7 +544,11 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
   """
   value_cfg = policy_cfg if value_cfg is None else value_cfg
   N = int(max_new_tokens)
-  llama.check_sampling(policy_cfg, N, ppo_cfg.temperature, None, None, eos_id, jax.random.PRNGKey(0))
+  penalty = {} if ppo_cfg.repetition_penalty is None else {"repetition_penalty": float(ppo_cfg.repetition_penalty)}
+  top_p = None if ppo_cfg.top_p is None else float(ppo_cfg.top_p)
+  llama.check_sampling(policy_cfg, N, ppo_cfg.temperature, None, top_p, eos_id, jax.random.PRNGKey(0), **penalty)
+  from_decode = ppo_cfg.rollout_logprobs == "decode"
+  lp_temp = ppo_cfg.logprob_temperature
   if int(min_prompt_len) != min_prompt_len or min_prompt_len < 1:
     raise ValueError(f"min_prompt_len must be a positive int, got {min_prompt_len}")
   gae_mode = ppo_cfg.advantage_estimator == "gae"
@@ -500,11 +570,10 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
     right = jnp.take_along_axis(prompts, jnp.minimum(cols + (P - lengths)[:, None], P - 1), axis=1)
     right = jnp.where(cols < lengths[:, None], right, 0)
     buf = jnp.zeros((R, P + N), jnp.int32).at[:, :P].set(right)
-    new, _, n_new, bad = llama.decode_loop(
+    new, decode_logp, n_new, bad = llama.decode_loop(
         jax.lax.stop_gradient(policy), buf, lengths, rng, cfg=policy_cfg, min_prompt_len=int(min_prompt_len),
-        max_new_tokens=N, temperature=float(ppo_cfg.temperature), top_k=None, top_p=None,
-        eos_id=None if eos_id is None else int(eos_id),
-        with_logprobs=False)
+        max_new_tokens=N, temperature=float(ppo_cfg.temperature), top_k=None, top_p=top_p,
+        eos_id=None if eos_id is None else int(eos_id), with_logprobs=from_decode, **penalty)
     resp_mask = (jnp.arange(N, dtype=jnp.int32)[None, :] < n_new[:, None])
     tokens = jnp.concatenate([prompts, new], axis=1)
     mask = jnp.concatenate([prompt_mask, resp_mask], axis=1).astype(jnp.int32)
@@ -513,16 +582,27 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
     if raw.shape != (R,):
       raise ValueError(f"reward_fn must return [B]=[{R}] scores, got shape {raw.shape}")
     sg = jax.lax.stop_gradient
-    old_logp, entropy = token_logprobs(sg(policy), tokens, mask, P, policy_cfg, temperature=ppo_cfg.temperature)
-    ref_logp, _ = token_logprobs(sg(ref), tokens, mask, P, policy_cfg, temperature=ppo_cfg.temperature)
+    if from_decode:
+      # The decode loop's log-probabilities of softmax(logits / temperature), 0 after EOS.
+      old_logp = sg(decode_logp) * m
+      entropy = -old_logp
+    else:
+      old_logp, entropy = token_logprobs(sg(policy), tokens, mask, P, policy_cfg, temperature=lp_temp)
+    ref_logp, _ = token_logprobs(sg(ref), tokens, mask, P, policy_cfg, temperature=lp_temp)
     old_values = token_values(sg(params["value"]), tokens, mask, P, value_cfg) * m if gae_mode else jnp.zeros_like(m)
     score, mom = process_scores(ppo_cfg, raw, extras["reward_moments"])
-    advantages, returns, kl_tok = compute_advantages(ppo_cfg, score, old_logp, ref_logp, old_values, m)
+    kl_coef = jnp.asarray(extras.get("kl_coef", ppo_cfg.kl_coef), jnp.float32)
+    advantages, returns, kl_tok = compute_advantages(ppo_cfg, score, old_logp, ref_logp, old_values, m,
+                                                     kl_coef=kl_coef)
     kl_seq_k1 = jnp.sum((old_logp - ref_logp) * m, axis=1)
     experience = dict(tokens=tokens, mask=mask, response_mask=m, old_logp=old_logp, ref_logp=ref_logp,
                       old_values=old_values, advantages=sg(advantages), returns=sg(returns), scores=score,
-                      raw_scores=raw)
+                      raw_scores=raw, kl_coef=jnp.full((R,), kl_coef))
     kl = jnp.mean(kl_seq_k1)
+    if ppo_cfg.kl_target is not None:
+      new_kl_coef = adaptive_kl_coef(kl_coef, kl, target=ppo_cfg.kl_target, horizon=ppo_cfg.kl_horizon, rows=R)
+    else:
+      new_kl_coef = kl_coef
     generation_ok = jnp.all(bad < 0)
     guard = jnp.isfinite(kl) & generation_ok
     if ppo_cfg.max_kl is not None:
@@ -533,6 +613,7 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
         "kl": kl,
         "kl_penalty": jnp.mean(jnp.sum(kl_tok, axis=1)),
         "kl_guard": jnp.where(guard, kl, jnp.nan),
+        "kl_coef": kl_coef,
         "entropy": rl.masked_mean(entropy, m),
         "response_length": jnp.mean(n_new.astype(jnp.float32)),
         "advantages": rl.masked_mean(advantages, m),
@@ -545,7 +626,7 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
     if metrics_fn is not None:
       for name, value in dict(metrics_fn(tokens, mask, P)).items():
         metrics[name] = jnp.mean(jnp.asarray(value, jnp.float32))
-    return experience, {**extras, "reward_moments": mom}, metrics
+    return experience, {**extras, "reward_moments": mom, "kl_coef": new_kl_coef}, metrics
 
   return rollout
 
@@ -559,7 +640,7 @@ def make_loss(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, *, value_cfg: l
     P = mb["tokens"].shape[1] - mb["old_logp"].shape[1]
     m = mb["response_mask"]
     logp, entropy = token_logprobs(params["policy"], mb["tokens"], mb["mask"], P, policy_cfg,
-                                   temperature=ppo_cfg.temperature)
+                                   temperature=ppo_cfg.logprob_temperature)
     adv = mb["advantages"]
     if ppo_cfg.importance_sampling:
       clip = ppo_cfg.clip_eps if ppo_cfg.clip_surrogate else float("inf")
@@ -580,7 +661,8 @@ def make_loss(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, *, value_cfg: l
       metrics.update(vmetrics)
     if ppo_cfg.kl_mode == "as_loss" and ppo_cfg.kl_coef > 0:
       kl = rl.masked_reduce(rl.kl_penalty(logp, mb["ref_logp"], ppo_cfg.kl_estimator), m, ppo_cfg.loss_reduction)
-      total = total + ppo_cfg.kl_coef * kl
+      coef = jnp.mean(mb["kl_coef"]) if "kl_coef" in mb else ppo_cfg.kl_coef   # the rollout's (adaptive) value
+      total = total + coef * kl
       metrics["kl_loss"] = jax.lax.stop_gradient(kl)
     if ppo_cfg.ptx_coef > 0 and ptx is not None:
       ptx_loss, _ = llama.loss_fn(params["policy"], ptx, policy_cfg)

@@ -139,6 +139,42 @@ class RolloutTest(chex.TestCase):
     # k3 instead of k1 in the reward: the per-token penalty is the k3 estimate.
     np.testing.assert_allclose(k3, rl.kl_penalty(exp["old_logp"], exp["ref_logp"], "k3") * m, atol=1e-7)
 
+  def test_sampling_settings_reach_the_draw_and_log_probs_stay_the_policys_own(self):
+    # MOSS-RLHF's sampling (temperature 0.8, top-p 0.9, repetition penalty 1.1) and its untempered
+    # log-probabilities: the draw equals the public generator's with the same settings and key, and
+    # old_logp is log softmax(logits) of a plain forward pass (no temperature, truncation or penalty).
+    moss = ppo.ppo_preset("moss")
+    self.assertEqual((moss.temperature, moss.top_p, moss.repetition_penalty, moss.logprobs_tempered),
+                     (0.8, 0.9, 1.1, False))
+    pcfg = GAE.replace(temperature=0.8, top_p=0.9, repetition_penalty=1.1, logprobs_tempered=False)
+    exp, _, _ = rollout(pcfg, {"policy": MOVED, "value": REWARD_MODEL})
+    right = np.zeros_like(PROMPTS)
+    for i, n in enumerate(LENGTHS):
+      right[i, :n] = PROMPTS[i, P - n:]
+    new, _, n_new = llama.generate_arrays(MOVED, CFG, right, LENGTHS, N, temperature=0.8, top_p=0.9,
+                                          repetition_penalty=1.1, eos_id=EOS, rng=jax.random.PRNGKey(6))
+    np.testing.assert_array_equal(np.asarray(exp["tokens"])[:, P:], np.asarray(new))
+    m = np.asarray(exp["response_mask"])
+    np.testing.assert_array_equal(m.sum(1), np.asarray(n_new))
+    plain, _ = ppo.token_logprobs(MOVED, exp["tokens"], exp["mask"], P, CFG, temperature=1.0)
+    tempered, _ = ppo.token_logprobs(MOVED, exp["tokens"], exp["mask"], P, CFG, temperature=0.8)
+    np.testing.assert_allclose(np.asarray(exp["old_logp"]) * m, np.asarray(plain) * m, atol=1e-6)
+    self.assertGreater(float(np.abs((np.asarray(tempered) - np.asarray(plain)) * m).max()), 1e-3)
+
+  def test_decode_loop_log_probs_equal_the_forward_pass(self):
+    # rollout_logprobs="decode" reuses the sampler's log-probs instead of a policy forward pass: same
+    # draw, same advantages, log-probs equal to the forward pass's to float32 accumulation error.
+    exp, _, metrics = gae_experience()
+    dec, _, dmetrics = rollout(GAE.replace(rollout_logprobs="decode"), {"policy": MOVED, "value": REWARD_MODEL})
+    m = np.asarray(exp["response_mask"])
+    np.testing.assert_array_equal(np.asarray(dec["tokens"]), np.asarray(exp["tokens"]))
+    np.testing.assert_allclose(np.asarray(dec["old_logp"]), np.asarray(exp["old_logp"]) * m, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dec["advantages"]), np.asarray(exp["advantages"]), atol=1e-4)
+    # Its entropy is the one-sample estimate mean(-log pi(y_t)).
+    self.assertAlmostEqual(float(dmetrics["entropy"]), float(-(np.asarray(exp["old_logp"]) * m).sum() / m.sum()),
+                           places=4)
+    self.assertNotAlmostEqual(float(dmetrics["entropy"]), float(metrics["entropy"]), places=4)
+
   def test_grpo_and_rloo_groups(self):
     G = RLOO.group_size
     exp, _, _ = rollout(RLOO, {"policy": MOVED, "value": {}})
@@ -288,7 +324,10 @@ class LossSwitchTest(chex.TestCase):
 
 # --- through the training core: resume, the KL stop ---
 
-RESUME_CFG = ppo.ppo_preset("ppo_max", policy_lr=3e-3, value_lr=3e-3, num_minibatches=2, ppo_epochs=2)
+# With the adaptive KL controller (its coefficient is state: extras["kl_coef"]); gain B / horizon = 0.5.
+KL_TARGET, KL_HORIZON = 0.05, 8.0
+RESUME_CFG = ppo.ppo_preset("ppo_max", policy_lr=3e-3, value_lr=3e-3, num_minibatches=2, ppo_epochs=2,
+                            kl_target=KL_TARGET, kl_horizon=KL_HORIZON)
 
 
 @functools.lru_cache(maxsize=None)
@@ -341,6 +380,15 @@ class CoreTest(chex.TestCase):
     self.assertEqual(second.history[-1]["reward"], whole.history[-1]["reward"])   # the same rollout drawn
     self.assertEqual(float(whole.state.extras["reward_moments"].count), 4 * B)
     self.assertGreater(len({r["reward"] for r in whole.history}), 1)   # fresh rollouts every step
+    # The adaptive KL coefficient, step by step: each rollout uses the current value, then
+    # kl_coef <- kl_coef * (1 + clip(kl / target - 1, -0.2, 0.2) * rows / horizon) (Ziegler et al. 2019).
+    # Tolerance: a few float32 roundings per step, over 4 steps.
+    coef = RESUME_CFG.kl_coef
+    for record in whole.history:
+      np.testing.assert_allclose(record["kl_coef"], coef, rtol=2e-6)
+      coef *= 1.0 + np.clip(record["kl"] / KL_TARGET - 1.0, -0.2, 0.2) * B / KL_HORIZON
+    np.testing.assert_allclose(float(whole.state.extras["kl_coef"]), coef, rtol=2e-6)
+    self.assertNotAlmostEqual(coef, RESUME_CFG.kl_coef, places=3)
 
   def test_kl_over_max_kl_or_nan_stops_and_keeps_the_last_good_checkpoint(self):
     # GAE's step (max_kl 1e-3) from policy == reference, the optimizer one update in: update 1 has
@@ -369,6 +417,32 @@ class CoreTest(chex.TestCase):
     init = lambda: fresh_state(GAE, policy=POLICY, ref=nan_ref, tx=SGD)  # noqa: E731
     with self.assertRaisesRegex(jt.NonFiniteLossError, "kl_guard is nan at step 1.*no good checkpoint remains"):
       train(self.tmpdir(), 2, sgd_step(GAE), init)
+
+
+class AdaptiveKLTest(chex.TestCase):
+
+  def test_controller_against_the_formula(self):
+    # e = clip(kl / target - 1, -0.2, 0.2); coef' = coef (1 + e rows / horizon): inside the clip, at
+    # and beyond both ends (the clip holds a KL twice the target to +0.2, a zero KL to -0.2).
+    target, horizon, rows = 6.0, 10000.0, 256                      # trl <= 0.11's target and horizon
+    kls = jnp.array([6.6, 5.7, 12.0, 0.0, 6.0, 7.2, 4.8], jnp.float32)
+    got = np.asarray(jax.vmap(lambda kl: ppo.adaptive_kl_coef(jnp.float32(0.2), kl, target=target, horizon=horizon,
+                                                              rows=rows))(kls))
+    e = np.array([0.1, -0.05, 0.2, -0.2, 0.0, 0.2, -0.2])
+    np.testing.assert_allclose(got, 0.2 * (1 + e * rows / horizon), rtol=1e-6)
+    # Off by default in every preset (their sources fix the coefficient); the state holds the start value.
+    for name in ppo.PRESETS:
+      self.assertIsNone(ppo.ppo_preset(name).kl_target, name)
+    s = fresh_state(GAE)
+    self.assertEqual(float(s.extras["kl_coef"]), np.float32(GAE.kl_coef))
+    with self.assertRaisesRegex(ValueError, "kl_target must be > 0"):
+      ppo.PPOConfig(kl_target=0.0)
+    with self.assertRaisesRegex(ValueError, "kl_coef must be > 0 with kl_target"):
+      ppo.PPOConfig(kl_target=1.0, kl_coef=0.0)
+    with self.assertRaisesRegex(ValueError, "rollout_logprobs='decode'"):
+      ppo.PPOConfig(rollout_logprobs="decode", temperature=0.8, logprobs_tempered=False)
+    with self.assertRaisesRegex(ValueError, "top_p must lie"):
+      ppo.PPOConfig(top_p=1.5)
 
 
 class BadInputTest(chex.TestCase):
