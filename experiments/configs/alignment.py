@@ -57,6 +57,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.grpo_group = 8  # GRPO group size (0: no GRPO run)
   c.grpo_kl_coef = 0.04  # GRPO's KL-as-loss coefficient (k3)
   c.ppo_ablation = ()  # PPOConfig boolean switches turned off one at a time (same seeds)
+  c.online_epochs = 2  # PPO/GRPO epochs over each rollout
+  c.online_minibatches = 4  # minibatches per epoch: online_epochs x online_minibatches updates per rollout
+  c.seeds = 3  # runs of each method's training (vmapped), differing in their own draws; task/SFT/pairs/RM shared
   c.mc_samples = 2000  # samples per method for the Monte Carlo check of its exact point
   c.frontier_points = 60  # betas on the frontier curve (log-spaced 0.02 .. 50)
   c.steps_per_call = 50  # updates per compiled call; divides every step count and checkpoint_every
@@ -72,10 +75,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.dpo_betas = (0.1, 0.3, 1.0)
     c.dpo_unlimited_betas = (0.3,)
     c.run_online = True
-    c.online_steps = 500
+    c.online_steps = 250  # 2 epochs x 4 minibatches: 8 updates per rollout
     c.ppo_kl_coefs = (0.5, 0.05)  # the ablations run at the first
-    c.ppo_ablation = ("reward_norm", "advantage_norm", "critic_init", "max_grad_norm")  # value_clip, clip_surrogate
-    # and importance_sampling are exactly inactive with one epoch of one minibatch (ratio 1 at the only update)
+    c.ppo_ablation = ("reward_norm", "advantage_norm", "critic_init", "max_grad_norm", "value_clip",
+                      "clip_surrogate", "importance_sampling")  # with 2 epochs x 4 minibatches the last three act
     c.mc_samples = 1000
     c.docs_figures_dir = "docs/figures"
   elif variant == "tiny":  # seconds: the end-to-end test (every sampling call draws 128 rows: one compile)
@@ -96,6 +99,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.frontier_points = 12
     c.steps_per_call = 10
     c.checkpoint_every = 10
+    c.seeds = 1
   elif variant:
     raise ValueError(f"unknown config variant {variant!r}; expected '', 'small' or 'tiny'")
   return c

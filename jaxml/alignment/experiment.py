@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxml import experiment, llama, report
+from jaxml import experiment, llama, report, rl
 from jaxml import train as jt
 from jaxml.alignment import markov, offline
 from jaxml.alignment.losses import dpo_loss
@@ -116,6 +116,11 @@ class AlignmentExperimentConfig:
   grpo_group: int = 8                      # GRPO group size (0: no GRPO run)
   grpo_kl_coef: float = 0.04
   ppo_ablation: tuple[str, ...] = ()       # PPOConfig switches turned off one at a time (same seeds)
+  online_epochs: int = 2                   # PPO/GRPO epochs over each rollout
+  online_minibatches: int = 4              # minibatches per epoch (online_epochs x online_minibatches updates)
+  # Seeds: each method's training runs `seeds` times (vmapped: one compiled program), differing in its own
+  # randomness (minibatch draws, rollouts); the task, SFT, pairs and reward model are shared.
+  seeds: int = 3
   # Evaluation.
   mc_samples: int = 2000                   # Monte Carlo check of each method's point
   frontier_points: int = 60
@@ -143,6 +148,12 @@ class AlignmentExperimentConfig:
       raise ValueError(f"online_reward must be 'rm' or 'true', got {self.online_reward!r}")
     if self.run_online and self.grpo_group and self.online_batch % self.grpo_group:
       raise ValueError(f"online_batch={self.online_batch} must be a multiple of grpo_group={self.grpo_group}")
+    if self.seeds < 1 or self.online_epochs < 1 or self.online_minibatches < 1:
+      raise ValueError(f"seeds, online_epochs and online_minibatches must be >= 1, got {self.seeds}, "
+                       f"{self.online_epochs}, {self.online_minibatches}")
+    if self.run_online and self.online_batch % self.online_minibatches:
+      raise ValueError(f"online_batch={self.online_batch} must divide into online_minibatches="
+                       f"{self.online_minibatches}")
     if markov.num_sequences(self.num_tokens, self.max_len) > 200_000:
       raise ValueError("num_tokens ** max_len is too large to enumerate the responses exactly "
                        f"({markov.num_sequences(self.num_tokens, self.max_len)} sequences)")
@@ -345,7 +356,8 @@ def ablated(pcfg, switch: str):
 def online_configs(cfg: AlignmentExperimentConfig) -> dict[str, Any]:
   """The PPOConfig of each online run: PPO at each KL coefficient, GRPO, and the ablations of the first PPO."""
   from jaxml.alignment import ppo  # optional: only with run_online
-  lr = dict(policy_lr=cfg.online_lr, value_lr=cfg.online_value_lr)
+  lr = dict(policy_lr=cfg.online_lr, value_lr=cfg.online_value_lr, ppo_epochs=cfg.online_epochs,
+            num_minibatches=cfg.online_minibatches)
   runs = {}
   for c in cfg.ppo_kl_coefs:
     runs[f"ppo_kl{c:g}"] = ppo.ppo_preset(cfg.ppo_preset, kl_coef=c, **lr)
@@ -374,6 +386,7 @@ def _online(cfg, task, sft_params, rm_params, workdir, log) -> dict[str, Any]:
 
   reward_fn = rm_reward if cfg.online_reward == "rm" else true_reward
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  S = cfg.seeds
   out = {}
   for name, pcfg in online_configs(cfg).items():
     prompts_n = cfg.online_batch // pcfg.group_size
@@ -385,14 +398,20 @@ def _online(cfg, task, sft_params, rm_params, workdir, log) -> dict[str, Any]:
     try:
       jt.check_run_config(ckpt.directory, {"ppo": experiment.to_dict(pcfg), **_record(
           cfg, name, ("sft_steps", "bt_scale", "token_rewards", "num_pairs", "held_out_pairs", "rm_steps", "rm_lr",
-                      "rm_batch", "online_batch", "online_reward"))}, fields=f"{name} training config")
-      init = functools.partial(ppo.init_state, rng, sft_params, sft_params, rm_params, pcfg, policy_cfg=lcfg)
+                      "rm_batch", "online_batch", "online_reward", "seeds"))}, fields=f"{name} training config")
+      one = functools.partial(ppo.init_state, policy_params=sft_params, ref_params=sft_params,
+                              value_params=rm_params, ppo_cfg=pcfg, policy_cfg=lcfg)
+      if S == 1:
+        init = functools.partial(one, rng)
+      else:   # S runs in one state: seed s's key is fold_in(rng, s); the loop counts by seed 0's step
+        init = lambda: jax.vmap(one)(jax.vmap(lambda s: jax.random.fold_in(rng, s))(  # noqa: E731
+            jnp.arange(S, dtype=jnp.uint32)))
       abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                                         jax.eval_shape(init))
       state, start = jt.restore_or_init(ckpt, abstract, init, allow_fresh_start=cfg.allow_fresh_start)
-      step = jax.jit(ppo.make_step(lcfg, pcfg, reward_fn, max_new_tokens=cfg.max_len, eos_id=task.lang.eos_id,
-                                   metrics_fn=lambda t, m, p: {"true_reward": true_reward(t, m, p)}),
-                     donate_argnums=0)
+      step = ppo.make_step(lcfg, pcfg, reward_fn, max_new_tokens=cfg.max_len, eos_id=task.lang.eos_id,
+                           metrics_fn=lambda t, m, p: {"true_reward": true_reward(t, m, p)})
+      step = jax.jit(step if S == 1 else jax.vmap(step, in_axes=(0, None)), donate_argnums=0)
       result = jt.train(step, state, lambda s: batch, num_steps=cfg.online_steps, workdir=train_dir,
                         start_step=start, checkpointer=ckpt, log_every=max(cfg.online_steps // 5, 1),
                         finite_keys=ppo.FINITE_KEYS, plot_title=f"{name} loss", print_fn=lambda s: log(f"{name}: {s}"))
@@ -400,10 +419,22 @@ def _online(cfg, task, sft_params, rm_params, workdir, log) -> dict[str, Any]:
       ckpt.close()
     if result.preempted:
       return {"preempted": True}
-    last = jt.read_metrics(train_dir)[-1]
-    out[name] = (result.state.params["policy"], {"kl_coef": pcfg.kl_coef, "reward_std": last.get("reward_std"),
-                                                  "advantage_estimator": pcfg.advantage_estimator})
+    # Per seed: the policy, and the reward std and KL coefficient its run ended with (its PPO target).
+    final = jax.device_get(result.state)
+    policies = _split_seeds(final.params["policy"], S)
+    moments = _split_seeds(final.extras["reward_moments"], S)
+    coefs = _split_seeds(final.extras["kl_coef"], S)
+    infos = [{"kl_coef": float(c), "reward_std": float(rl.moments_std(mom)) if float(mom.count) > 1 else None,
+              "advantage_estimator": pcfg.advantage_estimator} for c, mom in zip(coefs, moments)]
+    out[name] = (policies, infos)
   return out
+
+
+def _split_seeds(tree, seeds: int) -> list:
+  """A tree with a leading seed axis as one tree per seed (a single-seed tree as itself)."""
+  if seeds == 1:
+    return [tree]
+  return [jax.tree_util.tree_map(lambda a, s=s: a[s], tree) for s in range(seeds)]
 
 
 def _plot(task: Task, results: dict, path_frontier: str, path_over: str) -> None:
@@ -419,6 +450,9 @@ def _plot(task: Task, results: dict, path_frontier: str, path_over: str) -> None
         continue
       family = next(f for f in list(markers) + [name] if name.startswith(f))
       line, = ax.plot([m["kl"]], [m["true_reward"]], markers.get(family, "x"), ms=8, label=name)
+      if m.get("seeds", 1) > 1:   # each seed's exact point, small
+        ax.plot(m["per_seed"]["kl"], m["per_seed"]["true_reward"], markers.get(family, "x"), ms=3,
+                color=line.get_color(), alpha=0.6)
       if "mc_kl" in m:
         ax.errorbar([m["mc_kl"]], [m["mc_reward"]], xerr=[2 * m["mc_kl_se"]], yerr=[2 * m["mc_reward_se"]],
                     fmt="none", ecolor="grey", lw=0.8)
@@ -450,24 +484,67 @@ def _plot(task: Task, results: dict, path_frontier: str, path_over: str) -> None
     ax.legend(fontsize=7)
 
 
+def _targets(cfg, task: Task, name: str, info: dict, pcfg, rm_scores) -> dict:
+  """A run's population optimum (hollow markers in the figure) and the run's own settings."""
+  out = {k: v for k, v in info.items() if k in ("beta", "kl_coef", "reward_std")}
+  if "beta" in info and name.startswith("dpo"):
+    # DPO's population optimum with Bradley-Terry labels of scale s is pi_sft exp(r / (s beta)).
+    out["target_reward"], out["target_kl"] = task.stats(info["beta"] * cfg.bt_scale)
+  if "beta" in info and name.startswith("ipo"):
+    # IPO's population optimum (pairs from pi_sft, the sequence-level form): log pi - log pi_sft =
+    # E_{y' ~ pi_sft} P(y > y') / beta + c, a tilt by the win rate against the SFT (a saturating function of r).
+    out["target_reward"], out["target_kl"] = task.stats(info["beta"], task.win_rate(cfg.bt_scale))
+  if info.get("advantage_estimator") == "gae":
+    # PPO's objective E[score'] - kl_coef KL, score' = the score over the running std (reward scaling or
+    # normalisation): optimum pi_sft exp(score / (kl_coef std)); the reward model's tilt (or the true one's).
+    # kl_coef is the run's final value (the adaptive controller's, or the fixed one).
+    scaled = pcfg.reward_norm or pcfg.reward_scaling
+    out["beta"] = info["kl_coef"] * (info["reward_std"] if scaled and info["reward_std"] else 1.0)
+    out["target_reward"], out["target_kl"] = task.stats(out["beta"], rm_scores if cfg.online_reward == "rm" else None)
+  return out
+
+
+def _over_seeds(evs: list[dict]) -> dict:
+  """One method's figures over its seeds: the mean of each number (seed 0's Monte Carlo check), the min and
+  max of reward, KL and distance, and every seed's values under `per_seed`."""
+  out = dict(evs[0])
+  for key in evs[0]:
+    vals = [e.get(key) for e in evs]
+    if all(isinstance(v, (int, float)) and v is not None for v in vals):
+      out[key] = float(np.mean(vals))
+  for key in ("true_reward", "kl", "gap"):
+    vals = [e[key] for e in evs]
+    out[f"{key}_min"], out[f"{key}_max"] = float(np.min(vals)), float(np.max(vals))
+  out["seeds"] = len(evs)
+  out["per_seed"] = {key: [e[key] for e in evs] for key in ("true_reward", "kl", "gap")}
+  return out
+
+
 def _tables(results: dict) -> str:
   rows = []
   for name, m in results["methods"].items():
-    rows.append([name, m.get("beta"), m["true_reward"], m["kl"], m["frontier_reward"], m["gap"],
-                 m.get("target_reward"), m.get("target_kl"), m["rm_score"] - results["sft"]["rm_score"],
-                 m.get("mc_reward"), m.get("mc_reward_se"), m.get("mc_kl"), m.get("mc_kl_se")])
+    rows.append([name, m.get("seeds", 1), m.get("beta"), m["true_reward"], m["kl"], m["frontier_reward"], m["gap"],
+                 m.get("gap_min"), m.get("gap_max"), m.get("target_reward"), m.get("target_kl"),
+                 m["rm_score"] - results["sft"]["rm_score"], m.get("mc_reward"), m.get("mc_reward_se"),
+                 m.get("mc_kl"), m.get("mc_kl_se")])
   methods = report.markdown_table(
-      ["method", "beta", "true reward", "KL", "frontier reward at KL", "distance", "pi*_beta reward",
-       "pi*_beta KL", "RM gain", "MC reward", "se", "MC KL", "se"], rows)
+      ["method", "seeds", "beta", "true reward", "KL", "frontier reward at KL", "distance", "min", "max",
+       "pi*_beta reward", "pi*_beta KL", "RM gain", "MC reward (seed 0)", "se", "MC KL", "se"], rows)
   ablation = [n for n in results["methods"] if "_no_" in n]
   if ablation:
     base_name = ablation[0].split("_no_")[0]
     base = results["methods"][base_name]
+
+    def paired(n, key):   # run minus full, seed by seed (the same seeds): mean, min, max
+      d = np.asarray(results["methods"][n]["per_seed"][key]) - np.asarray(base["per_seed"][key])
+      return [float(d.mean()), float(d.min()), float(d.max())]
+
     rows = [[n, results["methods"][n]["true_reward"], results["methods"][n]["kl"], results["methods"][n]["gap"],
-             results["methods"][n]["true_reward"] - base["true_reward"], results["methods"][n]["kl"] - base["kl"]]
-            for n in [base_name] + ablation]
-    methods += "\nPPO-max ablation (one switch off, same seeds)\n\n" + report.markdown_table(
-        ["run", "true reward", "KL", "distance", "reward - full", "KL - full"], rows)
+             results["methods"][n]["gap_min"], results["methods"][n]["gap_max"], *paired(n, "true_reward"),
+             *paired(n, "kl"), *paired(n, "gap")] for n in [base_name] + ablation]
+    methods += "\nPPO-max ablation (one switch off; seed-by-seed differences from the full run, same seeds)\n\n" + \
+        report.markdown_table(["run", "true reward", "KL", "distance", "min", "max", "reward - full", "min", "max",
+                               "KL - full", "min", "max", "distance - full", "min", "max"], rows)
   over = results["overoptimisation"]
   pick = np.unique(np.linspace(0, len(over["kl"]) - 1, 8).round().astype(int))
   over_rows = [[over["beta"][i], over["kl"][i], over["rm_gain"][i], over["true_gain"][i],
@@ -572,7 +649,7 @@ def run(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   data = offline.precompute_reference(train_data, sft_params, lcfg) if cfg.precompute_ref else train_data
   ref = None if cfg.precompute_ref else sft_params
   methods: dict[str, tuple[Any, dict]] = {}
-  off = dict(lr=cfg.offline_lr, steps=cfg.offline_steps, seed=cfg.seed + 2, **common)
+  off = dict(lr=cfg.offline_lr, steps=cfg.offline_steps, seed=cfg.seed + 2, seeds=cfg.seeds, **common)
   rec = ("sft_steps", "bt_scale", "token_rewards", "num_pairs", "held_out_pairs", "offline_batch", "offline_lr")
   for beta in cfg.dpo_betas:
     name = f"dpo_beta{beta:g}"
@@ -606,8 +683,8 @@ def run(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   seconds["offline"] = time.time() - t
 
   # ---- online methods (PPO / GRPO through jaxml.alignment.ppo)
-  policies = {name: res.state.params for name, (res, _) in methods.items()}
-  extra = {name: info for name, (_, info) in methods.items()}
+  policies = {name: _split_seeds(jax.device_get(res.state.params), cfg.seeds) for name, (res, _) in methods.items()}
+  extra = {name: [info] * cfg.seeds for name, (_, info) in methods.items()}
   if cfg.run_online:
     t = time.time()
     online = _online(cfg, task, sft_params, rm_params, workdir, log)
@@ -622,28 +699,19 @@ def run(config, workdir: str, *, log: Callable[[str], None] = print) -> dict:
   sft_eval = evaluate(task, sft_params, rm_scores, rng=jax.random.PRNGKey(cfg.seed + 40), mc_samples=0)
   results["sft"].update(rm_score=sft_eval["rm_score"])
   results["methods"] = {}
-  for i, (name, params) in enumerate(policies.items()):
-    ev = evaluate(task, params, rm_scores, rng=jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 41), i),
-                  mc_samples=cfg.mc_samples)
-    info = extra.get(name, {})
-    if "beta" in info and name.startswith("dpo"):
-      # DPO's population optimum with Bradley-Terry labels of scale s is pi_sft exp(r / (s beta)).
-      ev["target_reward"], ev["target_kl"] = task.stats(info["beta"] * cfg.bt_scale)
-    if "beta" in info and name.startswith("ipo"):
-      # IPO's population optimum (pairs from pi_sft, the sequence-level form): log pi - log pi_sft =
-      # E_{y' ~ pi_sft} P(y > y') / beta + c, a tilt by the win rate against the SFT (a saturating function of r).
-      ev["target_reward"], ev["target_kl"] = task.stats(info["beta"], task.win_rate(cfg.bt_scale))
-    if info.get("advantage_estimator") == "gae":
-      # PPO's objective E[score'] - kl_coef KL, score' = the score over the running std (reward scaling or
-      # normalisation): optimum pi_sft exp(score / (kl_coef std)); the reward model's tilt (or the true one's).
-      pcfg = online_configs(cfg)[name]
-      scaled = pcfg.reward_norm or pcfg.reward_scaling
-      info["beta"] = info["kl_coef"] * (info["reward_std"] if scaled and info["reward_std"] else 1.0)
-      ev["target_reward"], ev["target_kl"] = task.stats(info["beta"],
-                                                        rm_scores if cfg.online_reward == "rm" else None)
-    results["methods"][name] = {**info, **ev}
-    log(f"{name}: reward {ev['true_reward']:.4f}  KL {ev['kl']:.4f}  frontier {ev['frontier_reward']:.4f}  "
-        f"distance {ev['gap']:.4f}")
+  pcfgs = online_configs(cfg) if cfg.run_online else {}
+  for i, (name, per_seed) in enumerate(policies.items()):
+    evs = []
+    for s, (params, info) in enumerate(zip(per_seed, extra[name])):
+      # The Monte Carlo check of the exact point on seed 0 only.
+      ev = evaluate(task, params, rm_scores, rng=jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 41), i),
+                    mc_samples=cfg.mc_samples if s == 0 else 0)
+      ev.update(_targets(cfg, task, name, dict(info), pcfgs.get(name), rm_scores))
+      evs.append(ev)
+    results["methods"][name] = _over_seeds(evs)
+    m = results["methods"][name]
+    log(f"{name}: reward {m['true_reward']:.4f}  KL {m['kl']:.4f}  frontier {m['frontier_reward']:.4f}  "
+        f"distance {m['gap']:.4f} (min {m['gap_min']:.4f}, max {m['gap_max']:.4f} over {len(evs)} seeds)")
   seconds["evaluation"] = time.time() - t
   seconds["total"] = time.time() - t0
   results["seconds"] = seconds

@@ -310,9 +310,35 @@ def sample_and_rank(responses_PxMxL, lengths_PxM, scores_PxM) -> tuple[np.ndarra
   return resp[rows, pos], lengths[rows, pos], resp[rows, neg], lengths[rows, neg]
 
 
+def seed_ensemble(loss: LossFn, tx, seeds: int) -> tuple[LossFn, Any]:
+  """`seeds` independent trainings as one: the loss and optimizer of a stacked `[S, ...]` parameter tree.
+
+  Seed s draws its minibatches from `fold_in(rng, s)`; the ensemble's loss is the SUM of the seeds'
+  losses, so its gradient with respect to seed s's parameters is that seed's own gradient, and the
+  optimizer runs per seed (`vmap` of `tx`: each seed has its own Adam moments and its own global-norm
+  clipping). A seed's trajectory is therefore that of a single run with its key. Metrics are seed means
+  (`loss_mean` the mean loss).
+  """
+  import optax  # noqa: PLC0415 - only the ensemble needs it here
+
+  def ens_loss(params_S, batch, rng):
+    keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.arange(seeds, dtype=jnp.uint32))
+    losses, metrics = jax.vmap(loss, in_axes=(0, None, 0))(params_S, batch, keys)
+    out = {k: jnp.mean(v) for k, v in metrics.items()}
+    out["loss_mean"] = jnp.mean(losses)
+    return jnp.sum(losses), out
+
+  def update(grads, state, params=None):
+    if params is None:
+      return jax.vmap(lambda g, st: tx.update(g, st))(grads, state)
+    return jax.vmap(tx.update)(grads, state, params)
+
+  return ens_loss, optax.GradientTransformation(jax.vmap(tx.init), update)
+
+
 def train(name: str, workdir: str, init_params, loss: LossFn, *, lr: float, steps: int, steps_per_call: int,
           checkpoint_every: int, seed: int, record: dict, clip_norm: float | None = 1.0,
-          allow_fresh_start: bool = False, log: Callable[[str], None] = print) -> jt.TrainResult:
+          allow_fresh_start: bool = False, log: Callable[[str], None] = print, seeds: int = 1) -> jt.TrainResult:
   """Trains (or resumes) `init_params` on `loss` with Adam in `workdir/name/` through `jaxml.train`.
 
   Args:
@@ -327,12 +353,22 @@ def train(name: str, workdir: str, init_params, loss: LossFn, *, lr: float, step
     clip_norm: global gradient clipping (None: off).
     allow_fresh_start: start over when checkpoints exist but none restores.
     log: progress lines.
+    seeds: independent trainings run together (`seed_ensemble`): the state's parameters are
+      `[seeds, ...]`, every seed starting from `init_params` (1: a plain single run).
 
   Returns:
     The loop's `TrainResult`.
   """
   init_fn = init_params if callable(init_params) else (lambda rng: init_params)
   tx, _ = jt.make_optimizer(lr, total_steps=steps, kind="adam", schedule="constant", clip_norm=clip_norm)
+  if int(seeds) != seeds or seeds < 1:
+    raise ValueError(f"seeds must be a positive int, got {seeds}")
+  if seeds > 1:
+    single_init = init_fn
+    loss, tx = seed_ensemble(loss, tx, int(seeds))
+    init_fn = lambda rng: jax.vmap(lambda k: single_init(k))(  # noqa: E731
+        jax.random.split(rng, int(seeds)))
+    record = {**record, "seeds": int(seeds)}
   return jt.fit(loss, init_fn, tx, jax.random.PRNGKey(seed), num_steps=steps, workdir=os.path.join(workdir, name),
                 record=record, record_name=f"{name} training config", checkpoint_every=checkpoint_every, keep=2,
                 steps_per_call=steps_per_call, allow_fresh_start=allow_fresh_start,
