@@ -17,6 +17,17 @@ Masked-out tokens are skipped (the recursion links each valid token to the
 next valid one), and get A = R = 0. For the usual contiguous response mask
 this is the textbook recursion on the response.
 
+Rows holding several episodes (an environment that auto-resets inside a
+rollout) pass `dones_BxT`: d_k = 1 at a valid step after which its episode
+ended, so nothing is bootstrapped across the boundary,
+
+    delta_k = r_k + gamma * (1 - d_k) * V_{k+1} - V_k
+    A_k     = delta_k + gamma * lam * (1 - d_k) * A_{k+1},
+
+and `last_values_B` gives V_{n+1}, the value of the state after a row's last
+valid step when the row was cut mid-episode (0 when not given). Without them
+the recursion above is unchanged.
+
 KL estimators (Schulman, "Approximating KL Divergence", 2020) of
 KL(pi || pi_ref) from samples of pi, with log r = logp_ref - logp:
 
@@ -131,7 +142,8 @@ def _check_same_shape(ref_name: str, ref: Array, **others: Array) -> None:
       raise ValueError(f"{name} has shape {jnp.shape(value)}, expected {jnp.shape(ref)} (the shape of {ref_name})")
 
 
-def gae(rewards_BxT: Array, values_BxT: Array, mask_BxT: Array, *, gamma: float, lam: float) -> tuple[Array, Array]:
+def gae(rewards_BxT: Array, values_BxT: Array, mask_BxT: Array, *, gamma: float, lam: float,
+        dones_BxT: Array | None = None, last_values_B: Array | None = None) -> tuple[Array, Array]:
   """Generalised advantage estimates and value targets (see the module docstring).
 
   Runs one reverse `lax.scan` over time. Tokens with mask 0 are skipped: they
@@ -145,14 +157,21 @@ def gae(rewards_BxT: Array, values_BxT: Array, mask_BxT: Array, *, gamma: float,
     mask_BxT: `[B, T]`, 1 on the tokens that were acted on.
     gamma: discount.
     lam: the GAE lambda (0: one-step TD, 1: Monte-Carlo returns minus V).
+    dones_BxT: optional `[B, T]`, nonzero at a valid step that ended its
+      episode (terminated or truncated): neither V nor A of the next valid
+      step is bootstrapped into it. Ignored at masked-out steps.
+    last_values_B: optional `[B]`, the value after each row's last valid
+      step (bootstrapping a row cut mid-episode); 0 when None.
 
   Returns:
     `(advantages_BxT, returns_BxT)`, float, 0 where the mask is 0;
     `returns = advantages + values` elsewhere.
   """
-  _check_same_shape("rewards_BxT", rewards_BxT, values_BxT=values_BxT, mask_BxT=mask_BxT)
+  _check_same_shape("rewards_BxT", rewards_BxT, values_BxT=values_BxT, mask_BxT=mask_BxT, dones_BxT=dones_BxT)
   if jnp.ndim(rewards_BxT) != 2:
     raise ValueError(f"rewards_BxT must be [B, T], got shape {jnp.shape(rewards_BxT)}")
+  if last_values_B is not None and jnp.shape(last_values_B) != jnp.shape(rewards_BxT)[:1]:
+    raise ValueError(f"last_values_B has shape {jnp.shape(last_values_B)}, expected {jnp.shape(rewards_BxT)[:1]}")
   dtype = jnp.result_type(rewards_BxT, values_BxT, jnp.float32)
   rewards = jnp.asarray(rewards_BxT, dtype)
   values = jnp.asarray(values_BxT, dtype)
@@ -165,8 +184,21 @@ def gae(rewards_BxT: Array, values_BxT: Array, mask_BxT: Array, *, gamma: float,
     carry = (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv))
     return carry, jnp.where(m, adv, 0)
 
+  def step_done(carry, xs):
+    next_value, next_adv = carry
+    r, v, m, d = xs
+    keep = jnp.where(d, 0.0, 1.0).astype(dtype)
+    adv = r + gamma * keep * next_value - v + gamma * lam * keep * next_adv
+    carry = (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv))
+    return carry, jnp.where(m, adv, 0)
+
   zeros = jnp.zeros(rewards.shape[0], dtype)
-  _, adv_TxB = jax.lax.scan(step, (zeros, zeros), (rewards.T, values.T, valid.T), reverse=True)
+  last = zeros if last_values_B is None else jnp.asarray(last_values_B, dtype)
+  if dones_BxT is None:
+    _, adv_TxB = jax.lax.scan(step, (last, zeros), (rewards.T, values.T, valid.T), reverse=True)
+  else:
+    ended = valid & (jnp.asarray(dones_BxT) > 0)
+    _, adv_TxB = jax.lax.scan(step_done, (last, zeros), (rewards.T, values.T, valid.T, ended.T), reverse=True)
   advantages = adv_TxB.T
   returns = jnp.where(valid, advantages + values, 0)
   return advantages, returns

@@ -12,7 +12,8 @@ import ml_collections
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # base seed (experts, data, models, evaluation)
-  c.tasks = ("CartPole-v1", "CartPole-twin", "Acrobot-v1", "MountainCar-v0", "Catch-bsuite")  # control tasks
+  c.tasks = ("CartPole-v1", "CartPole-twin", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "Catch-bsuite",
+             "Breakout-MinAtar")  # control tasks
   c.ppo_iterations = 20  # PPO iterations per PPO expert (16 envs x 500 steps each)
   c.expert_greedy = True  # PPO experts act greedily when demonstrating (False: sample their policy)
   c.num_data_episodes = 64  # expert episodes collected per task, before the 80% filter

@@ -3,8 +3,9 @@
 `run(config, workdir)`:
 
 1. Experts (`jaxml.gato.experts`): PPO for CartPole-v1 and Acrobot-v1, scripted experts for
-   MountainCar-v0 and Catch-bsuite (10 x 5 board, read as an image: its patches go through the
-   ResNet block), and the CartPole twin (its two actions swapped: identical observations, the
+   MountainCar-v0, Pendulum-v1 (continuous torque in [-2, 2]: an energy-based swing-up), Catch-bsuite
+   (10 x 5 board) and Breakout-MinAtar (10 x 10 x 4 board, the paddle follows the ball; both boards
+   read as images: 5 x 5 patches through the ResNet block), and the CartPole twin (its two actions swapped: identical observations, the
    expert's actions mirrored). Expert and random returns are measured on `num_data_episodes` episodes.
 2. Data: expert episodes kept at >= 80% of the expert return; the Python standard library source
    as text (bytes, `jaxml.llama.data.ByteTokenizer`); the scikit-learn digits (padded to 10 x 10)
@@ -47,7 +48,11 @@ from jaxml.gato import sequence as sq
 from jaxml.gato.tokens import TokenLayout
 from jaxml.llama import data as text_data
 
-CONTROL = ("CartPole-v1", "CartPole-twin", "Acrobot-v1", "MountainCar-v0", "Catch-bsuite")
+CONTROL = ("CartPole-v1", "CartPole-twin", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "Catch-bsuite",
+           "Breakout-MinAtar")
+IMAGE_TASKS = ("Catch-bsuite", "Breakout-MinAtar")  # observations read as images (patches)
+SCRIPTED = {"MountainCar-v0": ex.mountain_car_expert, "Pendulum-v1": ex.pendulum_expert,
+            "Catch-bsuite": ex.catch_expert, "Breakout-MinAtar": ex.breakout_expert}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +106,19 @@ class SwappedPolicy:
 
 
 def _spec(name: str, env, env_params) -> sq.TaskSpec:
+  """Vector observations continuous (mu-law), boards as images; discrete actions, or continuous ones declared
+  in their box (normalised to [-1, 1] and binned without companding, `sequence.action_ids`)."""
   space = ex.action_space(env, env_params)
   shape = tuple(env.observation_space(env_params).shape)
-  obs = sq.Field("image", shape, max_value=1.0) if name == "Catch-bsuite" else sq.Field("continuous", shape)
-  return sq.TaskSpec.create(name, obs, sq.Field("discrete", (), num_values=space.n))
+  obs = sq.Field("image", shape, max_value=1.0) if name in IMAGE_TASKS else sq.Field("continuous", shape)
+  act = sq.Field("discrete", (), num_values=space.n) if space.n else \
+      sq.Field("continuous", (space.dim,), low=space.low, high=space.high)
+  return sq.TaskSpec.create(name, obs, act)
+
+
+def _image_channels(specs) -> int:
+  """The patch channels the model needs: the most of any image field (at least 1: the digits)."""
+  return max([1] + [f.shape[2] for spec in specs for _, f in spec.fields if f.kind == "image" and len(f.shape) == 3])
 
 
 def _horizon(env_params) -> int:
@@ -116,7 +130,8 @@ def _tokens(spec, layout, cfg: model.GatoConfig, eps: ex.Episodes) -> list[sq.To
   if len(eps.lengths) == 0:
     raise ValueError(f"no {spec.name} episodes reached the keep threshold")
   obs = np.concatenate([o[:n] for o, n in zip(eps.obs, eps.lengths)])
-  acts = np.concatenate([a[:n] for a, n in zip(eps.actions, eps.lengths)]).astype(np.int32)
+  acts = np.concatenate([a[:n] for a, n in zip(eps.actions, eps.lengths)])
+  acts = acts.astype(np.int32) if spec.action.kind == "discrete" else acts.astype(np.float32)
   allt = sq.episode_tokens(spec, layout, obs, acts, patch_size=cfg.patch_size, channels=cfg.image_channels)
   s = sq.timestep_len(spec, cfg.patch_size)
   cuts = np.cumsum(eps.lengths)[:-1] * s
@@ -141,7 +156,7 @@ def _experts(cfg: GatoExperimentConfig, workdir: str, log) -> dict[str, dict]:
                                  os.path.join(workdir, "experts", name), log=lambda s, n=name: log(f"ppo {n}: {s}"))
         act_fn = ex.PPOPolicy(params, space, greedy=cfg.expert_greedy)
       else:
-        act_fn = ex.ScriptedPolicy(ex.mountain_car_expert if name == "MountainCar-v0" else ex.catch_expert)
+        act_fn = ex.ScriptedPolicy(SCRIPTED[name])
     space = ex.action_space(env, env_params)
     horizon = _horizon(env_params)
     k = jax.random.fold_in(rng, 100 + i)
@@ -201,10 +216,11 @@ def run(config: Any, workdir: str) -> dict:
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   layout = TokenLayout(text_vocab=text_data.ByteTokenizer.vocab_size, discrete_vocab=8)
-  mcfg = model.GatoConfig(vocab_size=layout.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                          multiple_of=32, max_seq_len=cfg.context, max_local=64, patch_size=5, image_channels=1,
-                          patch_width=16, patch_groups=8, scan_layers=False)
   tasks = _experts(cfg, workdir, log)
+  mcfg = model.GatoConfig(vocab_size=layout.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                          multiple_of=32, max_seq_len=cfg.context, max_local=64, patch_size=5,
+                          image_channels=_image_channels([t["spec"] for t in tasks.values()]),
+                          patch_width=16, patch_groups=8, scan_layers=False)
   toks = {n: _tokens(t["spec"], layout, mcfg, t["episodes"]) for n, t in tasks.items()}
   steps_len = {n: sq.timestep_len(t["spec"], mcfg.patch_size) for n, t in tasks.items()}
   train_text, eval_text, caps, eval_caps, eval_labels, tok = _text_and_captions(cfg, layout, mcfg)

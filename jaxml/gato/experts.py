@@ -3,9 +3,9 @@ expert/random returns, and demonstration episodes kept at >= 80% of the expert r
 
 PPO (Schulman et al. 2017) as one fully compiled step per iteration, `(state, None) -> (state, metrics)`
 on `jaxml.train` (the key from `jt.step_rng`): roll out `num_envs` environments for `horizon` steps
-from a reset, each row cut at the end of its first episode (the row's mask; the episode's end is
-terminal for `jaxml.rl.gae`, which takes V = 0 after a row's last valid step), GAE advantages,
-then `epochs` passes of `minibatches` clipped-surrogate updates (`jaxml.rl.ppo_policy_loss`,
+from a reset, the environments auto-resetting (every step is used; `jaxml.rl.gae` with the episode
+ends as `dones_BxT`, so nothing is bootstrapped across them, and each row's last step bootstrapped
+with the critic's value of the state after it), GAE advantages, then `epochs` passes of `minibatches` clipped-surrogate updates (`jaxml.rl.ppo_policy_loss`,
 `ppo_value_loss`, advantages whitened per minibatch with `jaxml.rl.whiten`), an entropy bonus.
 Actor and critic are separate tanh MLPs (`jaxml.nn.mlp`); discrete actions are categorical,
 continuous ones Gaussian with a learned state-independent log-std, clipped to the bounds.
@@ -121,6 +121,8 @@ class Rollout(NamedTuple):
   values: jax.Array  # [B, T]
   rewards: jax.Array  # [B, T]
   mask: jax.Array  # [B, T] bool: the step belongs to the row's first episode
+  dones: jax.Array  # [B, T] bool: the step ended its episode (terminated or truncated; the env reset after it)
+  last_obs: Any  # [B, *obs] the observation after the last step
 
 
 def rollout(policy: Callable, env: Any, env_params: Any, rng: jax.Array, num_envs: int, horizon: int) -> Rollout:
@@ -135,11 +137,13 @@ def rollout(policy: Callable, env: Any, env_params: Any, rng: jax.Array, num_env
     a, env_a, logp, value = policy(obs, k_act)
     nobs, state, r, term, trunc, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
         jax.random.split(k_env, num_envs), state, env_a, env_params)
-    out = (obs, a, logp, value, r.astype(jnp.float32), alive)
-    return (nobs, state, alive & ~(term | trunc)), out
+    done = term | trunc
+    out = (obs, a, logp, value, r.astype(jnp.float32), alive, done)
+    return (nobs, state, alive & ~done), out
 
-  _, outs = jax.lax.scan(body, (obs, state, jnp.ones((num_envs,), bool)), jax.random.split(k_run, horizon))
-  return Rollout(*(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), o) for o in outs))
+  (last_obs, _, _), outs = jax.lax.scan(body, (obs, state, jnp.ones((num_envs,), bool)),
+                                        jax.random.split(k_run, horizon))
+  return Rollout(*(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), o) for o in outs), last_obs)
 
 
 def make_ppo_step(cfg: PPOConfig, env: Any, env_params: Any, space: Space, tx: Any):
@@ -167,8 +171,10 @@ def make_ppo_step(cfg: PPOConfig, env: Any, env_params: Any, space: Space, tx: A
   def step(state: jt.TrainState, _):
     k_roll, k_perm = jax.random.split(jt.step_rng(state))
     traj = rollout(policy(state.params), env, env_params, k_roll, cfg.num_envs, cfg.horizon)
-    mask = traj.mask.astype(jnp.float32)
-    adv, ret = rl.gae(traj.rewards, traj.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    mask = jnp.ones(traj.rewards.shape, jnp.float32)
+    _, last_values = _dist(state.params, _features(traj.last_obs), space)
+    adv, ret = rl.gae(traj.rewards, traj.values, mask, gamma=cfg.gamma, lam=cfg.lam, dones_BxT=traj.dones,
+                      last_values_B=last_values)
     data = {"obs": _features(traj.obs.reshape((n,) + traj.obs.shape[2:])),
             "actions": traj.actions.reshape((n,) + traj.actions.shape[2:]),
             "logp": traj.logp.reshape(n), "values": traj.values.reshape(n), "adv": adv.reshape(n),
@@ -184,8 +190,12 @@ def make_ppo_step(cfg: PPOConfig, env: Any, env_params: Any, space: Space, tx: A
     (params, opt_state), ms = jax.lax.scan(update, (state.params, state.opt_state),
                                            perms.reshape(cfg.epochs * cfg.minibatches, mb))
     metrics = {k: v.mean() for k, v in ms.items()}
-    metrics["episode_return"] = (traj.rewards * mask).sum() / cfg.num_envs
-    metrics["episode_length"] = mask.sum() / cfg.num_envs
+    # Over the episodes that ended inside the rollout (the steps with an episode end at or after them).
+    dones = traj.dones.astype(jnp.float32)
+    finished = jnp.flip(jax.lax.cummax(jnp.flip(dones, 1), axis=1), 1)
+    n_done = jnp.maximum(dones.sum(), 1.0)
+    metrics["episode_return"] = (traj.rewards * finished).sum() / n_done
+    metrics["episode_length"] = finished.sum() / n_done
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
   return step
@@ -214,6 +224,31 @@ def train_ppo(env: Any, env_params: Any, cfg: PPOConfig, rng: jax.Array, workdir
 def mountain_car_expert(obs_BxO: jax.Array) -> jax.Array:
   """Push in the direction of the velocity (2 = right, 0 = left): builds energy until the goal."""
   return jnp.where(obs_BxO[:, 1] >= 0, 2, 0).astype(jnp.int32)
+
+
+def pendulum_expert(obs_Bx3: jax.Array) -> jax.Array:
+  """Energy-based swing-up with a PD catch at the top, torques `[B, 1]` in [-2, 2] (Pendulum-v1).
+
+  With theta = 0 upright, gymnax's dynamics are theta'' = 15 sin(theta) + 3u (g = 10, l = m = 1), so
+  E = theta'^2 / 2 + 15 cos(theta) is conserved without torque and dE/dt = 3 u theta': far from the top,
+  u = clip((15 - E) theta') drives E to the upright value 15; once cos(theta) > 0.85 the PD law
+  u = clip(-(10 theta + 2 theta')) holds it there (linearised: theta'' = -15 theta - 6 theta').
+  """
+  c, s, w = obs_Bx3[:, 0], obs_Bx3[:, 1], obs_Bx3[:, 2]
+  theta = jnp.arctan2(s, c)
+  energy = 0.5 * w ** 2 + 15.0 * c
+  swing = jnp.clip((15.0 - energy) * w, -2.0, 2.0)
+  hold = jnp.clip(-(10.0 * theta + 2.0 * w), -2.0, 2.0)
+  return jnp.where(c > 0.85, hold, swing)[:, None]
+
+
+def breakout_expert(obs_Bx10x10xC: jax.Array) -> jax.Array:
+  """Breakout-MinAtar: move the paddle (channel 0, bottom row) towards the ball's column (channel 1);
+  actions 0/1/2 = stay/left/right (gymnax's minimal action set)."""
+  ball = jnp.argmax(obs_Bx10x10xC[..., 1].sum(1), -1)
+  paddle = jnp.argmax(obs_Bx10x10xC[:, -1, :, 0], -1)
+  d = jnp.sign(ball - paddle)
+  return jnp.where(d < 0, 1, jnp.where(d > 0, 2, 0)).astype(jnp.int32)
 
 
 def catch_expert(obs_BxHxW: jax.Array) -> jax.Array:

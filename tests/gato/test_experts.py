@@ -11,9 +11,9 @@ from jaxml.gato import experts as ex
 
 class PPOTest(absltest.TestCase):
 
-  def test_cartpole_ppo_reaches_400_within_160k_steps(self):
+  def test_cartpole_ppo_reaches_400_within_80k_steps(self):
     env, env_params = gymnax.make("CartPole-v1")
-    cfg = ex.PPOConfig(iterations=20, num_envs=16, horizon=500, steps_per_call=10)   # 20 x 16 x 500 = 160k steps
+    cfg = ex.PPOConfig(iterations=10, num_envs=16, horizon=500, steps_per_call=5)   # 10 x 16 x 500 = 80k steps
     with tempfile.TemporaryDirectory() as d:
       params, records = ex.train_ppo(env, env_params, cfg, jax.random.PRNGKey(0), d, log=lambda s: None)
     self.assertLess(records[0]["episode_return"], records[-1]["episode_return"])
@@ -42,6 +42,22 @@ class ScriptedTest(absltest.TestCase):
     np.testing.assert_array_equal(catch.returns, 1.0)                     # every ball caught
     np.testing.assert_array_equal(catch.lengths, 9)                       # 10 rows: the ball falls 9 times
     self.assertLess(rand.returns.mean(), 0.5)
+
+  def test_pendulum_and_breakout_experts_beat_random(self):
+    env, env_params = gymnax.make("Pendulum-v1")
+    space = ex.action_space(env, env_params)
+    self.assertEqual(space, ex.Space(0, 1, -2.0, 2.0))
+    swing = ex.collect(ex.ScriptedPolicy(ex.pendulum_expert), env, env_params, jax.random.PRNGKey(0), 8, 200)
+    rand = ex.collect(ex.RandomPolicy(space), env, env_params, jax.random.PRNGKey(0), 8, 200)
+    self.assertGreaterEqual(swing.returns.mean(), -250.0)   # swung up and held (-150 over 64 episodes)
+    self.assertLess(rand.returns.mean(), -900.0)            # random torques: about -1200
+    self.assertLessEqual(float(np.abs(swing.actions).max()), 2.0)
+    env, env_params = gymnax.make("Breakout-MinAtar")
+    space = ex.action_space(env, env_params)
+    self.assertEqual(space.n, 3)
+    follow = ex.collect(ex.ScriptedPolicy(ex.breakout_expert), env, env_params, jax.random.PRNGKey(0), 4, 100)
+    np.testing.assert_array_equal(follow.lengths, 100)      # the ball is never missed in 100 steps (random: ~9)
+    self.assertGreaterEqual(follow.returns.min(), 5.0)      # bricks hit (random: 0.3 per episode)
 
   def test_twin_swaps_the_actions(self):
     from jaxml.gato.experiment import SwappedCartPole

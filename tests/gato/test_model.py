@@ -75,6 +75,40 @@ class ShapesTest(absltest.TestCase):
     np.testing.assert_array_equal(draws.max(0), [63, 127, 10, 6])
 
 
+class BreakoutPatchTest(absltest.TestCase):
+
+  def test_minatar_board_goes_through_the_patch_embedding(self):
+    # Breakout-MinAtar as the study declares it: a 10 x 10 x 4 board, 5 x 5 patches of 4 channels -> 4 patch
+    # tokens, then the separator and the action: 6 tokens per timestep.
+    import gymnax
+    from jaxml.gato import experiment as gx
+    env, env_params = gymnax.make("Breakout-MinAtar")
+    spec = gx._spec("Breakout-MinAtar", env, env_params)
+    self.assertEqual(sq.observation_len(spec, 5), 4)
+    self.assertEqual(sq.timestep_len(spec, 5), 6)
+    cfg = CFG.replace(image_channels=gx._image_channels([spec, CATCH]), n_layers=1)
+    self.assertEqual(cfg.patch_dim, 5 * 5 * 4)
+    obs, _ = env.reset(jax.random.PRNGKey(0), env_params)
+    boards = np.stack([np.asarray(obs)] * 3)
+    ep = sq.episode_tokens(spec, LAYOUT, boards, np.array([0, 1, 2]), patch_size=5, channels=cfg.image_channels)
+    self.assertEqual(ep.length, 3 * 6)
+    np.testing.assert_array_equal(ep.is_patch, np.tile([True] * 4 + [False] * 2, 3))
+    p = model.init(jax.random.PRNGKey(1), cfg)
+    x = np.asarray(model.embed(p, jax.tree.map(lambda a: jnp.asarray(a)[None], ep), cfg))[0]
+    # A patch position's input: the ResNet block of its pixels plus its row and column bins (evaluation:
+    # the interval's rounded mean) plus its local position; patches row-major (rows [0, 64) then [64, 128)).
+    pe = np.asarray(model.patch_embedding(p, jnp.asarray(ep.patches[:4]), cfg))
+    mid = lambda lo, hi: int(np.round((lo + hi - 1) / 2))   # noqa: E731
+    rows, cols, loc = (np.asarray(p[k]) for k in ("row_pos", "col_pos", "local_pos"))
+    for i, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+      want = pe[i] + rows[mid(64 * r, 64 * r + 64)] + cols[mid(64 * c, 64 * c + 64)] + loc[i]
+      np.testing.assert_allclose(x[i], want, rtol=1e-5, atol=1e-6)
+    # The paddle (channel 0, bottom row, column 4) lies in the lower-left patch, pixel (4, 4).
+    lower_left = ep.patches[2].reshape(5, 5, 4)
+    self.assertGreater(lower_left[4, 4, 0], 0)
+    self.assertFalse((ep.patches[:2].reshape(2, 5, 5, 4)[..., 0] > 0).any())
+
+
 class ForwardTest(absltest.TestCase):
 
   def test_causal(self):

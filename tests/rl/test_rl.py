@@ -88,11 +88,69 @@ class GaeTest(chex.TestCase, parameterized.TestCase):
     to_go = np.stack([(rewards[:, t:] * gamma ** np.arange(7 - t)).sum(1) for t in range(7)], axis=1)
     np.testing.assert_allclose(ret1, to_go, atol=1e-5)  # lambda 1: discounted reward-to-go
 
+  def test_episode_boundary_in_a_row_equals_the_hand_recursion(self):
+    # One row, gamma 0.9, lam 0.5: an episode ends after step 1 (d = 1), the next runs to the row's end and is
+    # bootstrapped with V = 2.0 after it. Written out backwards:
+    r, v = [1.0, 0.0, 2.0, -1.0], [0.5, 0.2, 1.0, 0.3]
+    g, l, last = 0.9, 0.5, 2.0
+    a3 = r[3] + g * last - v[3]                       # 1.5
+    a2 = r[2] + g * v[3] - v[2] + g * l * a3          # 1.945
+    a1 = r[1] - v[1]                                  # episode end: neither V_2 nor A_2 is carried back
+    a0 = r[0] + g * v[1] - v[0] + g * l * a1
+    adv, ret = rl.gae(jnp.array([r]), jnp.array([v]), jnp.ones((1, 4)), gamma=g, lam=l,
+                      dones_BxT=jnp.array([[0, 1, 0, 0]]), last_values_B=jnp.array([last]))
+    np.testing.assert_allclose(adv[0], [a0, a1, a2, a3], rtol=1e-6)
+    np.testing.assert_allclose(ret[0], np.array([a0, a1, a2, a3]) + v, rtol=1e-6)
+
+  @parameterized.parameters("right", "holes")
+  def test_dones_equal_gae_on_each_episode_alone(self, kind):
+    # A row holding several episodes gives each episode's steps the advantages GAE gives that episode as its
+    # own row (the masked-out steps skipped as before); the rows' last episodes bootstrap from last_values_B.
+    rng = np.random.default_rng(7)
+    B, T, gamma, lam = 4, 13, 0.95, 0.8
+    rewards, values = rng.normal(size=(2, B, T)).astype(np.float64)
+    mask = _masks(rng, B, T)[kind]
+    dones = (rng.random((B, T)) < 0.25).astype(np.float32)
+    last = rng.normal(size=B)
+    adv, ret = rl.gae(rewards.astype(np.float32), values.astype(np.float32), mask, gamma=gamma, lam=lam,
+                      dones_BxT=dones, last_values_B=last.astype(np.float32))
+    want_adv, want_ret = np.zeros((B, T)), np.zeros((B, T))
+    for b in range(B):
+      valid = [t for t in range(T) if mask[b, t]]
+      ends = [i for i, t in enumerate(valid) if dones[b, t]]
+      pieces = np.split(np.array(valid, int), [i + 1 for i in ends])
+      for j, idx in enumerate(pieces):
+        if not len(idx):
+          continue
+        nv = last[b] if j == len(pieces) - 1 and not (len(ends) and ends[-1] == len(valid) - 1) else 0.0
+        next_value, next_adv = nv, 0.0
+        for t in reversed(idx):
+          next_adv = rewards[b, t] + gamma * next_value - values[b, t] + gamma * lam * next_adv
+          next_value = values[b, t]
+          want_adv[b, t], want_ret[b, t] = next_adv, next_adv + values[b, t]
+    self.assertGreater(int(dones[mask > 0].sum()), B)     # several boundaries inside rows
+    np.testing.assert_allclose(adv, want_adv, atol=2e-5)
+    np.testing.assert_allclose(ret, want_ret, atol=2e-5)
+
+  def test_without_dones_unchanged_and_zero_dones_equal(self):
+    rng = np.random.default_rng(8)
+    rewards, values = rng.normal(size=(2, 3, 6)).astype(np.float32)
+    mask = _masks(rng, 3, 6)["holes"]
+    base = rl.gae(rewards, values, mask, gamma=0.9, lam=0.7)
+    zero = rl.gae(rewards, values, mask, gamma=0.9, lam=0.7, dones_BxT=np.zeros((3, 6)), last_values_B=np.zeros(3))
+    want, _ = gae_loops(rewards.astype(np.float64), values.astype(np.float64), mask, 0.9, 0.7)
+    np.testing.assert_allclose(base[0], want, atol=2e-5)
+    np.testing.assert_allclose(zero[0], base[0], atol=1e-6)
+
   def test_bad_shapes_raise(self):
     with self.assertRaisesRegex(ValueError, "values_BxT"):
       rl.gae(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.ones((2, 3)), gamma=1.0, lam=1.0)
     with self.assertRaisesRegex(ValueError, "rewards_BxT"):
       rl.gae(jnp.zeros(3), jnp.zeros(3), jnp.ones(3), gamma=1.0, lam=1.0)
+    with self.assertRaisesRegex(ValueError, "dones_BxT"):
+      rl.gae(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)), gamma=1.0, lam=1.0, dones_BxT=jnp.zeros((2, 2)))
+    with self.assertRaisesRegex(ValueError, "last_values_B"):
+      rl.gae(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)), gamma=1.0, lam=1.0, last_values_B=jnp.zeros(3))
 
 
 class KlTest(chex.TestCase, parameterized.TestCase):
