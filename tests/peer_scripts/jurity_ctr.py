@@ -1,4 +1,4 @@
-"""jurity's IPS and DR replay estimates of a recommender's CTR, for parity with jaxml.recsys.causal (never imports jaxml).
+"""jurity's IPS and DR replay estimates of a recommender's CTR, for parity with jaxml.recsys.causal (no jaxml import).
 
 jurity 2.1.0 (`jurity.recommenders.CTR`) needs pandas < 3: its IPS and DR fill the
 non-matching rows with `df[col].fillna(0, inplace=True)`, which under pandas 3's

@@ -15,7 +15,19 @@ are left out of the mean (RecBole evaluates only the users with test items;
 scikit-learn's `ndcg_score` would count them as 0). If every R(u) is empty
 the call raises (where concrete; under jit the mean is NaN). These are
 RecBole's definitions (`recbole.evaluator.metrics`: Recall, NDCG, Hit).
-Ties are broken by item index, lower first (`jax.lax.top_k`).
+
+Top-K and ties. Items are ordered by score, higher first, and among equal
+scores by item index, lower first: the order of `jax.lax.top_k`, which the
+ranking functions use directly or through `top_k_blocked`, an exact two-stage
+form that returns the same ids in the same order (scores must not be NaN).
+`top_k_blocked` splits each row into blocks of `block` items, takes the top K
+blocks by their maximum (ties: lower block first), and runs `top_k` over those
+K * block candidates kept in item order. Exact because under the total order
+(score desc, index asc) an item in the overall top K lies in a top-K block: a
+block outside them has K blocks ahead of it whose maxima all beat the item.
+On XLA:CPU, `top_k` over a 10,000-item row costs about as much as the
+64-wide score product itself, and two `top_k`s over a few hundred items cost
+far less (benchmarks/causal_recsys_bench.py).
 
 Ratings. `masked_mse`, `masked_mae` average over the cells of a mask (e.g.
 the MAR test split); `masked_auc` is `jaxml.recsys.metrics.auc` (ties count
@@ -55,14 +67,14 @@ def _check_ranking(scores_UxI, relevant_UxI, exclude_UxI, k):
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _ranked(scores, relevant, exclude, k):
-  """hits [U, K] (1 where rank j holds a relevant item) and |R(u)| [U]."""
+  """hits [U, K] (1 where rank j holds a relevant item) and |R(u)| [U]; `top_k_blocked` (= `lax.top_k`)."""
   s = scores.astype(jnp.float32)
   rel = relevant.astype(bool)
   if exclude is not None:
     ex = exclude.astype(bool)
     s = jnp.where(ex, -jnp.inf, s)
     rel = rel & ~ex
-  _, top = jax.lax.top_k(s, k)
+  _, top = _top_k(s, k, auto_block(s.shape[1], k))
   hits = jnp.take_along_axis(rel, top, axis=1).astype(jnp.float32)
   return hits, rel.sum(1).astype(jnp.float32)
 
@@ -198,35 +210,84 @@ def ranking_metrics(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array |
   return _all_at_k(scores_UxI, relevant_UxI, exclude_UxI, ks)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _top_k_chunks(scores_fn_args, exclude, k, chunk):
+def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Array]:
+  """`jax.lax.top_k(scores_UxI, k)` by blocks (module docstring): the same values and ids, ties included.
+
+  Args:
+    scores_UxI: [rows, items] float scores (no NaN); -inf allowed (masked items).
+    k: the list length, 1 <= k <= items.
+    block: items per block; rows are padded with -inf to a multiple of it (padding sorts after every
+      real item, -inf ones included, since it has higher indices).
+
+  Returns:
+    (values [rows, k], int32 ids [rows, k]), best first.
+  """
+  n_rows, n = scores_UxI.shape
+  if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
+    raise ValueError(f"k must be an integer in [1, {n}] (the number of items), got {k}")
+  if isinstance(block, bool) or int(block) != block or block < 1:
+    raise ValueError(f"block must be a positive integer, got {block}")
+  n_blocks = -(-n // block)
+  if n_blocks <= k:                                  # no fewer candidates than items: plain top_k
+    return jax.lax.top_k(scores_UxI, k)
+  s = scores_UxI
+  if n_blocks * block != n:
+    s = jnp.pad(s, ((0, 0), (0, n_blocks * block - n)), constant_values=-jnp.inf)
+  s = s.reshape(n_rows, n_blocks, block)
+  _, best = jax.lax.top_k(s.max(-1), k)
+  best = jnp.sort(best, axis=1)                      # candidates in item order: top_k's tie rule carries over
+  cand = jnp.take_along_axis(s, best[:, :, None], axis=1).reshape(n_rows, k * block)
+  values, pos = jax.lax.top_k(cand, k)
+  ids = jnp.take_along_axis(best, pos // block, axis=1) * block + pos % block
+  return values, ids.astype(jnp.int32)
+
+
+def auto_block(n_items: int, k: int) -> int | None:
+  """The block `top_k_blocked` uses by default: 50 where a row holds at least 400 k items, else None (plain top_k).
+
+  Measured on XLA:CPU (2 shared cores): at 10,000 items and k = 20 the blocked form took 0.6-0.8 of
+  plain `top_k`'s time; at ML-100K's 1,682 items it took 1.7x (two `top_k` calls cost more than one
+  short one).
+  """
+  return 50 if n_items >= 400 * k else None
+
+
+def _top_k(s, k, block):
+  return jax.lax.top_k(s, k) if block is None else top_k_blocked(s, k, block)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _top_k_chunks(scores_fn_args, exclude, k, chunk, block):
   u, v, bu, bi = scores_fn_args
   n_u = u.shape[0]
-  pad = -n_u % chunk
-  pad_rows = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
-  u_c = pad_rows(u).reshape(-1, chunk, u.shape[1])
-  bu_c = pad_rows(bu).reshape(-1, chunk)
-  ex_c = pad_rows(exclude).reshape(-1, chunk, exclude.shape[1])
+  n_full, tail = divmod(n_u, chunk)
 
-  def one(args):
-    uu, bb, ee = args
-    s = uu @ v.T + bb[:, None] + bi[None, :]
-    return jax.lax.top_k(jnp.where(ee, -jnp.inf, s), k)[1]
+  def one(start, size):
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)  # noqa: E731
+    s = cut(u) @ v.T + cut(bu)[:, None] + bi[None, :]
+    return _top_k(jnp.where(cut(exclude), -jnp.inf, s), k, block)[1]
 
-  return jax.lax.map(one, (u_c, bu_c, ex_c)).reshape(-1, k)[:n_u]
+  parts = []
+  if n_full:
+    parts.append(jax.lax.map(lambda i: one(i * chunk, chunk), jnp.arange(n_full)).reshape(-1, k))
+  if tail:
+    parts.append(one(n_full * chunk, tail))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
-def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 1024) -> Array:
+def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 128, block: int | str | None = "auto") -> Array:
   """Every user's top-k items under MF (`mf.mf_scores`), `exclude_UxI` (training items) masked, in chunks.
 
-  One compiled program scores `chunk` users at a time (`lax.map`), so the [users, items] score
-  matrix is never held whole.
+  One compiled program scores `chunk` users at a time (`lax.map` over the whole chunks, then the
+  remainder; nothing is padded or copied), so the [users, items] score matrix is never held whole.
 
   Args:
     params: `mf.mf_init`'s layout (user, item, user_bias, item_bias, bias).
     exclude_UxI: [users, items] boolean, items never recommended.
     k: the list length.
     chunk: users per chunk.
+    block: `top_k_blocked`'s block (the same result, faster on CPU for long rows), None for
+      `jax.lax.top_k`, or "auto" (`auto_block`).
 
   Returns:
     int32 [users, k] item ids, best first (ties: lower item index first).
@@ -237,6 +298,13 @@ def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 1024) -> 
     raise ValueError(f"exclude_UxI has shape {tuple(np.shape(exclude_UxI))}, the model scores ({n_u}, {n_i})")
   if isinstance(k, bool) or int(k) != k or not 1 <= k <= n_i:
     raise ValueError(f"k must be an integer in [1, {n_i}] (the number of items), got {k}")
+  if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1:
+    raise ValueError(f"chunk must be a positive integer, got {chunk}")
+  if block == "auto":
+    block = auto_block(n_i, int(k))
+  if block is not None and (isinstance(block, (bool, str)) or int(block) != block or block < 1):
+    raise ValueError(f"block must be a positive integer, None or 'auto', got {block!r}")
   bias = params["item_bias"] + params["bias"]
   args = (params["user"], params["item"], params["user_bias"], bias)
-  return _top_k_chunks(args, jnp.asarray(exclude_UxI, bool), int(k), int(min(chunk, n_u)))
+  return _top_k_chunks(args, jnp.asarray(exclude_UxI, bool), int(k), int(min(chunk, n_u)),
+                       None if block is None else int(block))

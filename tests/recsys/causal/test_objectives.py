@@ -288,7 +288,7 @@ class RankingHelpersTest(absltest.TestCase):
     ex = rng.random((37, 23)) < 0.3
     rel = rng.random((37, 23)) < 0.2
     s = np.where(ex, -np.inf, np.asarray(mf.mf_scores(p)))
-    want = np.argsort(-s, axis=1, kind="stable")[:, :5]        # 37 users in chunks of 8: the last one padded
+    want = np.argsort(-s, axis=1, kind="stable")[:, :5]        # 37 users in chunks of 8: the last 5 on their own
     np.testing.assert_array_equal(metrics.mf_top_k(p, ex, 5, chunk=8), want)
     m = metrics.ranking_metrics(s, rel, ex, (5, 10))
     for k in (5, 10):

@@ -1,0 +1,70 @@
+"""`top_k_blocked` and the chunked `mf_top_k` return `jax.lax.top_k`'s ranking exactly, ties included.
+
+The tie rule (jaxml.recsys.causal.metrics docstring): higher score first, then lower item index;
+written out here as NumPy's stable argsort of the negated scores (-inf, i.e. masked, items last,
+in index order).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+
+from jaxml.recsys.causal import metrics, mf
+
+
+def _reference(s, k):
+  return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+
+CASES = {
+    "continuous": lambda rng: rng.standard_normal((16, 1003)).astype(np.float32),
+    "ties": lambda rng: rng.integers(0, 3, (16, 1003)).astype(np.float32),        # hundreds of equal scores a row
+    "masked": lambda rng: np.where(rng.random((16, 1003)) < 0.3, -np.inf, rng.standard_normal((16, 1003))
+                                   ).astype(np.float32),
+    "few_finite": lambda rng: np.where(np.arange(1003) % 400 == 7, rng.standard_normal((16, 1003)), -np.inf
+                                       ).astype(np.float32),                       # 3 finite items < k
+}
+
+
+class TopKBlockedTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*[(f"{name}_block{b}", name, b) for name in CASES for b in (7, 50)])
+  def test_equals_lax_top_k_and_the_tie_rule(self, case, block):
+    s = CASES[case](np.random.default_rng(0))                 # 1003 items: the last block is padded
+    k = 20
+    values, ids = jax.jit(metrics.top_k_blocked, static_argnums=(1, 2))(s, k, block)
+    want_values, want_ids = jax.lax.top_k(s, k)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(ids, _reference(s, k))
+
+  def test_few_blocks_fall_back_to_top_k(self):
+    s = np.random.default_rng(1).integers(0, 2, (4, 30)).astype(np.float32)
+    np.testing.assert_array_equal(metrics.top_k_blocked(s, 5, 10)[1], _reference(s, 5))   # 3 blocks <= k
+
+  def test_bad_arguments_raise(self):
+    s = jnp.zeros((2, 30))
+    with self.assertRaisesRegex(ValueError, "k must be an integer in \\[1, 30\\]"):
+      metrics.top_k_blocked(s, 31)
+    with self.assertRaisesRegex(ValueError, "block must be a positive integer"):
+      metrics.top_k_blocked(s, 3, 0)
+
+
+class MfTopKTest(absltest.TestCase):
+
+  def test_blocked_chunks_equal_plain_top_k_on_the_full_matrix(self):
+    p = mf.mf_init(jax.random.PRNGKey(0), 45, 611, 4, scale=1.0)
+    p = {**p, "user": jnp.round(p["user"] * 2) / 2, "item": jnp.round(p["item"] * 2) / 2}   # exact, tied scores
+    ex = np.random.default_rng(0).random((45, 611)) < 0.2
+    s = np.where(ex, -np.inf, np.asarray(p["user"] @ p["item"].T + p["user_bias"][:, None]
+                                         + (p["item_bias"] + p["bias"])[None, :]))
+    self.assertGreater(np.mean(s[:, :, None] == s[:, None, :100]), 0.01)           # many ties
+    got = metrics.mf_top_k(p, ex, 10, chunk=16, block=25)    # 2 chunks of 16, a remainder of 13
+    np.testing.assert_array_equal(got, _reference(s, 10))
+    np.testing.assert_array_equal(got, metrics.mf_top_k(p, ex, 10, chunk=16, block=None))
+    with self.assertRaisesRegex(ValueError, "chunk must be a positive integer"):
+      metrics.mf_top_k(p, ex, 10, chunk=0)
+
+
+if __name__ == "__main__":
+  absltest.main()
