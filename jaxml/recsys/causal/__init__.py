@@ -20,7 +20,8 @@ Recommendation on Data Missing Not at Random" (ICML 2019).
 from jaxml.recsys.causal import (data, estimators, metrics, mf, movielens, objectives, popularity,  # noqa: F401
                                  propensity, simulator, towers_adapter)
 from jaxml.recsys.causal.objectives import (bce_loss, decrs_apply, decrs_init, decrs_lambda, decrs_loss,  # noqa: F401
-                                            decrs_mix, decrs_scores, dr_jl_init, dr_jl_loss, macr_init, macr_scores,
+                                            decrs_mix, decrs_scores, dr_jl_init, dr_jl_loss, dr_jl_optimizer,
+                                            macr_init, macr_scores, make_dr_jl_alternating_step,
                                             macr_train_loss, pda_loss)
 from jaxml.recsys.causal.popularity import (macr_loss, macr_score, pd_inference, pda_bpr_loss,  # noqa: F401
                                             pda_inference, pda_score, stage_popularity)

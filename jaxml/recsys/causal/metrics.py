@@ -16,18 +16,20 @@ scikit-learn's `ndcg_score` would count them as 0). If every R(u) is empty
 the call raises (where concrete; under jit the mean is NaN). These are
 RecBole's definitions (`recbole.evaluator.metrics`: Recall, NDCG, Hit).
 
-Top-K and ties. Items are ordered by score, higher first, and among equal
-scores by item index, lower first: the order of `jax.lax.top_k`, which the
-ranking functions use directly or through `top_k_blocked`, an exact two-stage
-form that returns the same ids in the same order (scores must not be NaN).
-`top_k_blocked` splits each row into blocks of `block` items, takes the top K
-blocks by their maximum (ties: lower block first), and runs `top_k` over those
-K * block candidates kept in item order. Exact because under the total order
-(score desc, index asc) an item in the overall top K lies in a top-K block: a
-block outside them has K blocks ahead of it whose maxima all beat the item.
-On XLA:CPU, `top_k` over a 10,000-item row costs about as much as the
-64-wide score product itself, and two `top_k`s over a few hundred items cost
-far less (benchmarks/causal_recsys_bench.py).
+Top-K and ties. Items are ordered as `jax.lax.top_k` orders them on XLA:CPU:
+by score, higher first, in the total order of the floats' bit patterns (+NaN
+above +inf, +0.0 above -0.0, -NaN below -inf), and among equal scores by item
+index, lower first. The ranking functions use `lax.top_k` directly or through
+`top_k_blocked`, an exact two-stage form that returns the same values and ids
+in the same order. `top_k_blocked` splits each row into blocks of `block`
+items, takes the top K blocks by their maximum in that total order (ties:
+lower block first), and runs `top_k` over those K * block candidates kept in
+item order. Exact because under the total order extended by the index, an
+item in the overall top K lies in a top-K block: a block outside them has K
+blocks ahead of it whose maxima all beat the item. On XLA:CPU, `top_k` over
+a 10,000-item row costs about as much as the 64-wide score product itself,
+and two `top_k`s over a few hundred items cost far less
+(benchmarks/causal_recsys_bench.py).
 
 Ratings. `masked_mse`, `masked_mae` average over the cells of a mask (e.g.
 the MAR test split); `masked_auc` is `jaxml.recsys.metrics.auc` (ties count
@@ -210,14 +212,25 @@ def ranking_metrics(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array |
   return _all_at_k(scores_UxI, relevant_UxI, exclude_UxI, ks)
 
 
+def _to_key(x):
+  """float32 -> int32, monotone in `top_k`'s total order of bit patterns (an involution on the bits)."""
+  b = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
+
+
+def _from_key(k):
+  return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k), jnp.float32)
+
+
 def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Array]:
   """`jax.lax.top_k(scores_UxI, k)` by blocks (module docstring): the same values and ids, ties included.
 
   Args:
-    scores_UxI: [rows, items] float scores (no NaN); -inf allowed (masked items).
+    scores_UxI: [rows, items] float32 scores (-inf for masked items; NaN and signed zeros are ordered
+      as `top_k` orders them).
     k: the list length, 1 <= k <= items.
-    block: items per block; rows are padded with -inf to a multiple of it (padding sorts after every
-      real item, -inf ones included, since it has higher indices).
+    block: items per block; rows are padded to a multiple of it with the lowest value of the total
+      order, at higher indices than every real item, so padding is never returned.
 
   Returns:
     (values [rows, k], int32 ids [rows, k]), best first.
@@ -230,11 +243,11 @@ def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Ar
   n_blocks = -(-n // block)
   if n_blocks <= k:                                  # no fewer candidates than items: plain top_k
     return jax.lax.top_k(scores_UxI, k)
-  s = scores_UxI
-  if n_blocks * block != n:
-    s = jnp.pad(s, ((0, 0), (0, n_blocks * block - n)), constant_values=-jnp.inf)
+  s = scores_UxI.astype(jnp.float32)
+  if n_blocks * block != n:                          # padding: the lowest bit pattern, after every real item
+    s = jnp.pad(s, ((0, 0), (0, n_blocks * block - n)), constant_values=_from_key(jnp.int32(-2 ** 31)))
   s = s.reshape(n_rows, n_blocks, block)
-  _, best = jax.lax.top_k(s.max(-1), k)
+  _, best = jax.lax.top_k(_from_key(_to_key(s).max(-1)), k)   # block maxima in top_k's total order
   best = jnp.sort(best, axis=1)                      # candidates in item order: top_k's tie rule carries over
   cand = jnp.take_along_axis(s, best[:, :, None], axis=1).reshape(n_rows, k * block)
   values, pos = jax.lax.top_k(cand, k)

@@ -17,9 +17,13 @@ observation flag and p_hat the propensity:
 with w = O / p_hat: the paper's weights, self-normalised so that L_IMP is on an MSE's scale and
 an L2 on the imputation model means what it means for MF-IPS (`mf.mf_ips_loss`).
 
-with e = (r_hat - r)^2 the true error where observed. The paper alternates the two minimisations;
-here one step takes a gradient step on both at once (`stop_gradient` keeps each loss from moving
-the other model), the simultaneous form of the same alternation. The paper's imputation model
+with e = (r_hat - r)^2 the true error where observed. The paper alternates the two minimisations
+(its Algorithm 1: an imputation update, then a prediction update with the new imputation held
+fixed). `dr_jl_loss` under `jaxml.train.make_train_step` takes a gradient step on both at once
+(`stop_gradient` keeps each loss from moving the other model), the simultaneous form;
+`make_dr_jl_alternating_step` is the paper's: each step updates one model only, `period` steps
+of the imputation model, then `period` of the predictor, with one optimizer state per model
+(`dr_jl_optimizer`), so the resting model's parameters and moments do not move at all. The paper's imputation model
 predicts e_hat directly from features; with e_hat independent of r_hat the gradient of L_DR on
 the predictor equals IPS's, so the imputation would never reach the predictor. The pseudo-rating
 form above (used by the DR follow-ups, e.g. Guo et al., "Enhanced Doubly Robust Learning", SIGIR
@@ -65,12 +69,15 @@ With user and item ids as the only features, the FM is MF with biases (`mf.mf_ap
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from jaxml import train as jt
 from jaxml.recsys.causal import _checks, mf, popularity
 
 Array = jax.Array
@@ -179,6 +186,72 @@ def all_cells_batch(ratings_UxI, observed_UxI, propensities_UxI) -> dict:
   return {"users": u.ravel().astype(np.int32), "items": i.ravel().astype(np.int32),
           "observed": o.ravel().astype(np.float32), "ratings": np.asarray(ratings_UxI, np.float32).ravel(),
           "propensities": p.ravel().astype(np.float32)}
+
+
+DR_MODELS = ("prediction", "imputation")
+
+
+def dr_jl_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` run separately on DR-JL's two models: state `{"prediction": ..., "imputation": ...}`.
+
+  For a per-leaf optimizer (Adam, SGD) the joint step under it equals the joint step under `tx`;
+  a global transform (clipping by global norm) then sees each model on its own. Required by
+  `make_dr_jl_alternating_step`, which updates one model's state at a time.
+  """
+  def init(params):
+    return {k: tx.init(params[k]) for k in DR_MODELS}
+
+  def update(grads, state, params=None):
+    out = {k: tx.update(grads[k], state[k], None if params is None else params[k]) for k in DR_MODELS}
+    return {k: out[k][0] for k in DR_MODELS}, {k: out[k][1] for k in DR_MODELS}
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_dr_jl_alternating_step(tx: optax.GradientTransformation, *, period: int = 1, steps_per_call: int = 1,
+                                **loss_kwargs):
+  """DR-JL's alternating updates (the paper's Algorithm 1) as a `(state, batch) -> (state, metrics)` step.
+
+  Step t updates the imputation model when `(t // period) % 2 == 0` and the predictor otherwise, each
+  with its own gradient of `dr_jl_loss` (the other model held fixed; only that gradient is computed,
+  under `lax.cond`) and its own optimizer state; the other model's parameters and state are left
+  exactly as they were.
+
+  Args:
+    tx: the optimizer of each model; the state must be built with `dr_jl_optimizer(tx)`
+      (`jaxml.train.init_train_state(init_fn, dr_jl_optimizer(tx), rng)`); no EMA.
+    period: steps per phase.
+    steps_per_call: k steps per call (`jaxml.train.scan_steps`).
+    **loss_kwargs: `dr_jl_loss`'s keywords (l2, imputation_l2, clip, imputation, score_fn).
+
+  Returns:
+    The step; metrics: `dr_jl_loss`'s (at the parameters before the update), `loss`, `grad_norm` (of
+    the updated model) and `phase` (0 imputation, 1 prediction).
+  """
+  if isinstance(period, bool) or int(period) != period or period < 1:
+    raise ValueError(f"period must be a positive integer, got {period}")
+  loss = functools.partial(dr_jl_loss, **loss_kwargs)
+
+  def update(state, batch, name):
+    other = "imputation" if name == "prediction" else "prediction"
+    part = lambda sub: loss({name: sub, other: state.params[other]}, batch)  # noqa: E731
+    (total, metrics), grads = jax.value_and_grad(part, has_aux=True)(state.params[name])
+    updates, sub_state = tx.update(grads, state.opt_state[name], state.params[name])
+    params = {**state.params, name: optax.apply_updates(state.params[name], updates)}
+    return params, {**state.opt_state, name: sub_state}, total, metrics, optax.tree.norm(grads)
+
+  def step(state, batch):
+    _require(batch, DR_KEYS, "DR-JL")
+    if not isinstance(state.opt_state, dict) or set(state.opt_state) != set(DR_MODELS):
+      raise ValueError("state.opt_state must hold one optimizer state per model; build the state with "
+                       "dr_jl_optimizer(tx)")
+    imputing = (state.step // period) % 2 == 0
+    params, opt_state, total, metrics, grad_norm = jax.lax.cond(
+        imputing, lambda: update(state, batch, "imputation"), lambda: update(state, batch, "prediction"))
+    metrics = {**metrics, "loss": total, "grad_norm": grad_norm, "phase": jnp.where(imputing, 0, 1)}
+    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+  return jt.scan_steps(step, steps_per_call)
 
 
 # ----------------------------------------------------------------------------- PDA / BPR

@@ -7,8 +7,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl.testing import absltest
 
+from jaxml import train as jt
 from jaxml.recsys import towers
 from jaxml.recsys import train as ctr_train
 from jaxml.recsys.causal import _checks, metrics, mf, movielens, objectives, towers_adapter
@@ -102,6 +104,58 @@ class DrJlTest(chex.TestCase):
       objectives.all_cells_batch(ratings, o, np.where(o, 0.0, 1.0))
     with self.assertRaisesRegex(ValueError, "imputation must be"):
       objectives.dr_jl_loss(self.params, self.batch, imputation="direct")
+
+
+class DrJlAlternatingTest(absltest.TestCase):
+  """The paper's alternation: two imputation steps, then two prediction steps (period 2), against optax by hand."""
+
+  def test_each_phase_moves_only_its_model_by_its_own_adam_step(self):
+    case = DrJlTest("test_both_losses_equal_their_formulas")
+    case.setUp()
+    b = {k: jnp.asarray(v) for k, v in case.batch.items()}
+    tx = optax.adam(0.05)
+    init = lambda r: objectives.dr_jl_init(r, 5, 6, 3, global_bias=2.5, scale=0.5)  # noqa: E731
+    state, _ = jt.init_train_state(init, objectives.dr_jl_optimizer(tx), jax.random.PRNGKey(0))
+    step = jax.jit(objectives.make_dr_jl_alternating_step(tx, period=2, l2=0.01))
+    r = jnp.where(b["observed"] > 0, b["ratings"], 0.0)
+    w = b["observed"] / b["propensities"]
+
+    def imp_loss(imp):        # L_IMP ("rating") + its L2, written out
+      resid = mf.mf_apply(imp, b["users"], b["items"]) - r
+      return jnp.sum(w * resid ** 2) / jnp.sum(w) + 0.01 * objectives.l2_penalty(imp)
+
+    def dr_loss(pred, imp):   # L_DR with r_tilde fixed + the predictor's L2
+      r_hat, r_tld = mf.mf_apply(pred, b["users"], b["items"]), mf.mf_apply(imp, b["users"], b["items"])
+      e, e_hat = (r_hat - r) ** 2, (r_hat - r_tld) ** 2
+      return jnp.mean(e_hat + b["observed"] * (e - e_hat) / b["propensities"]) + 0.01 * objectives.l2_penalty(pred)
+
+    def by_hand(pred, imp, s_pred, s_imp, imputing):
+      if imputing:
+        u, s_imp = tx.update(jax.grad(imp_loss)(imp), s_imp, imp)
+        return pred, optax.apply_updates(imp, u), s_pred, s_imp
+      u, s_pred = tx.update(jax.grad(dr_loss)(pred, imp), s_pred, pred)
+      return optax.apply_updates(pred, u), imp, s_pred, s_imp
+
+    by_hand = jax.jit(by_hand, static_argnums=4)
+    pred, imp = state.params["prediction"], state.params["imputation"]
+    s_pred, s_imp = tx.init(pred), tx.init(imp)
+    phases = []
+    for t in range(4):
+      pred, imp, s_pred, s_imp = by_hand(pred, imp, s_pred, s_imp, t < 2)
+      before = state.params
+      state, m = step(state, b)
+      phases.append(int(m["phase"]))
+      resting = "prediction" if t < 2 else "imputation"
+      chex.assert_trees_all_equal(state.params[resting], before[resting])      # not moved at all
+      chex.assert_trees_all_close(state.params["imputation"], imp, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(state.params["prediction"], pred, rtol=1e-5, atol=1e-6)
+    self.assertEqual(phases, [0, 0, 1, 1])
+    chex.assert_trees_all_close(state.opt_state["prediction"], s_pred, rtol=1e-5, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "period must be a positive integer"):
+      objectives.make_dr_jl_alternating_step(tx, period=0)
+    plain, _ = jt.init_train_state(init, tx, jax.random.PRNGKey(0))
+    with self.assertRaisesRegex(ValueError, "dr_jl_optimizer"):
+      objectives.make_dr_jl_alternating_step(tx)(plain, b)
 
 
 class PdaMacrTest(chex.TestCase):

@@ -2,7 +2,8 @@
 
 The tie rule (jaxml.recsys.causal.metrics docstring): higher score first, then lower item index;
 written out here as NumPy's stable argsort of the negated scores (-inf, i.e. masked, items last,
-in index order).
+in index order). Signed zeros and NaN follow XLA:CPU top_k's total order of bit patterns
+(+0.0 above -0.0); there only `lax.top_k` itself is the reference.
 """
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,9 @@ CASES = {
                                    ).astype(np.float32),
     "few_finite": lambda rng: np.where(np.arange(1003) % 400 == 7, rng.standard_normal((16, 1003)), -np.inf
                                        ).astype(np.float32),                       # 3 finite items < k
+    # top_k's total order of bit patterns: +NaN > +inf > ... > +0.0 > -0.0 > ... > -inf > -NaN
+    "zeros_nan": lambda rng: rng.choice(np.array([0.0, -0.0, np.nan, -np.nan, -np.inf, 1.0], np.float32), (16, 1003),
+                                        p=[0.4, 0.4, 0.005, 0.1, 0.09, 0.005]),
 }
 
 
@@ -35,8 +39,9 @@ class TopKBlockedTest(parameterized.TestCase):
     values, ids = jax.jit(metrics.top_k_blocked, static_argnums=(1, 2))(s, k, block)
     want_values, want_ids = jax.lax.top_k(s, k)
     np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_array_equal(values, want_values)
-    np.testing.assert_array_equal(ids, _reference(s, k))
+    np.testing.assert_array_equal(values.view(np.int32), np.asarray(want_values).view(np.int32))   # bitwise
+    if case != "zeros_nan":
+      np.testing.assert_array_equal(ids, _reference(s, k))
 
   def test_few_blocks_fall_back_to_top_k(self):
     s = np.random.default_rng(1).integers(0, 2, (4, 30)).astype(np.float32)
