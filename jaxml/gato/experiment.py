@@ -78,6 +78,7 @@ class GatoExperimentConfig:
   eval_history: int = 8  # earlier timesteps kept in the evaluation context (after the prompt)
   eval_temperature: float = 1.0  # 1: sample the policy (as Gato deploys); 0: argmax over the valid action ids
   bootstrap: int = 2000  # bootstrap resamples
+  probe_rows: int = 128  # windows per condition of the prompt probe (`prompt_probe`)
   figures_dir: str = ""  # also copy the figures there (e.g. docs/figures)
 
   def __post_init__(self):
@@ -191,6 +192,56 @@ def _text_rows(rng, tokens, n, context, layout, patch_dim):
   return [sq.text_tokens(tokens[s:s + context], layout, patch_dim) for s in starts]
 
 
+def prompt_probe(params, mcfg: model.GatoConfig, layout: TokenLayout, spec: sq.TaskSpec, own: list[sq.Tokens],
+                 twin: list[sq.Tokens], *, step_len: int, prompt_timesteps: int, context: int, rows: int,
+                 seed: int) -> dict:
+  """Does the policy read its prompt? Teacher-forced action accuracy on `rows` windows of `own` episodes
+  (the greedy action over the task's valid ids against the expert's), per timestep of the window, after
+  the last `prompt_timesteps` timesteps of another `own` episode ("right"), of a `twin` episode ("twin"),
+  or no prompt ("none"). The same windows in every condition. On the confusable twin pair the expert
+  actions are mirrored on identical observations, so an accuracy above 0.5 at the window's first
+  timestep (no history yet) can only come from the prompt; "twin" below "right" shows the prompt is read.
+  Also `prob_shift`: the mean total-variation distance between the first action's distributions after
+  the right and the twin prompts."""
+  lo, hi = policy._valid_range(spec, layout)
+  p = prompt_timesteps * step_len
+  k = (context - p) // step_len
+  fwd = jax.jit(lambda t: model.apply(params, t, mcfg))
+  out = {}
+  probs = {}
+  for cond in ("right", "twin", "none"):
+    rng = np.random.default_rng(seed)   # the same episodes, windows and prompt draws in every condition
+    seqs = []
+    for _ in range(rows):
+      i = int(rng.integers(len(own)))
+      j = int(rng.integers(len(own) - 1)) if len(own) > 1 else 0
+      j = j + (j >= i and len(own) > 1)
+      tj = int(rng.integers(len(twin)))
+      ep = own[i]
+      n = ep.length // step_len
+      start = int(rng.integers(0, max(n - k, 0) + 1))
+      window = sq.Tokens(*(x[start * step_len:(start + min(k, n - start)) * step_len] for x in ep))
+      prompt = {"right": own[j], "twin": twin[tj]}.get(cond)
+      # "none": the window starts the sequence, as an unprompted training sequence does.
+      parts = [] if prompt is None else [sq.prompt_window(rng, prompt, step_len, prompt_timesteps, from_end=True)]
+      seqs.append(sq.pad_to(sq.concat(parts + [window]), context))
+    batch = sq.stack(seqs)
+    logits = np.asarray(fwd(jax.tree.map(jnp.asarray, batch)))[..., lo:hi]
+    offset = 0 if cond == "none" else p
+    act_pos = offset + np.arange(k) * step_len + step_len - spec.action_len  # each timestep's first action token
+    target = batch.ids[:, act_pos] - lo
+    real = batch.loss_mask[:, act_pos]
+    pred = logits[:, act_pos - 1].argmax(-1)
+    acc = np.where(real, pred == target, np.nan)
+    out[cond] = {"first_timestep": float(np.nanmean(acc[:, 0])), "all": float(np.nanmean(acc)),
+                 "by_timestep": [float(x) for x in np.nanmean(acc, 0)]}
+    z = logits[:, act_pos[0] - 1]
+    probs[cond] = np.exp(z - z.max(-1, keepdims=True))
+    probs[cond] /= probs[cond].sum(-1, keepdims=True)
+  out["prob_shift"] = float(0.5 * np.abs(probs["right"] - probs["twin"]).sum(-1).mean())
+  return out
+
+
 def _trainer(cfg: GatoExperimentConfig, mcfg: model.GatoConfig):
   """`train(name, batch_fn, workdir, log) -> params`: one compiled step shared by every model of the study
   (same architecture, optimizer and schedule; batches of one shape compile once)."""
@@ -256,12 +307,14 @@ def run(config: Any, workdir: str) -> dict:
     return jax.tree.map(jnp.asarray, sq.prompt_window(None, eps[best], steps_len[name], cfg.prompt_timesteps,
                                                       from_end=True))
 
-  def score(params, name, prompt, seed):
+  def score(params, name, prompt, seed, history=True):
+    """`history=False`: the context is the prompt and the current observation only (the incremental form with
+    K = 0: each step's timestep is dropped before the next), so the prompt is the only task information."""
     t = tasks[name]
-    k = max(1, min(cfg.eval_history, (cfg.context - prompt.length) // steps_len[name] - 1))
+    k = max(1, min(cfg.eval_history, (cfg.context - prompt.length) // steps_len[name] - 1)) if history else 0
     r = policy.evaluate(params, prompt, jax.random.PRNGKey(seed), cfg=mcfg, layout=layout, spec=t["spec"],
                         env=t["env"], env_params=t["env_params"], num_envs=cfg.eval_episodes, keep=k,
-                        max_steps=t["horizon"], temperature=cfg.eval_temperature)
+                        max_steps=t["horizon"], temperature=cfg.eval_temperature, incremental=not history)
     s = ex.normalised_score(np.asarray(r.returns), t["expert_return"], t["random_return"])
     m, lo, hi = ex.bootstrap_interval(s, boot, n=cfg.bootstrap)
     return {"score": m, "lo": lo, "hi": hi, "return": float(np.mean(r.returns))}
@@ -278,12 +331,27 @@ def run(config: Any, workdir: str) -> dict:
     results["tasks"][name] = row
     log(f"eval {name}: {row} ({time.perf_counter() - t0:.1f}s)")
   if "CartPole-twin" in tasks:
+    results["prompt_probe"] = {}
+    for env_name, other in (("CartPole-v1", "CartPole-twin"), ("CartPole-twin", "CartPole-v1")):
+      results["prompt_probe"][env_name] = prompt_probe(
+          trained["multi-task"], mcfg, layout, tasks[env_name]["spec"], toks[env_name], toks[other],
+          step_len=steps_len[env_name], prompt_timesteps=cfg.prompt_timesteps, context=cfg.context,
+          rows=cfg.probe_rows, seed=cfg.seed + 13)
+      pr = results["prompt_probe"][env_name]
+      log(f"prompt probe {env_name}: first-timestep accuracy right {pr['right']['first_timestep']:.3f} twin "
+          f"{pr['twin']['first_timestep']:.3f} none {pr['none']['first_timestep']:.3f}; all timesteps right "
+          f"{pr['right']['all']:.3f} twin {pr['twin']['all']:.3f} none {pr['none']['all']:.3f}; "
+          f"TV(right, twin) {pr['prob_shift']:.3f}")
     none = sq.Tokens(*(jnp.asarray(x) for x in sq.empty_tokens(0, pd)))
     for env_name, other in (("CartPole-v1", "CartPole-twin"), ("CartPole-twin", "CartPole-v1")):
       results["twin"][env_name] = {
           "no prompt": score(trained["multi-task"], env_name, none, cfg.seed + 12),
           "right demonstration": score(trained["multi-task"], env_name, demo(env_name), cfg.seed + 12),
-          "twin's demonstration": score(trained["multi-task"], env_name, demo(other), cfg.seed + 12)}
+          "twin's demonstration": score(trained["multi-task"], env_name, demo(other), cfg.seed + 12),
+          "right demonstration, no history": score(trained["multi-task"], env_name, demo(env_name), cfg.seed + 12,
+                                                   history=False),
+          "twin's demonstration, no history": score(trained["multi-task"], env_name, demo(other), cfg.seed + 12,
+                                                    history=False)}
       log(f"twin {env_name}: {results['twin'][env_name]}")
 
   # ---------------------------------------------------------------- text and captions
@@ -315,12 +383,18 @@ def _write(results: dict, cfg: GatoExperimentConfig, workdir: str) -> None:
                                  "single-task BC score [95% CI]"], rows, digits=1)
   twin_rows = [[env] + [f"{m['score']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}]" for m in conds.values()]
                for env, conds in results["twin"].items()]
-  twin = report.markdown_table(["environment", "no prompt", "right demonstration", "twin's demonstration"],
-                               twin_rows) if twin_rows else ""
+  twin_heads = list(next(iter(results["twin"].values()))) if results["twin"] else []
+  twin = report.markdown_table(["environment"] + twin_heads, twin_rows) if twin_rows else ""
+  probe_rows = [[env, f"{r['right']['first_timestep']:.2f}", f"{r['twin']['first_timestep']:.2f}",
+                 f"{r['none']['first_timestep']:.2f}", f"{r['right']['all']:.2f}", f"{r['twin']['all']:.2f}",
+                 f"{r['none']['all']:.2f}", f"{r['prob_shift']:.3f}"] for env, r in results.get("prompt_probe", {}).items()]
+  probe = report.markdown_table(["environment", "acc. 1st step, right prompt", "twin's prompt", "no prompt",
+                                 "acc. all steps, right", "twin's", "none", "TV(right, twin) 1st step"],
+                                probe_rows) if probe_rows else ""
   extra = (f"caption accuracy {results['caption_accuracy']:.3f} (chance 0.1); held-out text loss "
            f"{results['text_loss']:.3f} nats/byte (uniform {results['text_loss_uniform']:.3f}); "
            f"{results['param_count']:,} parameters; {results['seconds']:.0f} s")
-  report.save_text("\n\n".join([table, twin, extra]) + "\n", os.path.join(workdir, "results.md"))
+  report.save_text("\n\n".join([table, twin, probe, extra]) + "\n", os.path.join(workdir, "results.md"))
   report.save_json(results, os.path.join(workdir, "results.json"))
   names = list(results["tasks"])
   with report.figure(os.path.join(workdir, "gato_scores.png"), figsize=(7, 3.2), dpi=90) as fig:
@@ -336,14 +410,15 @@ def _write(results: dict, cfg: GatoExperimentConfig, workdir: str) -> None:
     ax.legend(fontsize=7)
   figs = ["gato_scores.png"]
   if results["twin"]:
-    with report.figure(os.path.join(workdir, "gato_twin.png"), figsize=(5, 3), dpi=90) as fig:
+    with report.figure(os.path.join(workdir, "gato_twin.png"), figsize=(7, 3.4), dpi=90) as fig:
       ax = fig.add_subplot(1, 1, 1)
       conds = list(next(iter(results["twin"].values())))
       for j, (env, r) in enumerate(results["twin"].items()):
         ms = [r[c] for c in conds]
         ax.bar([i + 0.2 * (2 * j - 1) for i in range(len(conds))], [m["score"] for m in ms], width=0.4, label=env,
                yerr=np.array([[m["score"] - m["lo"], m["hi"] - m["score"]] for m in ms]).T, capsize=3)
-      ax.set_xticks(range(len(conds)), conds, fontsize=8)
+      ax.set_xticks(range(len(conds)), [c.replace(", ", ",\n").replace(" demonstration", "\ndemonstration")
+                                        for c in conds], fontsize=7)
       ax.set_ylabel("expert-normalised score")
       ax.legend(fontsize=7)
     figs.append("gato_twin.png")
