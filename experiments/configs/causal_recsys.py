@@ -41,6 +41,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.fit.imputation_l2 = 1e-3  # L2 of DR-JL's imputation model
   c.fit.lr = 0.05  # Adam learning rate
   c.fit.steps = 400  # full-batch steps
+  c.fit.dr_jl_period = 0  # 0: DR-JL's simultaneous step; n: the paper's alternation, n steps per model and phase
 
   c.coat_fit = ml_collections.ConfigDict()  # the same models on Coat
   c.coat_fit.dim = 4  # MF factor dimension
@@ -48,6 +49,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.coat_fit.imputation_l2 = 1e-3  # L2 of DR-JL's imputation model
   c.coat_fit.lr = 0.05  # Adam learning rate
   c.coat_fit.steps = 400  # full-batch steps
+  c.coat_fit.dr_jl_period = 0  # 0: DR-JL's simultaneous step; n: the paper's alternation, n steps per model and phase
 
   c.implicit = ml_collections.ConfigDict()  # staged click world: BPR-MF, PD/PDA, MACR, DecRS
   c.implicit.n_stages = 4  # time stages (the last is the test stage)

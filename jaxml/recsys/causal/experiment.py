@@ -63,24 +63,35 @@ def _loss_key(loss_fn):
 
 
 def fit_model(loss_fn, init_fn: Callable, batch_fn: Callable[[int], dict], *, steps: int, lr: float, seed: int,
-              steps_per_call: int = 50) -> tuple[dict, list]:
+              steps_per_call: int = 50, dr_jl_period: int | None = None) -> tuple[dict, list]:
   """Trains `init_fn(rng)` on `loss_fn` with Adam through `jaxml.train.fit` (no checkpoints: each fit takes
   seconds); returns (params, history).
 
   Runs with the same loss (the same function and keywords) and learning rate share one compiled
-  step (the jit cache then only retraces for new shapes).
+  step (the jit cache then only retraces for new shapes). `dr_jl_period`: `loss_fn` is a partial of
+  `objectives.dr_jl_loss`, trained with the paper's alternating updates
+  (`objectives.make_dr_jl_alternating_step`, `period` steps per model and phase) instead of the
+  simultaneous step.
   """
   steps = max(steps_per_call, steps // steps_per_call * steps_per_call)
   tx, _ = jt.make_optimizer(lr, total_steps=steps, kind="adam", schedule="constant", clip_norm=None, b1=0.9,
                             b2=0.999, eps=1e-8)
   key = _loss_key(loss_fn)
-  key = None if key is None else (key, lr, steps_per_call)
+  key = None if key is None else (key, lr, steps_per_call, dr_jl_period)
   step = _STEPS.get(key) if key is not None else None
   if step is None:
-    step = jax.jit(jt.make_train_step(loss_fn, tx, steps_per_call=steps_per_call), donate_argnums=0)
+    if dr_jl_period is None:
+      built = jt.make_train_step(loss_fn, tx, steps_per_call=steps_per_call)
+    else:
+      if not (isinstance(loss_fn, functools.partial) and loss_fn.func is objectives.dr_jl_loss and not loss_fn.args):
+        raise ValueError("dr_jl_period needs loss_fn = functools.partial(objectives.dr_jl_loss, **keywords)")
+      built = objectives.make_dr_jl_alternating_step(tx, period=dr_jl_period, steps_per_call=steps_per_call,
+                                                     **loss_fn.keywords)
+    step = jax.jit(built, donate_argnums=0)
     if key is not None:
       _STEPS[key] = step
-  result = jt.fit(None, init_fn, tx, jax.random.PRNGKey(seed), num_steps=steps, batch_fn=batch_fn, step=step,
+  state_tx = tx if dr_jl_period is None else objectives.dr_jl_optimizer(tx)
+  result = jt.fit(None, init_fn, state_tx, jax.random.PRNGKey(seed), num_steps=steps, batch_fn=batch_fn, step=step,
                   steps_per_call=steps_per_call, log_every=steps, print_fn=lambda s: None)
   return result.state.params, result.history
 
@@ -200,11 +211,13 @@ def train_rating_models(train_UxI, observed, p_true, p_nb, cfg_fit, seed) -> dic
   if p_true is not None:
     dr_props = {"DR-JL (true p)": p_true, **dr_props}
   mean = float(np.asarray(train_UxI)[observed].mean())
+  period = cfg_fit.get("dr_jl_period") or None
   for name, p in dr_props.items():
     b = objectives.all_cells_batch(train_UxI, observed, p)
     loss = functools.partial(objectives.dr_jl_loss, l2=cfg_fit.l2, imputation_l2=cfg_fit.imputation_l2)
+    # Alternating: each model takes cfg_fit.steps updates, so twice as many steps in all.
     params, _ = fit_model(loss, lambda r: objectives.dr_jl_init(r, n_u, n_i, cfg_fit.dim, global_bias=mean), _const(b),
-                    steps=cfg_fit.steps, lr=cfg_fit.lr, seed=seed)
+                    steps=cfg_fit.steps * (1 if period is None else 2), lr=cfg_fit.lr, seed=seed, dr_jl_period=period)
     out[name] = np.asarray(mf.mf_scores(params["prediction"]))
   return out
 

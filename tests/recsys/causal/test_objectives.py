@@ -13,7 +13,7 @@ from absl.testing import absltest
 from jaxml import train as jt
 from jaxml.recsys import towers
 from jaxml.recsys import train as ctr_train
-from jaxml.recsys.causal import _checks, metrics, mf, movielens, objectives, towers_adapter
+from jaxml.recsys.causal import _checks, experiment, metrics, mf, movielens, objectives, towers_adapter
 
 
 def np_sig(x):
@@ -156,6 +156,8 @@ class DrJlAlternatingTest(absltest.TestCase):
     plain, _ = jt.init_train_state(init, tx, jax.random.PRNGKey(0))
     with self.assertRaisesRegex(ValueError, "dr_jl_optimizer"):
       objectives.make_dr_jl_alternating_step(tx)(plain, b)
+    with self.assertRaisesRegex(ValueError, "dr_jl_period needs loss_fn = functools.partial\\(objectives.dr_jl_loss"):
+      experiment.fit_model(mf.mf_ips_loss, init, lambda step: b, steps=1, lr=0.1, seed=0, dr_jl_period=1)
 
 
 class PdaMacrTest(chex.TestCase):
