@@ -360,18 +360,25 @@ def _attend(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxV: Array, key_mask_BxS: 
 
 def _layer(p: Params, x_BxTxD: Array, kv_BxSxC: Array | None, cfg: PerceiverConfig, *, heads: int,
            query_residual: bool = True, key_mask_BxS: Array | None = None, rng: Array | None = None) -> Array:
-  """One cross-attend (`kv_BxSxC` given) or self-attend (None) layer, with its MLP (module docstring)."""
+  """One cross-attend (`kv_BxSxC` given) or self-attend (None) layer, with its MLP (module docstring).
+
+  A cross-attend's queries may come unbatched, `[1, T, D]`: the learned latents
+  and learned decoder queries are the same for every example, so their norm and
+  query projection run once on `T` rows instead of `B T` (the same values; the
+  gradient sums over the batch, as the broadcast's would).
+  """
   eps = cfg.layer_norm_eps
   xq = nn.layer_norm(x_BxTxD, p["norm_q"]["scale"], p["norm_q"]["bias"], eps)
   xkv = xq if kv_BxSxC is None else nn.layer_norm(kv_BxSxC, p["norm_kv"]["scale"], p["norm_kv"]["bias"], eps)
-  B, T, _ = xq.shape
-  S = xkv.shape[1]
+  B, S = xkv.shape[:2]
+  T = xq.shape[1]
   qk, vw = p["key"]["w"].shape[-1], p["value"]["w"].shape[-1]
   if kv_BxSxC is None:  # one product for queries, keys and values (`_joined`)
     q, k, v = jnp.split(_dense(_joined(p, ("query", "key", "value")), xq), (qk, 2 * qk), axis=-1)
   else:  # keys and values from one product
     q = _dense(p["query"], xq)
     k, v = jnp.split(_dense(_joined(p, ("key", "value")), xkv), (qk,), axis=-1)
+  q = jnp.broadcast_to(q, (B, *q.shape[1:]))
   q, k, v = q.reshape(B, T, heads, -1), k.reshape(B, S, heads, -1), v.reshape(B, S, heads, -1)
   a = _dense(p["out"], _attend(q, k, v, key_mask_BxS).reshape(B, T, -1))
   a = _dropout(a, cfg.dropout, _fold(rng, 0))
@@ -391,8 +398,8 @@ def _check_latents(z, cfg: PerceiverConfig, what: str = "latents_BxNxD"):
 
 
 def _cross(p: Params, params: Params, x, mask, cfg: PerceiverConfig, z=None, rng=None) -> Array:
-  if z is None:
-    z = jnp.broadcast_to(params["latents"][None].astype(x.dtype), (x.shape[0], *params["latents"].shape))
+  if z is None:  # the learned latents, shared by every example: `_layer` projects them once
+    z = params["latents"][None].astype(x.dtype)
   return _layer(p, z, x, cfg, heads=cfg.num_cross_attention_heads, query_residual=cfg.use_query_residual,
                 key_mask_BxS=mask, rng=rng)
 
@@ -510,7 +517,7 @@ def decode(params_decoder: Params, latents_BxNxD, d: DecoderConfig, cfg: Perceiv
   """
   z = jnp.asarray(_check_latents(latents_BxNxD, cfg))
   if queries_BxQxC is None:
-    queries = decoder_queries(params_decoder, d, z.shape[0], z.dtype)
+    queries = decoder_queries(params_decoder, d, 1, z.dtype)  # shared by the batch (see `_layer`)
   else:
     queries = jnp.asarray(_check_width(queries_BxQxC, cfg.decoder_query_channels(d), "queries_BxQxC",
                                        f"decoder {d.name!r} query width"))
@@ -564,11 +571,10 @@ def apply(params: Params, inputs, cfg: PerceiverConfig, *, input_mask=None, quer
     qmasks = {d.name: _check_mask(query_mask[d.name], (x.shape[0], d.num_queries), f"query_mask[{d.name!r}]")
               for d in decs if query_mask.get(d.name) is not None}
   z = _encode(params, x, mask, cfg, _fold(rng, 0))
-  B = x.shape[0]
   outs = {}
   for j, d in enumerate(decs):
     p = params["decoders"][d.name]
-    queries = decoder_queries(p, d, B, z.dtype)
+    queries = decoder_queries(p, d, 1, z.dtype)  # [1, Q, C]: shared by the batch, projected once in `_layer`
     qm = qmasks.get(d.name)
     if cfg.task == "masked_lm":
       queries, qm = queries[:, :x.shape[1]], mask

@@ -234,6 +234,22 @@ class FastFormsTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(g, g_plain, rtol=1e-5, atol=1e-6)
 
 
+  @parameterized.named_parameters(("query_residual", True), ("no_query_residual", False))
+  def test_shared_queries_match_broadcast_ones(self, residual):
+    """A cross-attend fed its (learned, example-independent) queries once, `[1, T, D]`, against the same
+    queries broadcast to the batch, `[B, T, D]`: values and gradients (parameters, queries, inputs)."""
+    p = P_MULTI["cross_attend"]
+    z = jax.random.normal(jax.random.PRNGKey(12), (4, 8))
+    w = jax.random.normal(jax.random.PRNGKey(13), (2, 4, 8))
+
+    def out(p, z, x, shared):
+      q = z[None] if shared else jnp.broadcast_to(z[None], (x.shape[0], *z.shape))
+      return pm._layer(p, q, x, MULTI, heads=2, query_residual=residual, key_mask_BxS=MASK != 0)
+
+    np.testing.assert_allclose(out(p, z, X, True), out(p, z, X, False), rtol=1e-6, atol=1e-6)
+    grads = [jax.grad(lambda *a, s=s: jnp.sum(out(*a, s) * w), argnums=(0, 1, 2))(p, z, X) for s in (True, False)]
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
 class DecoderTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
