@@ -65,6 +65,31 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> flo
   return 2.0 * n**3 / median(time_call(lambda: dot(a, b)) for _ in range(repeats))
 
 
+# The CPU features that decide which kernels XLA:CPU and torch can use (vector width, bfloat16
+# dot products, Intel's AMX tile units).
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_description() -> dict[str, str]:
+  """The machine's CPU model, the `CPU_FEATURES` it reports, and the transparent huge page mode (Linux)."""
+  model, flags = "unknown", set()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      key, _, value = line.partition(":")
+      if key.strip() == "model name" and model == "unknown":
+        model = value.strip()
+      elif key.strip() == "flags" and not flags:
+        flags = set(value.split())
+  except OSError:
+    pass
+  try:
+    thp = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+  except OSError:
+    thp = "unknown"
+  return {"cpu_model": model, "cpu_features": " ".join(f for f in CPU_FEATURES if f in flags) or "none",
+          "transparent_hugepages": thp}
+
+
 class PeerWorker:
   """A long-lived peer-environment process that answers JSON-line requests."""
 

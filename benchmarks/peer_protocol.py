@@ -18,15 +18,18 @@ import torch
 
 
 def op_hello(threads: int, packages: tuple[str, ...] = ()) -> dict:
-  """Sets torch's thread count; returns it and the versions of torch and `packages`."""
+  """Sets torch's thread count; returns it, the versions of torch and `packages`, and the
+  instruction set torch's CPU kernels dispatch to (e.g. AVX512) and whether oneDNN is built in."""
   torch.set_num_threads(threads)
   versions = {name: importlib.import_module(name).__version__ for name in packages}
-  return {"torch": torch.__version__, **versions, "threads": torch.get_num_threads()}
+  return {"torch": torch.__version__, **versions, "threads": torch.get_num_threads(),
+          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+          "mkldnn": bool(torch.backends.mkldnn.is_available())}
 
 
-def matmul_seconds(m: int, k: int, n: int, repeats: int) -> float:
-  """Median seconds of one float32 `[m, k] @ [k, n]` product (after one warm-up)."""
-  a, b = torch.randn(m, k), torch.randn(k, n)
+def matmul_seconds(m: int, k: int, n: int, repeats: int, dtype: str = "float32") -> float:
+  """Median seconds of one `[m, k] @ [k, n]` product in `dtype` (after one warm-up)."""
+  a, b = torch.randn(m, k).to(getattr(torch, dtype)), torch.randn(k, n).to(getattr(torch, dtype))
   a @ b
   times = []
   for _ in range(repeats):
@@ -36,9 +39,9 @@ def matmul_seconds(m: int, k: int, n: int, repeats: int) -> float:
   return statistics.median(times)
 
 
-def op_matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
-  """FLOP/s of one `n x n` float32 matmul, the median of `repeats`."""
-  return {"flops": 2.0 * n**3 / matmul_seconds(n, n, n, repeats)}
+def op_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> dict:
+  """FLOP/s of one `n x n` matmul in `dtype` ("float32" or "bfloat16"), the median of `repeats`."""
+  return {"flops": 2.0 * n**3 / matmul_seconds(n, n, n, repeats, dtype)}
 
 
 def serve(ops: dict[str, Callable[..., dict]], *, packages: tuple[str, ...] = ()) -> int:
