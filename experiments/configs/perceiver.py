@@ -48,6 +48,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.lm_heads = 4  # heads of the latent self-attention, the decoder and the byte transformer
   c.lm_tf_width = 128  # byte transformer width
   c.lm_tf_layers = 4  # byte transformer layers
+  # Perceiver IO byte LM init (the model is transformers'): "sinusoid" starts the input positions and decoder queries
+  # at 0.02 * sinusoids of the position (neighbours alike), "normal" at independent N(0, 0.02^2) rows (transformers')
+  c.lm_position_init = "sinusoid"
+  c.lm_query_gain = 2.0  # Perceiver IO: cross-attention query weights (encoder, decoder) start at this x the fan-in init
   if variant == "small":  # all four studies: 6 min of CPU time; 12-14 min wall measured on 2 cores shared with other jobs (load 7-12)
     c.digits_steps = 600
     c.checkpoint_every = 600

@@ -98,6 +98,8 @@ class PerceiverExperimentConfig:
   lm_heads: int = 4
   lm_tf_width: int = 128
   lm_tf_layers: int = 4
+  lm_position_init: str = "sinusoid"  # Perceiver IO input positions and decoder queries: "sinusoid" or "normal"
+  lm_query_gain: float = 2.0  # Perceiver IO: init of the encoder's and decoder's cross-attention query weights x this
 
   def __post_init__(self):
     if self.mode != "all" and self.mode not in MODES:
@@ -111,6 +113,11 @@ class PerceiverExperimentConfig:
       if getattr(self, name) % self.eval_every:
         raise ValueError(f"PerceiverExperimentConfig.{name}={getattr(self, name)} must be a multiple of "
                          f"eval_every={self.eval_every}")
+    if self.lm_position_init not in ("sinusoid", "normal"):
+      raise ValueError(f"PerceiverExperimentConfig.lm_position_init must be 'sinusoid' or 'normal', got "
+                       f"{self.lm_position_init!r}")
+    if not self.lm_query_gain > 0:
+      raise ValueError(f"PerceiverExperimentConfig.lm_query_gain must be positive, got {self.lm_query_gain}")
     if not 0.0 < self.lm_mask_rate < 1.0:
       raise ValueError(f"PerceiverExperimentConfig.lm_mask_rate must be in (0, 1), got {self.lm_mask_rate}")
 
@@ -155,6 +162,30 @@ def lm_perceiver_config(cfg: PerceiverExperimentConfig) -> PerceiverConfig:
       max_position_embeddings=M,
       decoders=(DecoderConfig(name="masked_lm", queries="learned", index_dims=(M,), query_channels=C,
                               num_heads=cfg.lm_heads, qk_channels=C, v_channels=C, use_query_residual=False),))
+
+
+def lm_perceiver_init(rng: jax.Array, cfg: PerceiverExperimentConfig, pcfg: PerceiverConfig):
+  """`pm.init`, then the byte LM's starting point (`lm_position_init`, `lm_query_gain`); the model is unchanged.
+
+  From transformers' init (every position row and decoder query an independent
+  `N(0, 0.02^2)` draw) the masked LM sits on the unigram plateau: a decoder
+  query knows only its position, so it must learn to find the latents holding
+  its neighbours, and each query row and position row learns alone, from the
+  few times its position is masked. "sinusoid" starts both tables at
+  `0.02 sinusoidal_embedding(pi t)` (periods 2 to 512 positions): neighbouring
+  positions start with similar rows, so whatever one position learns carries
+  to its neighbours. `lm_query_gain` scales the cross-attention query weights
+  of the encoder and the decoder, so their initial attention is less uniform.
+  """
+  params = pm.init(rng, pcfg)
+  if cfg.lm_position_init == "sinusoid":
+    for table in (params["input"], params["decoders"]["masked_lm"]):
+      key = "positions" if "positions" in table else "queries"
+      n, c = table[key].shape
+      table[key] = 0.02 * nn.sinusoidal_embedding(jnp.pi * jnp.arange(n), c, max_period=256.0)
+  for layer in (params["cross_attend"], params["decoders"]["masked_lm"]["cross_attend"]):
+    layer["query"] = {**layer["query"], "w": layer["query"]["w"] * cfg.lm_query_gain}
+  return params
 
 
 def lm_transformer_config(cfg: PerceiverExperimentConfig) -> bl.TransformerConfig:
@@ -368,7 +399,7 @@ def run_byte_lm(cfg: PerceiverExperimentConfig, workdir: str, log: Callable[[str
   pcfg, tcfg = lm_perceiver_config(cfg), lm_transformer_config(cfg)
   logits_fns = {"perceiver_io": lambda p, x: pm.apply(p, x, pcfg),
                 "transformer": lambda p, x: bl.transformer_apply(p, x, tcfg)}
-  inits = {"perceiver_io": (functools.partial(pm.init, cfg=pcfg), pcfg),
+  inits = {"perceiver_io": (functools.partial(lm_perceiver_init, cfg=cfg, pcfg=pcfg), pcfg),
            "transformer": (functools.partial(bl.transformer_init, cfg=tcfg), tcfg)}
 
   def scored(logits, targets, weights):
@@ -392,6 +423,8 @@ def run_byte_lm(cfg: PerceiverExperimentConfig, workdir: str, log: Callable[[str
     rec = {"model": name, "seed": cfg.seed, "seq_len": M, "batch": cfg.lm_batch, "lr": cfg.lm_lr,
            "mask_rate": cfg.lm_mask_rate, "corpus_bytes": cfg.lm_corpus_bytes, "eval_fraction": cfg.lm_eval_fraction,
            "model_config": experiment.to_dict(mcfg_)}
+    if name == "perceiver_io":
+      rec.update(position_init=cfg.lm_position_init, query_gain=cfg.lm_query_gain)
     result, curve = train_model(name, cfg, workdir, init_fn=init_fn, loss=loss, evaluate=evaluate, lr=cfg.lm_lr,
                                 steps=cfg.lm_steps, rng=jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 3),
                                 record=rec, batch_fn=batches, log=log)

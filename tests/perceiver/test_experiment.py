@@ -114,6 +114,32 @@ class ConfigAndDataTest(absltest.TestCase):
     arr = experiment.digits_perceiver_config(cfg, inputs="array")
     self.assertEqual(pm.param_shapes(arr), pm.param_shapes(pcfg))  # the same model, other input path
 
+  def test_byte_lm_init(self):
+    """`lm_perceiver_init` is `pm.init` but for the position / query tables (0.02 sinusoids, written out) and the
+    cross-attention query weights (times the gain); "normal" with gain 1 is `pm.init` itself."""
+    cfg = experiment.PerceiverExperimentConfig(**TINY)
+    pcfg = experiment.lm_perceiver_config(cfg)
+    rng = jax.random.PRNGKey(3)
+    plain = pm.init(rng, pcfg)
+    same = experiment.lm_perceiver_init(rng, dataclasses.replace(cfg, lm_position_init="normal", lm_query_gain=1.0),
+                                        pcfg)
+    jax.tree.map(np.testing.assert_array_equal, same, plain)
+    ours = experiment.lm_perceiver_init(rng, dataclasses.replace(cfg, lm_query_gain=3.0), pcfg)
+    M, C = cfg.lm_seq_len, cfg.lm_d_model
+    angle = np.pi * np.arange(M)[:, None] * 256.0 ** (-np.arange(C // 2)[None] / (C // 2))
+    table = 0.02 * np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+    np.testing.assert_allclose(ours["input"]["positions"], table, atol=1e-6)
+    np.testing.assert_allclose(ours["decoders"]["masked_lm"]["queries"], table, atol=1e-6)
+    for path in (("cross_attend",), ("decoders", "masked_lm", "cross_attend")):
+      a, b = ours, plain
+      for key in path:
+        a, b = a[key], b[key]
+      np.testing.assert_allclose(a["query"]["w"], 3.0 * b["query"]["w"], rtol=1e-6)
+      np.testing.assert_array_equal(a["key"]["w"], b["key"]["w"])
+    np.testing.assert_array_equal(ours["input"]["embeddings"], plain["input"]["embeddings"])
+    with self.assertRaisesRegex(ValueError, "lm_position_init"):
+      experiment.PerceiverExperimentConfig(lm_position_init="fourier")
+
   def test_permute_pixels(self):
     x = np.arange(2 * 64, dtype=np.float32).reshape(2, 8, 8, 1)
     perm = experiment.pixel_permutation(experiment.PerceiverExperimentConfig())
