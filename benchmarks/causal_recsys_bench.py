@@ -9,7 +9,7 @@
    masked to -inf, top-K; users/s, jaxml (`causal.metrics.mf_top_k`: one program, `lax.map`
    over user chunks) vs PyTorch (a loop over chunks of 2,048 users; 256 measured the same), on a
    synthetic 20,000 x 10,000 matrix. jaxml twice: its default (chunks of 128 users,
-   `top_k_blocked` with blocks of 50 items) and the plain form (chunks of 2,048, `lax.top_k`), which
+   `top_k_blocked` with `auto_block`'s blocks, 40 items here) and the plain form (chunks of 2,048, `lax.top_k`), which
    return the same ids; and the floor any exact top-K pays, the same chunks scored and masked with
    only each row's maximum taken (`full_rank_floor_*`), so `torch / floor` bounds the ratio.
 3. RecBole 1.2.1's BPR on ML-100K with a temporal 90/10 split (its "TO" order): seconds per

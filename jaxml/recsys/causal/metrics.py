@@ -16,20 +16,22 @@ scikit-learn's `ndcg_score` would count them as 0). If every R(u) is empty
 the call raises (where concrete; under jit the mean is NaN). These are
 RecBole's definitions (`recbole.evaluator.metrics`: Recall, NDCG, Hit).
 
-Top-K and ties. Items are ordered as `jax.lax.top_k` orders them on XLA:CPU:
-by score, higher first, in the total order of the floats' bit patterns (+NaN
-above +inf, +0.0 above -0.0, -NaN below -inf), and among equal scores by item
-index, lower first. The ranking functions use `lax.top_k` directly or through
-`top_k_blocked`, an exact two-stage form that returns the same values and ids
-in the same order. `top_k_blocked` splits each row into blocks of `block`
-items, takes the top K blocks by their maximum in that total order (ties:
+Top-K and ties. Scores are first made canonical (`canonical_scores`: NaN
+becomes -inf, -0.0 becomes +0.0), then items are ordered by score, higher
+first, and among equal scores by item index, lower first: `jax.lax.top_k` on
+the canonical scores (on its own, XLA:CPU's `top_k` orders bit patterns,
++0.0 above -0.0 and +NaN above everything). Every ranking function runs
+through `top_k_blocked` or plain `top_k` on canonical scores, which return
+the same values and ids in the same order. `top_k_blocked` splits each row
+into blocks of `block` items, takes the top K blocks by their maximum (ties:
 lower block first), and runs `top_k` over those K * block candidates kept in
-item order. Exact because under the total order extended by the index, an
-item in the overall top K lies in a top-K block: a block outside them has K
-blocks ahead of it whose maxima all beat the item. On XLA:CPU, `top_k` over
-a 10,000-item row costs about as much as the 64-wide score product itself,
-and two `top_k`s over a few hundred items cost far less
-(benchmarks/causal_recsys_bench.py).
+item order. Exact because, under the order extended by the index, an item in
+the overall top K lies in a top-K block: a block outside them has K blocks
+ahead of it whose maxima all beat the item. (The float maximum agrees with
+that order only without NaN and signed zeros: hence the canonical scores.)
+On XLA:CPU, `top_k` over a 10,000-item row costs about as much as the
+64-wide score product itself, and two `top_k`s over a few hundred items cost
+far less (benchmarks/causal_recsys_bench.py).
 
 Ratings. `masked_mse`, `masked_mae` average over the cells of a mask (e.g.
 the MAR test split); `masked_auc` is `jaxml.recsys.metrics.auc` (ties count
@@ -212,25 +214,23 @@ def ranking_metrics(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array |
   return _all_at_k(scores_UxI, relevant_UxI, exclude_UxI, ks)
 
 
-def _to_key(x):
-  """float32 -> int32, monotone in `top_k`'s total order of bit patterns (an involution on the bits)."""
-  b = jax.lax.bitcast_convert_type(x, jnp.int32)
-  return jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
-
-
-def _from_key(k):
-  return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ jnp.int32(0x7FFFFFFF), k), jnp.float32)
+def canonical_scores(scores: Array) -> Array:
+  """NaN -> -inf (never ranked ahead of a real score), -0.0 -> +0.0 (equal to +0.0, ranked by index)."""
+  s = jnp.asarray(scores, jnp.float32)
+  return jnp.where(jnp.isnan(s), -jnp.inf, jnp.where(s == 0, 0.0, s))
 
 
 def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Array]:
   """`jax.lax.top_k(scores_UxI, k)` by blocks (module docstring): the same values and ids, ties included.
 
+  Equals `jax.lax.top_k(canonical_scores(scores_UxI), k)` on every input, hence `lax.top_k` itself on
+  scores without NaN or -0.0.
+
   Args:
-    scores_UxI: [rows, items] float32 scores (-inf for masked items; NaN and signed zeros are ordered
-      as `top_k` orders them).
+    scores_UxI: [rows, items] float scores (-inf for masked items).
     k: the list length, 1 <= k <= items.
-    block: items per block; rows are padded to a multiple of it with the lowest value of the total
-      order, at higher indices than every real item, so padding is never returned.
+    block: items per block; rows are padded to a multiple of it with -inf, at higher indices than
+      every real item, so padding is never returned.
 
   Returns:
     (values [rows, k], int32 ids [rows, k]), best first.
@@ -241,13 +241,13 @@ def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Ar
   if isinstance(block, bool) or int(block) != block or block < 1:
     raise ValueError(f"block must be a positive integer, got {block}")
   n_blocks = -(-n // block)
+  s = canonical_scores(scores_UxI)
   if n_blocks <= k:                                  # no fewer candidates than items: plain top_k
-    return jax.lax.top_k(scores_UxI, k)
-  s = scores_UxI.astype(jnp.float32)
-  if n_blocks * block != n:                          # padding: the lowest bit pattern, after every real item
-    s = jnp.pad(s, ((0, 0), (0, n_blocks * block - n)), constant_values=_from_key(jnp.int32(-2 ** 31)))
+    return jax.lax.top_k(s, k)
+  if n_blocks * block != n:
+    s = jnp.pad(s, ((0, 0), (0, n_blocks * block - n)), constant_values=-jnp.inf)
   s = s.reshape(n_rows, n_blocks, block)
-  _, best = jax.lax.top_k(_from_key(_to_key(s).max(-1)), k)   # block maxima in top_k's total order
+  _, best = jax.lax.top_k(s.max(-1), k)
   best = jnp.sort(best, axis=1)                      # candidates in item order: top_k's tie rule carries over
   cand = jnp.take_along_axis(s, best[:, :, None], axis=1).reshape(n_rows, k * block)
   values, pos = jax.lax.top_k(cand, k)
@@ -256,17 +256,28 @@ def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Ar
 
 
 def auto_block(n_items: int, k: int) -> int | None:
-  """The block `top_k_blocked` uses by default: 50 where a row holds at least 400 k items, else None (plain top_k).
+  """The block `top_k_blocked` uses by default, or None for plain `top_k`.
 
-  Measured on XLA:CPU (2 shared cores): at 10,000 items and k = 20 the blocked form took 0.6-0.8 of
-  plain `top_k`'s time; at ML-100K's 1,682 items it took 1.7x (two `top_k` calls cost more than one
-  short one).
+  Blocks only where a row holds at least 400 k items, and only of a size that divides `n_items`
+  (padding each chunk's scores cost more than blocking saved), preferring multiples of 8 near 40
+  (XLA:CPU's vectorised float max). Measured on 2 shared cores, 20,000 users x 10,000 items, k = 20,
+  chunks of 128 users, one run (load 13-14): blocks of 40 0.53 s, 80 0.60 s, 25 0.77 s, 50 0.95 s,
+  16 1.19 s, plain `top_k` (chunks of 256) 1.37 s; blocks of 48 (padded to 10,032) 2.59 s. At
+  ML-100K's 1,682 items and k = 20 blocks of 50 took 1.7x plain `top_k`'s time.
   """
-  return 50 if n_items >= 400 * k else None
+  if n_items < 400 * k:
+    return None
+  for b in (40, 48, 32, 56, 64, 24, 72, 80, 16, 88, 96, 104, 112, 120, 128):
+    if n_items % b == 0:
+      return b
+  for b in range(20, 129):
+    if n_items % b == 0:
+      return b
+  return None
 
 
 def _top_k(s, k, block):
-  return jax.lax.top_k(s, k) if block is None else top_k_blocked(s, k, block)
+  return jax.lax.top_k(canonical_scores(s), k) if block is None else top_k_blocked(s, k, block)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

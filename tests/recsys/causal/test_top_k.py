@@ -2,8 +2,8 @@
 
 The tie rule (jaxml.recsys.causal.metrics docstring): higher score first, then lower item index;
 written out here as NumPy's stable argsort of the negated scores (-inf, i.e. masked, items last,
-in index order). Signed zeros and NaN follow XLA:CPU top_k's total order of bit patterns
-(+0.0 above -0.0); there only `lax.top_k` itself is the reference.
+in index order), after `canonical_scores` (NaN -> -inf, -0.0 -> +0.0; XLA:CPU's own top_k
+would rank +0.0 above -0.0 and +NaN first).
 """
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ CASES = {
                                    ).astype(np.float32),
     "few_finite": lambda rng: np.where(np.arange(1003) % 400 == 7, rng.standard_normal((16, 1003)), -np.inf
                                        ).astype(np.float32),                       # 3 finite items < k
-    # top_k's total order of bit patterns: +NaN > +inf > ... > +0.0 > -0.0 > ... > -inf > -NaN
+    # signed zeros and NaN of both signs, where a float max disagrees with top_k's own order
     "zeros_nan": lambda rng: rng.choice(np.array([0.0, -0.0, np.nan, -np.nan, -np.inf, 1.0], np.float32), (16, 1003),
                                         p=[0.4, 0.4, 0.005, 0.1, 0.09, 0.005]),
 }
@@ -37,11 +37,13 @@ class TopKBlockedTest(parameterized.TestCase):
     s = CASES[case](np.random.default_rng(0))                 # 1003 items: the last block is padded
     k = 20
     values, ids = jax.jit(metrics.top_k_blocked, static_argnums=(1, 2))(s, k, block)
-    want_values, want_ids = jax.lax.top_k(s, k)
+    canon = np.where(np.isnan(s), -np.inf, np.where(s == 0, 0.0, s)).astype(np.float32)
+    want_values, want_ids = jax.lax.top_k(canon, k)
     np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_array_equal(values.view(np.int32), np.asarray(want_values).view(np.int32))   # bitwise
-    if case != "zeros_nan":
-      np.testing.assert_array_equal(ids, _reference(s, k))
+    np.testing.assert_array_equal(np.asarray(values).view(np.int32), np.asarray(want_values).view(np.int32))  # bits
+    np.testing.assert_array_equal(ids, _reference(canon, k))
+    if case != "zeros_nan":                                   # no NaN, no -0.0: lax.top_k on the raw scores
+      np.testing.assert_array_equal(ids, jax.lax.top_k(s, k)[1])
 
   def test_few_blocks_fall_back_to_top_k(self):
     s = np.random.default_rng(1).integers(0, 2, (4, 30)).astype(np.float32)
