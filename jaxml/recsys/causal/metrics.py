@@ -221,7 +221,7 @@ def canonical_scores(scores: Array) -> Array:
 
 
 def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Array]:
-  """`jax.lax.top_k(scores_UxI, k)` by blocks (module docstring): the same values and ids, ties included.
+  """`jax.lax.top_k` on canonical scores, by blocks (module docstring): the same values and ids, ties included.
 
   Equals `jax.lax.top_k(canonical_scores(scores_UxI), k)` on every input, hence `lax.top_k` itself on
   scores without NaN or -0.0.
@@ -229,8 +229,8 @@ def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Ar
   Args:
     scores_UxI: [rows, items] float scores (-inf for masked items).
     k: the list length, 1 <= k <= items.
-    block: items per block; rows are padded to a multiple of it with -inf, at higher indices than
-      every real item, so padding is never returned.
+    block: items per block (`auto_block` chooses one); rows are padded to a multiple of it with -inf,
+      at higher indices than every real item, so padding is never returned (but costs time).
 
   Returns:
     (values [rows, k], int32 ids [rows, k]), best first.
