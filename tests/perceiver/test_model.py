@@ -234,21 +234,41 @@ class FastFormsTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(g, g_plain, rtol=1e-5, atol=1e-6)
 
 
-  @parameterized.named_parameters(("query_residual", True), ("no_query_residual", False))
-  def test_shared_queries_match_broadcast_ones(self, residual):
+  def test_embedding_logits_match_einsum(self):
+    """The tied decoder through `nn.linear` against `h E^T + b` as one einsum: values and gradients."""
+    h = jax.random.normal(jax.random.PRNGKey(14), (2, 5, 8))
+    p = {"input": P_MLM["input"], "output_bias": jax.random.normal(jax.random.PRNGKey(15), (pc.BYTE_VOCAB_SIZE,))}
+    plain = lambda p, h: jnp.einsum("bmc,vc->bmv", h, p["input"]["embeddings"]) + p["output_bias"]  # noqa: E731
+
+    @jax.jit  # one compile for both forms (eager dispatch of the gradients is slow)
+    def both(p, h):
+      return [(f(p, h), jax.grad(lambda p, h: jnp.sum(jnp.sin(f(p, h))), argnums=(0, 1))(p, h))
+              for f in (pm.embedding_logits, plain)]
+
+    (fast, g_fast), (slow, g_slow) = both(p, h)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g_fast, g_slow, rtol=1e-5, atol=1e-6)
+
+  def test_shared_queries_match_broadcast_ones(self):
     """A cross-attend fed its (learned, example-independent) queries once, `[1, T, D]`, against the same
-    queries broadcast to the batch, `[B, T, D]`: values and gradients (parameters, queries, inputs)."""
+    queries broadcast to the batch, `[B, T, D]`: values and gradients (parameters, queries, inputs). With the
+    query residual, so the residual's broadcast add is covered too."""
     p = P_MULTI["cross_attend"]
     z = jax.random.normal(jax.random.PRNGKey(12), (4, 8))
     w = jax.random.normal(jax.random.PRNGKey(13), (2, 4, 8))
 
     def out(p, z, x, shared):
       q = z[None] if shared else jnp.broadcast_to(z[None], (x.shape[0], *z.shape))
-      return pm._layer(p, q, x, MULTI, heads=2, query_residual=residual, key_mask_BxS=MASK != 0)
+      return pm._layer(p, q, x, MULTI, heads=2, query_residual=True, key_mask_BxS=MASK != 0)
 
-    np.testing.assert_allclose(out(p, z, X, True), out(p, z, X, False), rtol=1e-6, atol=1e-6)
-    grads = [jax.grad(lambda *a, s=s: jnp.sum(out(*a, s) * w), argnums=(0, 1, 2))(p, z, X) for s in (True, False)]
-    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    @jax.jit  # one compile for both forms (eager dispatch of the gradients is slow)
+    def both(p, z, x):
+      return [(out(p, z, x, s), jax.grad(lambda *a: jnp.sum(out(*a, s) * w), argnums=(0, 1, 2))(p, z, x))
+              for s in (True, False)]
+
+    (shared, g_shared), (broadcast, g_broadcast) = both(p, z, X)
+    np.testing.assert_allclose(shared, broadcast, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(g_shared, g_broadcast, rtol=1e-5, atol=1e-6)
 
 class DecoderTest(chex.TestCase, parameterized.TestCase):
 
