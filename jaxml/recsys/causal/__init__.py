@@ -26,7 +26,8 @@ from jaxml.recsys.causal.objectives import (bce_loss, decrs_apply, decrs_init, d
 from jaxml.recsys.causal.popularity import (macr_loss, macr_score, pd_inference, pda_bpr_loss,  # noqa: F401
                                             pda_inference, pda_score, stage_popularity)
 from jaxml.recsys.causal.data import load_coat  # noqa: F401
-from jaxml.recsys.causal.estimators import dr_bias, dr_risk, ips_risk, naive_risk, replay_lists, snips_risk  # noqa: F401
+from jaxml.recsys.causal.estimators import (dr_bias, dr_risk, ips_risk, naive_risk, replay_lists,  # noqa: F401
+                                            snips_risk)
 from jaxml.recsys.causal.metrics import (hit_rate_at_k, masked_auc, masked_mae, masked_mse,  # noqa: F401
                                          ndcg_at_k, recall_at_k)
 from jaxml.recsys.causal.mf import ips_weights, mf_apply, mf_init, mf_ips_loss, mf_scores, observed_batch  # noqa: F401
