@@ -25,6 +25,13 @@ Measured on one tiny Llama (`bench_config`: vocab 512, dim 128, 2 layers, float3
     backward, Adam) in tokens/s (rows x prompt+response tokens per epoch), and the
     fraction of a whole PPO iteration (`ppo.make_step`, jitted) spent generating (the
     decode loop alone, timed on the same shapes).
+  * Where the rollout's time goes: the decode loop alone, each scoring pass alone on the
+    rollout's sequences (reward model, policy, reference, critic), the advantages; the
+    rollout with `rollout_logprobs="decode"` (the decode loop's log-probs reused, no policy
+    pass) against its own Python-stepped form and against the forward-pass rollout; the
+    policy and reference passes as one vmapped pass over stacked parameters against two
+    plain passes (checked equal first); and the bound on the compiled/stepped ratio if the
+    scoring cost nothing (Python-stepped rollout / compiled decode loop alone).
 
 Both sides use the same thread count (XLA sizes its pool from the CPU affinity, torch gets
 `torch.set_num_threads`); the DPO sides run in alternating rounds, the PPO variants call by
@@ -171,8 +178,11 @@ def python_stepped_rollout(cfg, pcfg, rm_params, rm_cfg):
   A jitted prefill (`llama.apply` into a KV cache), then per new token one jitted call
   (`llama.apply` on one token at the cache index + `llama.sample_logits`), then one jitted
   call of the scoring passes (reward model, policy / reference log-probs, critic values,
-  scores and GAE advantages: the functions the compiled rollout uses).
+  scores and GAE advantages: the functions the compiled rollout uses). With
+  `pcfg.rollout_logprobs == "decode"` each decode call also returns the drawn token's
+  log-probability (as the compiled loop does) and the scoring skips the policy pass.
   """
+  from_decode = pcfg.rollout_logprobs == "decode"
   P, N = PPO_PROMPT_LEN, PPO_NEW
 
   @jax.jit
@@ -184,8 +194,10 @@ def python_stepped_rollout(cfg, pcfg, rm_params, rm_cfg):
   @jax.jit
   def decode(params, last_logits, cache, index, key):
     token = llama.sample_logits(key, last_logits, temperature=pcfg.temperature)
+    scaled = last_logits.astype(jnp.float32) / pcfg.temperature
+    logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
     logits, cache = llama.apply(params, token[:, None], cfg, cache=cache, cache_index=index)
-    return token, logits[:, -1], cache
+    return (token, logp) if from_decode else (token, None), logits[:, -1], cache
 
   @jax.jit
   def decode_greedy(params, last_logits, cache, index):
@@ -193,31 +205,38 @@ def python_stepped_rollout(cfg, pcfg, rm_params, rm_cfg):
     logits, cache = llama.apply(params, token[:, None], cfg, cache=cache, cache_index=index)
     return token, logits[:, -1], cache
 
-  def generate(params, prompts, key, greedy=False):
+  def generate(params, prompts, key, greedy=False, logprobs=False):
     last, cache = prefill(params, prompts)
-    new = []
+    new, logps = [], []
     for t in range(N):
       if greedy:
         token, last, cache = decode_greedy(params, last, cache, jnp.int32(P + t))
       else:
-        token, last, cache = decode(params, last, cache, jnp.int32(P + t), jax.random.fold_in(key, t))
+        (token, logp), last, cache = decode(params, last, cache, jnp.int32(P + t), jax.random.fold_in(key, t))
+        logps.append(logp)
       new.append(token)
-    return jnp.stack(new, axis=1)
+    return (jnp.stack(new, axis=1), jnp.stack(logps, axis=1)) if logprobs else jnp.stack(new, axis=1)
 
   @jax.jit
-  def score(params, extras, tokens):
+  def score(params, extras, tokens, decode_logp):
     mask = jnp.ones(tokens.shape, jnp.int32)
     m = jnp.ones((tokens.shape[0], N), jnp.float32)
     raw = alignment.reward_model_apply(rm_params, tokens, mask, rm_cfg)
-    old_logp, _ = ppo.token_logprobs(params["policy"], tokens, mask, P, cfg, temperature=pcfg.temperature)
+    if from_decode:
+      old_logp = decode_logp
+    else:
+      old_logp, _ = ppo.token_logprobs(params["policy"], tokens, mask, P, cfg, temperature=pcfg.temperature)
     ref_logp, _ = ppo.token_logprobs(extras["ref"], tokens, mask, P, cfg, temperature=pcfg.temperature)
     values = ppo.token_values(params["value"], tokens, mask, P, cfg)
     s, _ = ppo.process_scores(pcfg, raw, extras["reward_moments"])
     return ppo.compute_advantages(pcfg, s, old_logp, ref_logp, values, m)
 
   def rollout(params, extras, prompts, key):
-    tokens = jnp.concatenate([prompts, generate(params["policy"], prompts, key)], axis=1)
-    return score(params, extras, tokens)
+    if from_decode:
+      new, logp = generate(params["policy"], prompts, key, logprobs=True)
+    else:
+      new, logp = generate(params["policy"], prompts, key), None
+    return score(params, extras, jnp.concatenate([prompts, new], axis=1), logp)
 
   return rollout, generate
 
@@ -241,6 +260,10 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
   step = jax.jit(ppo.make_step(cfg, pcfg, reward_fn, max_new_tokens=N, eos_id=None, min_prompt_len=P),
                  donate_argnums=0)
   stepped, stepped_generate = python_stepped_rollout(cfg, pcfg, rm_params, cfg)
+  # The rollout that reuses the decode loop's log-probs (no policy forward pass), both forms.
+  dcfg = pcfg.replace(rollout_logprobs="decode")
+  rollout_dec = jax.jit(ppo.make_rollout(cfg, dcfg, reward_fn, max_new_tokens=N, eos_id=None, min_prompt_len=P))
+  stepped_dec, _ = python_stepped_rollout(cfg, dcfg, rm_params, cfg)
   buf = jnp.zeros((B, P + N), jnp.int32).at[:, :P].set(prompts)
 
   def compiled_generate(temperature):
@@ -255,7 +278,29 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
   start = time.perf_counter()
   experience, _, _ = jax.block_until_ready(rollout(params, extras, batch, key))
   say(f"PPO: compiled rollout compiled + ran in {time.perf_counter() - start:.1f}s")
+  # Where the rollout's time goes: each scoring pass alone on the rollout's sequences (compiled), the
+  # advantages, and the policy + reference passes run as one vmapped pass over stacked parameters.
+  tokens, mask = experience["tokens"], experience["mask"]
+  m = experience["response_mask"]
+  t_ = pcfg.temperature
+  rm_pass = jax.jit(lambda t, k: alignment.reward_model_apply(rm_params, t, k, cfg))
+  lp_pass = jax.jit(lambda p, t, k: ppo.token_logprobs(p, t, k, P, cfg, temperature=t_))
+  value_pass = jax.jit(lambda p, t, k: ppo.token_values(p, t, k, P, cfg))
+  two_pass = jax.jit(lambda a, b, t, k: (lp_pass(a, t, k), lp_pass(b, t, k)))
+  stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), params["policy"], extras["ref"])
+  stacked_pass = jax.jit(lambda s_, t, k: jax.vmap(lambda p: ppo.token_logprobs(p, t, k, P, cfg, temperature=t_))(s_))
+  adv_pass = jax.jit(lambda e: ppo.compute_advantages(pcfg, e["scores"], e["old_logp"], e["ref_logp"],
+                                                      e["old_values"], e["response_mask"]))
+  # The stacked form computes the same log-probs as the two plain passes.
+  (lp_a, _), (lp_b, _) = two_pass(params["policy"], extras["ref"], tokens, mask)
+  (lp_s, _) = stacked_pass(stacked, tokens, mask)
+  if not (np.allclose(lp_s[0], lp_a, atol=1e-5) and np.allclose(lp_s[1], lp_b, atol=1e-5)):
+    raise AssertionError("the stacked (vmapped) policy + reference pass disagrees with the plain passes")
+  exp_dec, _, _ = rollout_dec(params, extras, batch, key)
+  if not np.allclose(np.asarray(exp_dec["old_logp"]), np.asarray(experience["old_logp"]) * np.asarray(m), atol=5e-5):
+    raise AssertionError("the decode loop's log-probs disagree with the policy forward pass")
   jax.block_until_ready(stepped(params, extras, batch["prompts"], key))
+  jax.block_until_ready(stepped_dec(params, extras, batch["prompts"], key))
   jax.block_until_ready(update(params, state.opt_state, experience, None, key))
   jax.block_until_ready(generate_only(params["policy"], key))
   jax.block_until_ready(generate_greedy(params["policy"], key))
@@ -279,6 +324,14 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
       "greedy_generation": lambda: generate_greedy(params["policy"], key),
       "python_greedy_generation": lambda: stepped_generate(params["policy"], batch["prompts"], key, greedy=True),
       "python_generation": lambda: stepped_generate(params["policy"], batch["prompts"], key),
+      "rollout_decode_logprobs": lambda: rollout_dec(params, extras, batch, key),
+      "python_rollout_decode_logprobs": lambda: stepped_dec(params, extras, batch["prompts"], key),
+      "reward_model_pass": lambda: rm_pass(tokens, mask),
+      "policy_pass": lambda: lp_pass(params["policy"], tokens, mask),
+      "critic_pass": lambda: value_pass(params["value"], tokens, mask),
+      "policy_and_reference_passes": lambda: two_pass(params["policy"], extras["ref"], tokens, mask),
+      "stacked_policy_and_reference_pass": lambda: stacked_pass(stacked, tokens, mask),
+      "advantages": lambda: adv_pass(experience),
   }
   one = sum(_timed(fn, 1)[0][0] for fn in variants.values())
   passes = max(rounds, _count(rounds * budget_s * 4, one, 60))
@@ -294,7 +347,27 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
       + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in w.items())
       + "; median CPU ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in cpu.items()))
   new_tokens = B * N
-  return {"rollout_tokens_per_s": new_tokens / roll, "python_rollout_tokens_per_s": new_tokens / py,
+  scoring = w["reward_model_pass"] + w["policy_and_reference_passes"] + w["critic_pass"] + w["advantages"]
+  say("rollout breakdown, median wall ms: generation " + f"{gen * 1e3:.1f}, reward model {w['reward_model_pass'] * 1e3:.1f}"
+      f", policy {w['policy_pass'] * 1e3:.1f}, policy + reference {w['policy_and_reference_passes'] * 1e3:.1f} "
+      f"(stacked under vmap {w['stacked_policy_and_reference_pass'] * 1e3:.1f}), critic {w['critic_pass'] * 1e3:.1f}, "
+      f"advantages {w['advantages'] * 1e3:.1f}; sum {(gen + scoring) * 1e3:.1f} vs the rollout {roll * 1e3:.1f}")
+  c = cpu
+  say("the same in median process CPU ms: generation " + f"{c['generation'] * 1e3:.1f}, reward model "
+      f"{c['reward_model_pass'] * 1e3:.1f}, policy {c['policy_pass'] * 1e3:.1f}, policy + reference "
+      f"{c['policy_and_reference_passes'] * 1e3:.1f} (stacked {c['stacked_policy_and_reference_pass'] * 1e3:.1f}), "
+      f"critic {c['critic_pass'] * 1e3:.1f}, advantages {c['advantages'] * 1e3:.1f}; rollout {c['rollout'] * 1e3:.1f}")
+  scoring_cpu = (c["reward_model_pass"] + c["policy_and_reference_passes"] + c["critic_pass"] + c["advantages"])
+
+  def ratios(t):   # the comparisons, from wall (w) or CPU (cpu) medians
+    return {"rollout_decode_speedup": t["python_rollout_decode_logprobs"] / t["rollout_decode_logprobs"],
+            "rollout_decode_vs_forward": t["rollout"] / t["rollout_decode_logprobs"],
+            "rollout_speedup_if_scoring_were_free": t["python_rollout"] / t["generation"],
+            "stacked_vs_two_passes": t["policy_and_reference_passes"] / t["stacked_policy_and_reference_pass"]}
+
+  return {
+      **ratios(w), **{f"{k}_cpu_time": v for k, v in ratios(cpu).items()},
+      "scoring_fraction_of_rollout": scoring / roll, "scoring_fraction_of_rollout_cpu_time": scoring_cpu / c["rollout"],"rollout_tokens_per_s": new_tokens / roll, "python_rollout_tokens_per_s": new_tokens / py,
           "rollout_speedup": py / roll, "update_tokens_per_s": pcfg.ppo_epochs * B * (P + N) / upd,
           "generation_fraction": gen / whole, "iteration_s": whole, "rollout_s": roll, "update_s": upd,
           "generation_s": gen, "decode_speedup_sampled": py_gen / gen, "decode_speedup_greedy": py_greedy / greedy,
@@ -352,6 +425,9 @@ def main(argv):
       "ppo_rollout_speedup_vs_python_cpu_time": ppo_res["rollout_speedup_cpu_time"],
       "ppo_decode_speedup_vs_python_sampled": ppo_res["decode_speedup_sampled"],
       "ppo_decode_speedup_vs_python_greedy": ppo_res["decode_speedup_greedy"],
+      **{f"ppo_{k}{sfx}": ppo_res[f"{k}{sfx}"] for sfx in ("", "_cpu_time") for k in (
+          "rollout_decode_speedup", "rollout_decode_vs_forward", "rollout_speedup_if_scoring_were_free",
+          "scoring_fraction_of_rollout", "stacked_vs_two_passes")},
   })
 
 
