@@ -34,6 +34,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.eval_temperature = 1.0  # 1: sample the policy (as Gato deploys); 0: argmax over the valid action ids
   c.bootstrap = 2000  # bootstrap resamples of the mean score
   c.probe_rows = 128  # windows per condition of the prompt probe (teacher-forced twin accuracy)
+  c.probe_episodes = 16  # held-out expert episodes per twin for the probe's windows (before the 80% filter)
   c.figures_dir = ""  # also copy gato_scores.png and gato_twin.png there (e.g. docs/figures)
   if variant == "small":  # under 15 minutes on 2 CPU cores
     c.steps = 300

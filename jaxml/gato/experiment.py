@@ -19,8 +19,11 @@
    per task, the context starting with the last `prompt_timesteps` timesteps of a successful
    demonstration; expert-normalised score `(R - R_random) / (R_expert - R_random)`, mean with a
    95% bootstrap interval. The twin pair with the multi-task model: no prompt, the right
-   demonstration, the twin's demonstration. Caption accuracy (held-out digits) and text loss
-   (held-out stdlib bytes).
+   demonstration, the twin's demonstration, and both demonstrations as the only context (no
+   history of the episode: the incremental evaluation with K = 0). The prompt probe
+   (`prompt_probe`): teacher-forced action accuracy on expert windows of each twin after the
+   right, the twin's or no prompt, per timestep of the window. Caption accuracy (held-out digits)
+   and text loss (held-out stdlib bytes).
 
 Writes `results.json`, `results.md` (the tables), `gato_scores.png`, `gato_twin.png`, and each
 training's `metrics.jsonl` / `loss.png` under `DIR/<model>/`.
@@ -79,6 +82,7 @@ class GatoExperimentConfig:
   eval_temperature: float = 1.0  # 1: sample the policy (as Gato deploys); 0: argmax over the valid action ids
   bootstrap: int = 2000  # bootstrap resamples
   probe_rows: int = 128  # windows per condition of the prompt probe (`prompt_probe`)
+  probe_episodes: int = 16  # held-out expert episodes per twin for the probe's windows (before the 80% filter)
   figures_dir: str = ""  # also copy the figures there (e.g. docs/figures)
 
   def __post_init__(self):
@@ -168,6 +172,10 @@ def _experts(cfg: GatoExperimentConfig, workdir: str, log) -> dict[str, dict]:
     out[name] = dict(env=env, env_params=env_params, spec=_spec(name, env, env_params), act_fn=act_fn,
                      expert_return=r_exp, random_return=r_rand, episodes=kept, horizon=horizon,
                      kept=int(len(kept.returns)))
+    if name in ("CartPole-v1", "CartPole-twin") and "CartPole-twin" in cfg.tasks:
+      # Held-out expert episodes (never trained on) for the prompt probe's windows.
+      held = ex.collect(act_fn, env, env_params, jax.random.fold_in(k, 2), cfg.probe_episodes, horizon)
+      out[name]["heldout"] = ex.keep_good(held, r_exp, r_rand, cfg.keep_fraction)
     log(f"expert {name}: return {r_exp:.1f} (random {r_rand:.1f}), kept {len(kept.returns)}/{len(eps.returns)} "
         f"episodes, {time.perf_counter() - t0:.1f}s")
   return out
@@ -200,7 +208,8 @@ def prompt_probe(params, mcfg: model.GatoConfig, layout: TokenLayout, spec: sq.T
   the last `prompt_timesteps` timesteps of another `own` episode ("right"), of a `twin` episode ("twin"),
   or no prompt ("none"). The same windows in every condition. On the confusable twin pair the expert
   actions are mirrored on identical observations, so an accuracy above 0.5 at the window's first
-  timestep (no history yet) can only come from the prompt; "twin" below "right" shows the prompt is read.
+  timestep (no history yet) can only come from the prompt (or from remembering a training state: the
+  study passes held-out episodes as `own`); "twin" below "right" shows the prompt is used.
   Also `prob_shift`: the mean total-variation distance between the first action's distributions after
   the right and the twin prompts."""
   lo, hi = policy._valid_range(spec, layout)
@@ -333,8 +342,9 @@ def run(config: Any, workdir: str) -> dict:
   if "CartPole-twin" in tasks:
     results["prompt_probe"] = {}
     for env_name, other in (("CartPole-v1", "CartPole-twin"), ("CartPole-twin", "CartPole-v1")):
+      heldout = _tokens(tasks[env_name]["spec"], layout, mcfg, tasks[env_name]["heldout"])
       results["prompt_probe"][env_name] = prompt_probe(
-          trained["multi-task"], mcfg, layout, tasks[env_name]["spec"], toks[env_name], toks[other],
+          trained["multi-task"], mcfg, layout, tasks[env_name]["spec"], heldout, toks[other],
           step_len=steps_len[env_name], prompt_timesteps=cfg.prompt_timesteps, context=cfg.context,
           rows=cfg.probe_rows, seed=cfg.seed + 13)
       pr = results["prompt_probe"][env_name]

@@ -139,11 +139,16 @@ class IncrementalTest(absltest.TestCase):
     refills = self._check_against_full_forward(same_held=True, reset_at=None)
     self.assertGreaterEqual(refills, 4)  # both environments at steps 4 and 7
 
-  def _check_against_full_forward(self, *, same_held, reset_at):
+  def test_no_history_acts_on_the_prompt_and_observation_alone(self):
+    # K = 0 (the study's "no history" evaluation): every step refills to R = 0 held timesteps, so each action
+    # is the restricted argmax of a forward over the prompt, the observation and the separator only.
+    self._check_against_full_forward(same_held=True, reset_at=None, keep=0, refill=0, steps=3)
+
+  def _check_against_full_forward(self, *, same_held, reset_at, keep=3, refill=1, steps=10):
     # The reference recomputes, from its own record of the timesteps, the context the module docstring
     # states (prompt, the n held timesteps, the observation and separator) and takes the restricted argmax
     # of one uncached forward over it.
-    keep, refill, steps, b = 3, 1, 10, 2
+    b = 2
     rng = np.random.default_rng(3)
     prompt = jax.tree.map(jnp.asarray, sq.episode_tokens(
         TWO_D, LAYOUT, {"pos": rng.normal(size=(2, 3)).astype(np.float32), "flag": rng.integers(0, 4, 2)},
@@ -165,7 +170,7 @@ class IncrementalTest(absltest.TestCase):
       actions, state = step(params(), state, jax.tree.map(jnp.asarray, obs), jax.random.split(jax.random.PRNGKey(t), b))
       for e in range(b):
         if len(held[e]) == keep + 1:
-          held[e] = held[e][-refill:]
+          held[e] = held[e][len(held[e]) - refill:]  # (not [-refill:]: R may be 0)
           refills += 1
         o = {k: v[e] for k, v in obs.items()}
         ids = np.asarray(sq.action_ids(TWO_D, LAYOUT, actions[e]))
