@@ -185,13 +185,15 @@ class PPOConfig:
   temperature: float = 1.0           # 1: the sampled distribution is the policy that the KL regularises
                                      # ([M] 0.8 with top-p 0.9; [T] 0.7)
   top_p: float | None = None         # nucleus sampling ([M] --topp 0.9; [T] 1.0); None: off
-  repetition_penalty: float | None = None  # CTRL's penalty on ids already in the row ([M] 1.1); None: off
+  # CTRL's penalty on ids already in the row ([M] 1.1); None: off. llama.decode_loop applies it as transformers
+  # does, to the prompt's ids too; MOSS-RLHF's generate penalises only the ids of the response so far.
+  repetition_penalty: float | None = None
   # Which log-probabilities the ratio, the KL and the entropy use: always the policy's own distribution
   # from a forward pass (neither top-p truncation nor the repetition penalty enters them: MOSS-RLHF's
   # make_experiences and TRL both score the sampled tokens with a plain forward pass of the model).
   # True: log softmax(logits / temperature) (TRL: `logits /= temperature + 1e-7` before the log-softmax);
-  # False: log softmax(logits), the untempered policy (MOSS-RLHF: `logprobs_from_logits(logits)`, no
-  # temperature). Equal at temperature 1.
+  # False: log softmax(logits), the untempered policy (MOSS-RLHF: `logprobs_from_logits(logits)` on its
+  # model's plain forward logits; only its generate divides by the temperature). Equal at temperature 1.
   logprobs_tempered: bool = True
   # Where the rollout's log-probabilities come from: "forward" (a separate policy forward pass over the
   # rollout, as TRL and MOSS) or "decode" (those the decode loop computes while sampling, from the same

@@ -156,8 +156,8 @@ class RolloutTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(exp["tokens"])[:, P:], np.asarray(new))
     m = np.asarray(exp["response_mask"])
     np.testing.assert_array_equal(m.sum(1), np.asarray(n_new))
-    plain, _ = ppo.token_logprobs(MOVED, exp["tokens"], exp["mask"], P, CFG, temperature=1.0)
-    tempered, _ = ppo.token_logprobs(MOVED, exp["tokens"], exp["mask"], P, CFG, temperature=0.8)
+    plain, tempered = jax.jit(lambda t, k: [ppo.token_logprobs(MOVED, t, k, P, CFG, temperature=temp)[0]
+                                            for temp in (1.0, 0.8)])(exp["tokens"], exp["mask"])
     np.testing.assert_allclose(np.asarray(exp["old_logp"]) * m, np.asarray(plain) * m, atol=1e-6)
     self.assertGreater(float(np.abs((np.asarray(tempered) - np.asarray(plain)) * m).max()), 1e-3)
 
