@@ -107,11 +107,19 @@ def rope_tables(positions_BxT, head_dim: int, theta: float = 10000.0,
 
 
 def apply_rope_tables(x_BxTxNxDh: Array, cos: Array, sin: Array) -> Array:
-  """Rotates consecutive (even, odd) channel pairs with precomputed tables (see `apply_rope`)."""
+  """Rotates consecutive (even, odd) channel pairs with precomputed tables (see `apply_rope`).
+
+  Each pair `(re, im)` becomes `(re cos - im sin, im cos + re sin)`, computed as
+  `pair * cos + swap(pair) * (-sin, sin)`: the swap is a reverse of the pair axis,
+  whose gradient is a reverse too, where slicing the two halves out and stacking
+  them back differentiates into pads (full-size zero buffers) and adds; same
+  values bit for bit.
+  """
   x32 = x_BxTxNxDh.astype(jnp.float32)
-  x_pairs = x32.reshape(*x32.shape[:-1], x32.shape[-1] // 2, 2)
-  x_re, x_im = x_pairs[..., 0], x_pairs[..., 1]
-  out = jnp.stack([x_re * cos - x_im * sin, x_re * sin + x_im * cos], axis=-1).reshape(x32.shape)
+  pairs = x32.reshape(*x32.shape[:-1], x32.shape[-1] // 2, 2)
+  xp = np if isinstance(sin, np.ndarray) else jnp  # constant tables stay constants
+  signed_sin = xp.stack([-sin, sin], axis=-1)
+  out = (pairs * cos[..., None] + pairs[..., ::-1] * signed_sin).reshape(x32.shape)
   return out.astype(x_BxTxNxDh.dtype)
 
 

@@ -100,6 +100,17 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
               for c in (scanned, unrolled)]
     chex.assert_trees_all_close(caches[0], caches[1], atol=1e-6)
 
+  def test_unstacked_weights_gradient_is_the_stack_of_slice_gradients_bitwise(self):
+    """`unstack_layers` (a custom VJP that stacks the slice gradients) equals autodiff of plain slicing."""
+    def plain_unstack(params):
+      n = params["layers"]["wq"].shape[0]
+      return dict(params, layers=tuple(jax.tree.map(lambda w, i=i: w[i], params["layers"]) for i in range(n)))
+
+    cfg = CFG.replace(scan_layers=False)
+    loss = lambda unstack: lambda p: llama.loss_fn(unstack(p), {"tokens": TOKENS}, cfg)[0]  # noqa: E731
+    chex.assert_trees_all_equal(jax.jit(jax.grad(loss(llama.unstack_layers)))(PARAMS),
+                                jax.jit(jax.grad(loss(plain_unstack)))(PARAMS))
+
   def test_unstacked_weights_and_either_cache_form(self):
     """`apply` takes stacked or per-layer weights and caches, and returns the cache form it was given."""
     ref = llama.apply(PARAMS, TOKENS, CFG)

@@ -183,6 +183,25 @@ class RopeTest(chex.TestCase):
     expected = np.stack([rot.real, rot.imag], -1).reshape(x.shape)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
+  def test_pair_swap_form_equals_slice_and_stack_bitwise(self):
+    """`apply_rope_tables` (pairs times cos plus swapped pairs times (-sin, sin)) equals the direct
+    `(re cos - im sin, re sin + im cos)` of the two halves, values and gradients, for constant and
+    traced tables."""
+    def direct(x, cos, sin):
+      pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+      re, im = pairs[..., 0], pairs[..., 1]
+      return jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1).reshape(x.shape)
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 8))
+    g = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    pos = np.tile(np.arange(5, dtype=np.int32)[None] + 3, (2, 1))
+    for cos, sin in (nn.rope_tables(pos, 8), nn.rope_tables(jnp.asarray(pos), 8)):
+      for fn in (nn.apply_rope_tables, direct):
+        self.assertEqual(fn(x, cos, sin).shape, x.shape)
+      np.testing.assert_array_equal(nn.apply_rope_tables(x, cos, sin), direct(x, cos, sin))
+      grad = lambda fn: jax.jit(jax.grad(lambda x: jnp.sum(fn(x, cos, sin) * g)))(x)  # noqa: E731
+      np.testing.assert_array_equal(grad(nn.apply_rope_tables), grad(direct))
+
   def test_constant_tables_from_numpy_positions_equal_traced_tables(self):
     """Positions known when tracing give NumPy (constant) tables equal to the traced ones."""
     pos = np.arange(300, dtype=np.int32)[None] + 5
