@@ -21,6 +21,8 @@ $(PEER)/.installed: requirements/peer.txt
 	$(PEER)/bin/pip install -q torch==2.13.0
 	$(PEER)/bin/pip install -q -r requirements/peer.txt
 	$(PEER)/bin/pip install -q --no-deps recbole==1.2.1  # metric functions only (tests/peer_scripts/recbole_metrics.py)
+	# jurity needs pandas < 3: both in their own folder (requirements/peer.txt, tests/peer_scripts/jurity_ctr.py)
+	$(PEER)/bin/pip install -q --no-deps --target $(PEER)/jurity-pandas2 jurity==2.1.0 pandas==2.3.3 pytz==2026.6
 	touch $@
 
 venv: $(VENV)/.installed
