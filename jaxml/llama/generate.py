@@ -130,11 +130,11 @@ class NonFiniteLogitsError(FloatingPointError):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "eos_id", "segments", "with_logprobs",
-                                             "repetition_penalty"))
+                                             "repetition_penalty", "penalize_prompt"))
 def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_prompt_len: int,
                 max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                 eos_id: int | None = None, segments: tuple[int, int] | None = None, with_logprobs: bool = True,
-                repetition_penalty: float | None = None):
+                repetition_penalty: float | None = None, penalize_prompt: bool = True):
   """The compiled prefill + decode loop of `generate_arrays`, traceable under a caller's `jax.jit`.
 
   It fills `tokens_BxS` after each row's prompt; no host checks and no
@@ -157,7 +157,7 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
       module's defaults.
     with_logprobs: False skips the log-probabilities (zeros are returned),
       saving a log-sum-exp over the vocabulary per step.
-    repetition_penalty: as in `generate_arrays`.
+    repetition_penalty, penalize_prompt: as in `generate_arrays`.
 
   Returns:
     `(tokens_BxN, logprobs_BxN, lengths_B, bad_B)`: each row's `N` new
@@ -183,9 +183,10 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
   bad_B = jnp.full((B,), -1, jnp.int32)
   rows_B = jnp.arange(B)
   penalise = repetition_penalty is not None and repetition_penalty != 1.0
-  # The tokens each row holds (for the repetition penalty): the prefilled prompt slots, then each new slot.
+  # The tokens the repetition penalty applies to: each row's prompt (unless penalize_prompt is False)
+  # and its new tokens so far.
   seen = jnp.zeros((B, cfg.vocab_size if penalise else 1), bool)
-  if penalise:
+  if penalise and penalize_prompt:
     seen = seen.at[rows_B[:, None], tokens_BxS[:, :min_prompt_len]].set(True)
 
   def cond(end, carry):
@@ -203,7 +204,8 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
     nxt = jnp.where(in_prompt, given, nxt)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, cur, axis=1)
     if penalise:
-      seen = seen.at[rows_B, nxt].set(True)
+      mark = True if penalize_prompt else ~in_prompt
+      seen = seen.at[rows_B, nxt].set(seen[rows_B, nxt] | mark)
     # The log-probability of the new token under softmax(logits / temperature) (plain softmax when greedy),
     # and whether the logits that picked it were finite; only for rows still generating.
     new = ~in_prompt & ~done
@@ -292,7 +294,8 @@ def _prompt_arrays(cfg: LlamaConfig, prompt_tokens: Any, prompt_lengths: Any, wh
 
 
 def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray, max_new_tokens: int, *,
-         temperature, top_k, top_p, eos_id, rng, with_logprobs: bool = True, repetition_penalty=None):
+         temperature, top_k, top_p, eos_id, rng, with_logprobs: bool = True, repetition_penalty=None,
+         penalize_prompt: bool = True):
   """Checks the lengths against the context, runs the compiled loop, raises on non-finite logits."""
   longest = int(lengths_B.max())
   total = longest + max_new_tokens
@@ -310,7 +313,8 @@ def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray
       max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
       top_p=None if top_p is None else float(top_p), eos_id=None if eos_id is None else int(eos_id),
       segments=(_SEGMENTS, _SEGMENT_MIN_LEN), with_logprobs=with_logprobs,
-      repetition_penalty=None if repetition_penalty is None else float(repetition_penalty))
+      repetition_penalty=None if repetition_penalty is None else float(repetition_penalty),
+      penalize_prompt=bool(penalize_prompt))
   bad = np.asarray(bad)
   if (bad >= 0).any():
     rows = np.flatnonzero(bad >= 0)
@@ -324,7 +328,7 @@ def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray
 def generate_arrays(params: model.Params, cfg: LlamaConfig, prompt_tokens_BxP: Any, prompt_lengths_B: Any,
                     max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, eos_id: int | None = None, rng: jax.Array | None = None,
-                    repetition_penalty: float | None = None):
+                    repetition_penalty: float | None = None, penalize_prompt: bool = True):
   """Generates `max_new_tokens` after each prompt; arrays in, arrays out.
 
   One compiled program (prefill + the decode loop, see the module docstring),
@@ -354,6 +358,8 @@ def generate_arrays(params: model.Params, cfg: LlamaConfig, prompt_tokens_BxP: A
       so far (its prompt and its new tokens), as transformers'
       `repetition_penalty` does; greedy decoding takes the argmax of the
       penalised logits.
+    penalize_prompt: False penalises only the row's new tokens (MOSS-RLHF's
+      rollouts), not its prompt.
 
   Returns:
     `(tokens_BxN, logprobs_BxN, lengths_B)`: `[B, N]` int32 new tokens,
@@ -369,13 +375,14 @@ def generate_arrays(params: model.Params, cfg: LlamaConfig, prompt_tokens_BxP: A
   check_sampling(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng, repetition_penalty=repetition_penalty)
   tokens, lengths = _prompt_arrays(cfg, prompt_tokens_BxP, prompt_lengths_B, "prompt_tokens_BxP")
   return _run(params, cfg, tokens, lengths, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-              eos_id=eos_id, rng=rng, repetition_penalty=repetition_penalty)
+              eos_id=eos_id, rng=rng, repetition_penalty=repetition_penalty, penalize_prompt=penalize_prompt)
 
 
 def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]] | Any, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, rng: jax.Array | None = None, pad_id: int = 0,
-             prompt_lengths: Any = None, repetition_penalty: float | None = None) -> list[list[int]]:
+             prompt_lengths: Any = None, repetition_penalty: float | None = None,
+             penalize_prompt: bool = True) -> list[list[int]]:
   """Generates up to `max_new_tokens` after each prompt; the list form of `generate_arrays`.
 
   Args:
@@ -392,7 +399,7 @@ def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[
     pad_id: kept for compatibility: slots after short prompts are never read.
     prompt_lengths: with an array of prompts, optional `[B]` integer lengths
       (default: every row is full length); not with lists.
-    repetition_penalty: as in `generate_arrays`.
+    repetition_penalty, penalize_prompt: as in `generate_arrays`.
 
   Returns:
     For each prompt, the list of new token ids (Python ints), cut before the
@@ -424,7 +431,8 @@ def generate(params: model.Params, cfg: LlamaConfig, prompts: Sequence[Sequence[
       tokens[i, :len(p)] = p
     tokens, lengths = _prompt_arrays(cfg, tokens, lengths, "prompts")
   new, _, n = _run(params, cfg, tokens, lengths, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=eos_id, rng=rng, with_logprobs=False, repetition_penalty=repetition_penalty)
+                   eos_id=eos_id, rng=rng, with_logprobs=False, repetition_penalty=repetition_penalty,
+                   penalize_prompt=penalize_prompt)
   new, n = np.asarray(new), np.asarray(n)
   results = []
   for row, k in zip(new, n):

@@ -37,6 +37,19 @@ def naive_greedy(prompt, n):
   return toks[len(prompt):]
 
 
+def naive_penalised_greedy(prompt, n, penalty, penalize_prompt):
+  """`naive_greedy` with the CTRL repetition penalty written out on the full forward's logits."""
+  toks = list(prompt)
+  for _ in range(n):
+    buf = np.zeros((1, CFG.max_seq_len), np.int32)
+    buf[0, :len(toks)] = toks
+    logits = np.asarray(_full_forward(PARAMS, buf)[0, len(toks) - 1], np.float64)
+    for t in set(toks if penalize_prompt else toks[len(prompt):]):
+      logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+    toks.append(int(np.argmax(logits)))
+  return toks[len(prompt):]
+
+
 class GenerateTest(chex.TestCase):
 
   @classmethod
@@ -47,6 +60,18 @@ class GenerateTest(chex.TestCase):
   def test_greedy_batch_of_different_lengths_equals_full_forward_loop(self):
     for prompt, got in zip(PROMPTS, self.greedy):
       self.assertEqual(got, naive_greedy(prompt, 8))
+
+  def test_repetition_penalty_on_prompt_and_new_tokens_or_new_tokens_only(self):
+    """Both forms against the penalty applied by hand in a full-forward loop (prompts of different
+    lengths: the longer ones are teacher-forced through the decode loop)."""
+    plain = llama.generate(PARAMS, CFG, PROMPTS, 16)
+    forms = {}
+    for penalize_prompt in (True, False):
+      got = llama.generate(PARAMS, CFG, PROMPTS, 16, repetition_penalty=4.0, penalize_prompt=penalize_prompt)
+      self.assertEqual(got, [naive_penalised_greedy(p, 16, 4.0, penalize_prompt) for p in PROMPTS])
+      self.assertNotEqual(got, plain)  # 16 tokens: unpenalised, this random model repeats some
+      forms[penalize_prompt] = got
+    self.assertNotEqual(forms[True], forms[False])
 
   def test_scanned_layers_generate_the_same_tokens(self):
     """The scanned model (stacked cache and weights) decodes exactly as the unrolled one."""
