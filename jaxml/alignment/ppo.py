@@ -185,9 +185,11 @@ class PPOConfig:
   temperature: float = 1.0           # 1: the sampled distribution is the policy that the KL regularises
                                      # ([M] 0.8 with top-p 0.9; [T] 0.7)
   top_p: float | None = None         # nucleus sampling ([M] --topp 0.9; [T] 1.0); None: off
-  # CTRL's penalty on ids already in the row ([M] 1.1); None: off. llama.decode_loop applies it as transformers
-  # does, to the prompt's ids too; MOSS-RLHF's generate penalises only the ids of the response so far.
+  # CTRL's penalty on ids already in the row ([M] 1.1); None: off.
   repetition_penalty: float | None = None
+  # Whether the penalty also covers the prompt's ids (transformers' generate: True); MOSS-RLHF's generate
+  # penalises only the ids of the response so far ([M]: False).
+  penalize_prompt: bool = True
   # Which log-probabilities the ratio, the KL and the entropy use: always the policy's own distribution
   # from a forward pass (neither top-p truncation nor the repetition penalty enters them: MOSS-RLHF's
   # make_experiences and TRL both score the sampled tokens with a plain forward pass of the model).
@@ -266,7 +268,8 @@ PRESETS = {
     # untempered policy (make_experiences scores the samples with the plain logits).
     "moss": dict(kl_coef=0.01, reward_scaling=True, reward_norm=False, reward_clip=None, advantage_norm=False,
                  advantage_clip=None, value_clip=0.2, vf_coef=1.0, ppo_epochs=1, num_minibatches=4,
-                 temperature=0.8, top_p=0.9, repetition_penalty=1.1, logprobs_tempered=False),
+                 temperature=0.8, top_p=0.9, repetition_penalty=1.1, penalize_prompt=False,
+                 logprobs_tempered=False),
     # PPO with none of the tricks beyond the clipped surrogate, GAE and the KL penalty: critic from
     # the policy's decoder, no reward/advantage processing, no value clipping, no gradient clipping.
     "vanilla": dict(reward_scaling=False, reward_norm=False, reward_clip=None, advantage_norm=False,
@@ -547,6 +550,7 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
   value_cfg = policy_cfg if value_cfg is None else value_cfg
   N = int(max_new_tokens)
   penalty = {} if ppo_cfg.repetition_penalty is None else {"repetition_penalty": float(ppo_cfg.repetition_penalty)}
+  decode_penalty = dict(penalty, penalize_prompt=bool(ppo_cfg.penalize_prompt)) if penalty else {}
   top_p = None if ppo_cfg.top_p is None else float(ppo_cfg.top_p)
   llama.check_sampling(policy_cfg, N, ppo_cfg.temperature, None, top_p, eos_id, jax.random.PRNGKey(0), **penalty)
   from_decode = ppo_cfg.rollout_logprobs == "decode"
@@ -575,7 +579,7 @@ def make_rollout(policy_cfg: llama.LlamaConfig, ppo_cfg: PPOConfig, reward_fn: C
     new, decode_logp, n_new, bad = llama.decode_loop(
         jax.lax.stop_gradient(policy), buf, lengths, rng, cfg=policy_cfg, min_prompt_len=int(min_prompt_len),
         max_new_tokens=N, temperature=float(ppo_cfg.temperature), top_k=None, top_p=top_p,
-        eos_id=None if eos_id is None else int(eos_id), with_logprobs=from_decode, **penalty)
+        eos_id=None if eos_id is None else int(eos_id), with_logprobs=from_decode, **decode_penalty)
     resp_mask = (jnp.arange(N, dtype=jnp.int32)[None, :] < n_new[:, None])
     tokens = jnp.concatenate([prompts, new], axis=1)
     mask = jnp.concatenate([prompt_mask, resp_mask], axis=1).astype(jnp.int32)

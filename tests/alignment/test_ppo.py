@@ -140,19 +140,21 @@ class RolloutTest(chex.TestCase):
     np.testing.assert_allclose(k3, rl.kl_penalty(exp["old_logp"], exp["ref_logp"], "k3") * m, atol=1e-7)
 
   def test_sampling_settings_reach_the_draw_and_log_probs_stay_the_policys_own(self):
-    # MOSS-RLHF's sampling (temperature 0.8, top-p 0.9, repetition penalty 1.1) and its untempered
-    # log-probabilities: the draw equals the public generator's with the same settings and key, and
+    # MOSS-RLHF's sampling (temperature 0.8, top-p 0.9, repetition penalty 1.1 on the response only)
+    # and its untempered log-probabilities: the draw equals the public generator's with the same settings and key, and
     # old_logp is log softmax(logits) of a plain forward pass (no temperature, truncation or penalty).
     moss = ppo.ppo_preset("moss")
-    self.assertEqual((moss.temperature, moss.top_p, moss.repetition_penalty, moss.logprobs_tempered),
-                     (0.8, 0.9, 1.1, False))
-    pcfg = GAE.replace(temperature=0.8, top_p=0.9, repetition_penalty=1.1, logprobs_tempered=False)
+    self.assertEqual((moss.temperature, moss.top_p, moss.repetition_penalty, moss.penalize_prompt,
+                      moss.logprobs_tempered), (0.8, 0.9, 1.1, False, False))
+    pcfg = GAE.replace(temperature=0.8, top_p=0.9, repetition_penalty=1.1, penalize_prompt=False,
+                       logprobs_tempered=False)
     exp, _, _ = rollout(pcfg, {"policy": MOVED, "value": REWARD_MODEL})
     right = np.zeros_like(PROMPTS)
     for i, n in enumerate(LENGTHS):
       right[i, :n] = PROMPTS[i, P - n:]
     new, _, n_new = llama.generate_arrays(MOVED, CFG, right, LENGTHS, N, temperature=0.8, top_p=0.9,
-                                          repetition_penalty=1.1, eos_id=EOS, rng=jax.random.PRNGKey(6))
+                                          repetition_penalty=1.1, penalize_prompt=False, eos_id=EOS,
+                                          rng=jax.random.PRNGKey(6))
     np.testing.assert_array_equal(np.asarray(exp["tokens"])[:, P:], np.asarray(new))
     m = np.asarray(exp["response_mask"])
     np.testing.assert_array_equal(m.sum(1), np.asarray(n_new))
