@@ -141,8 +141,9 @@ class RolloutTest(chex.TestCase):
 
   def test_sampling_settings_reach_the_draw_and_log_probs_stay_the_policys_own(self):
     # MOSS-RLHF's sampling (temperature 0.8, top-p 0.9, repetition penalty 1.1 on the response only)
-    # and its untempered log-probabilities: the draw equals the public generator's with the same settings and key, and
-    # old_logp is log softmax(logits) of a plain forward pass (no temperature, truncation or penalty).
+    # and its untempered log-probabilities: the draw equals the public generator's with the same
+    # settings and key, and old_logp is log softmax(logits) of a plain forward pass (no temperature,
+    # truncation or penalty).
     moss = ppo.ppo_preset("moss")
     self.assertEqual((moss.temperature, moss.top_p, moss.repetition_penalty, moss.penalize_prompt,
                       moss.logprobs_tempered), (0.8, 0.9, 1.1, False, False))
