@@ -528,13 +528,8 @@ def decode(params_decoder: Params, latents_BxNxD, d: DecoderConfig, cfg: Perceiv
 
 
 def embedding_logits(params: Params, h_BxMxC: Array) -> Array:
-  """The masked LM's tied embedding decoder: `h E^T + b`, `[B, M, vocab_size]`.
-
-  Through `jaxml.nn.linear` with the weight `E^T` (`[C, V]`): the gradient of
-  `E` is then `(h^T dlogits)^T`, transposing the `[B M, C]` activations and the
-  small `[C, V]` product rather than the `[B M, V]` logit gradient.
-  """
-  return _dense({"w": params["input"]["embeddings"].astype(h_BxMxC.dtype).T, "b": params["output_bias"]}, h_BxMxC)
+  """The masked LM's tied embedding decoder: `h E^T + b`, `[B, M, vocab_size]`."""
+  return jnp.einsum("bmc,vc->bmv", h_BxMxC, params["input"]["embeddings"].astype(h_BxMxC.dtype)) + params["output_bias"]
 
 
 # ----------------------------------------------------------------------------- the models

@@ -234,21 +234,6 @@ class FastFormsTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(g, g_plain, rtol=1e-5, atol=1e-6)
 
 
-  def test_embedding_logits_match_einsum(self):
-    """The tied decoder through `nn.linear` against `h E^T + b` as one einsum: values and gradients."""
-    h = jax.random.normal(jax.random.PRNGKey(14), (2, 5, 8))
-    p = {"input": P_MLM["input"], "output_bias": jax.random.normal(jax.random.PRNGKey(15), (pc.BYTE_VOCAB_SIZE,))}
-    plain = lambda p, h: jnp.einsum("bmc,vc->bmv", h, p["input"]["embeddings"]) + p["output_bias"]  # noqa: E731
-
-    @jax.jit  # one compile for both forms (eager dispatch of the gradients is slow)
-    def both(p, h):
-      return [(f(p, h), jax.grad(lambda p, h: jnp.sum(jnp.sin(f(p, h))), argnums=(0, 1))(p, h))
-              for f in (pm.embedding_logits, plain)]
-
-    (fast, g_fast), (slow, g_slow) = both(p, h)
-    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(g_fast, g_slow, rtol=1e-5, atol=1e-6)
-
   def test_shared_queries_match_broadcast_ones(self):
     """A cross-attend fed its (learned, example-independent) queries once, `[1, T, D]`, against the same
     queries broadcast to the batch, `[B, T, D]`: values and gradients (parameters, queries, inputs). With the
