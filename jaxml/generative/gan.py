@@ -195,7 +195,7 @@ def make_train_step(cfg: GANConfig, batch_size: int, *, sample_fn: Callable[[Arr
     g_loss, g_grads = g_grad(p["gen"], disc, sn_u, jax.random.normal(z2_rng, (batch_size, cfg.latent_dim)), cfg)
     g_upd, g_opt = tx.update(g_grads, opt["gen"], p["gen"])
     gen = optax.apply_updates(p["gen"], g_upd)
-    d_norm, g_norm = optax.tree.norm(d_grads), optax.tree.norm(g_grads)
+    d_norm, g_norm = jt.global_norm(d_grads), jt.global_norm(g_grads)
     metrics = {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss, "d_grad_norm": d_norm,
                "g_grad_norm": g_norm, "grad_norm": jnp.sqrt(d_norm**2 + g_norm**2)}
     new_state = state._replace(params={"gen": gen, "disc": disc}, opt_state={"gen": g_opt, "disc": d_opt},

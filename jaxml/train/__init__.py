@@ -11,4 +11,5 @@ from jaxml.train.loop import MetricsWriter, NonFiniteLossError, TrainResult, plo
 from jaxml.train.optim import decay_mask, make_optimizer, path_str, warmup_cosine_schedule
 from jaxml.train.sharding import AXES, BATCH_AXES, batch_sharding, global_batch, make_mesh, spec_for, tree_shardings
 from jaxml.train.state import TrainState, abstract_train_state, create_train_state, init_train_state, step_rng
-from jaxml.train.step import ema_decay_at, jit_train_step, make_train_step, scan_steps, update_ema
+from jaxml.train.step import (SMALL_TREE_NORM, ema_decay_at, global_norm, jit_train_step, make_train_step, scan_steps,
+                              update_ema)

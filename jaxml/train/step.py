@@ -104,6 +104,35 @@ def scan_steps(step_fn: StepFn, steps_per_call: int) -> StepFn:
   return many
 
 
+# Trees up to this many elements get their global norm from one reduction over the joined leaves.
+SMALL_TREE_NORM = 1 << 18
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """`sqrt(sum of squares)` over every leaf of `tree`, as float32.
+
+  A small tree (at most `SMALL_TREE_NORM` elements in all, e.g. the GAN's and the 2-D
+  diffusion MLP's gradients) is joined into one vector and reduced once: on XLA:CPU each leaf's
+  own reduction is a kernel or two of its own, and for such models those kernels cost more than
+  the copy (GAN ring-8 step: 2.2% slower with per-leaf norms than without any norm, 0.9% with
+  the joined one; one-thread CPU time). Larger trees reduce leaf by leaf (`optax.tree.norm`)
+  rather than copy their gradients. Equal to `optax.tree.norm` up to float summation order.
+
+  Args:
+    tree: a pytree of arrays (gradients, updates).
+
+  Returns:
+    A float32 scalar.
+  """
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  if len(leaves) > 1 and sum(x.size for x in leaves) <= SMALL_TREE_NORM:
+    v = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
+    return jnp.sqrt(jnp.sum(jnp.square(v)))
+  return optax.tree.norm(tree).astype(jnp.float32)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, axis_name: str | None = None,
                     schedule: optax.Schedule | None = None, ema_decay: float | None = None,
                     ema_warmup: bool = False, steps_per_call: int = 1) -> StepFn:
@@ -123,7 +152,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, axis_n
 
   Returns:
     `step(state, batch) -> (state, metrics)`: the loss's metrics plus `loss`,
-    `grad_norm` (global, after any pmean, before clipping) and `lr` when a
+    `grad_norm` (`global_norm`, after any pmean, before clipping) and `lr` when a
     schedule is given; leading `[k]` axis on every metric when k > 1.
   """
   if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
@@ -137,7 +166,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, axis_n
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = global_norm(grads)
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -46,6 +46,21 @@ class StepTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(float(metrics["lr"]), float(schedule(2)), rtol=1e-6)
     np.testing.assert_allclose(float(metrics["loss"]), float(metrics["mse"]))
 
+  def test_global_norm_joined_and_per_leaf_forms(self):
+    """Both branches equal the float64 norm written out, and carry inf/NaN to the NaN guard."""
+    rng = np.random.default_rng(0)
+    small = {"a": rng.normal(size=(30, 7)), "b": rng.normal(size=(5,)), "c": rng.normal(size=(2, 3, 4))}
+    large = {"a": rng.normal(size=(jt.SMALL_TREE_NORM // 2 + 1,)), "b": rng.normal(size=(jt.SMALL_TREE_NORM // 2,))}
+    for tree in (small, large):
+      want = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree)))
+      got = jax.jit(jt.global_norm)(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree))
+      self.assertEqual(got.dtype, jnp.float32)
+      np.testing.assert_allclose(float(got), want, rtol=1e-6)
+      for bad, expect in ((np.inf, np.isposinf), (np.nan, np.isnan)):
+        poisoned = dict(tree, b=np.concatenate([[bad], tree["b"][1:]]))
+        self.assertTrue(expect(float(jt.global_norm(jax.tree.map(jnp.asarray, poisoned)))))
+    self.assertEqual(float(jt.global_norm({})), 0.0)
+
   def test_llama_steps_reduce_loss(self):
     _, _, _, step = common.setup((1, 1, 1))
     state = common.fresh_state()
