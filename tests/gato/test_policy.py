@@ -142,7 +142,8 @@ class IncrementalTest(absltest.TestCase):
   def test_no_history_acts_on_the_prompt_and_observation_alone(self):
     # K = 0 (the study's "no history" evaluation): every step refills to R = 0 held timesteps, so each action
     # is the restricted argmax of a forward over the prompt, the observation and the separator only.
-    self._check_against_full_forward(same_held=True, reset_at=None, keep=0, refill=0, steps=3)
+    refills = self._check_against_full_forward(same_held=True, reset_at=None, keep=0, refill=0, steps=3)
+    self.assertEqual(refills, 2 * (3 - 1))  # both environments refill at every step after the first
 
   def _check_against_full_forward(self, *, same_held, reset_at, keep=3, refill=1, steps=10):
     # The reference recomputes, from its own record of the timesteps, the context the module docstring
