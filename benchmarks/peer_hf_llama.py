@@ -56,17 +56,14 @@ def op_train(name: str, tokens: list, steps: int) -> dict:
   tokens = torch.tensor(tokens, dtype=torch.long)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   vocab = model.config.vocab_size
-  times, loss = [], None
-  for _ in range(steps):
-    start = time.perf_counter()
+
+  def loss_fn():
     with _autocast(precision):
       logits = model(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - start)
-  return {"times": times, "loss": float(loss)}
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
+
+  out = peer_protocol.timed_steps(loss_fn, opt, steps)
+  return {"times": out["times"], "loss": out["losses"][-1]}
 
 
 def op_generate(name: str, prompts: list, new_tokens: int, repeats: int) -> dict:

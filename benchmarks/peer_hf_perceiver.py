@@ -56,16 +56,7 @@ def op_train(inputs: list, labels: list, steps: int) -> dict:
   model.train()
   x, y = _tensors(inputs, labels)
   mask = torch.ones_like(x)
-  times, losses = [], []
-  for _ in range(steps):
-    start = time.perf_counter()
-    loss = model(inputs=x, attention_mask=mask, labels=y).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - start)
-    losses.append(float(loss))
-  return {"times": times, "losses": losses}
+  return peer_protocol.timed_steps(lambda: model(inputs=x, attention_mask=mask, labels=y).loss, opt, steps)
 
 
 def op_forward(inputs: list, repeats: int) -> dict:

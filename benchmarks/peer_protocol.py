@@ -44,6 +44,23 @@ def op_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> d
   return {"flops": 2.0 * n**3 / matmul_seconds(n, n, n, repeats, dtype)}
 
 
+def timed_steps(loss_fn: Callable[[], "torch.Tensor"], opt: "torch.optim.Optimizer", steps: int) -> dict:
+  """`steps` full training steps (`loss_fn()`, backward, `opt.step()`, zeroed gradients).
+
+  Returns `{"times": seconds of each step, "losses": each step's loss}`.
+  """
+  times, losses = [], []
+  for _ in range(steps):
+    start = time.perf_counter()
+    loss = loss_fn()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - start)
+    losses.append(float(loss))
+  return {"times": times, "losses": losses}
+
+
 def serve(ops: dict[str, Callable[..., dict]], *, packages: tuple[str, ...] = ()) -> int:
   """Answers one JSON object per stdin line until `{"op": "quit"}`; returns the exit status.
 

@@ -21,7 +21,6 @@ step and `zero_grad`.
 """
 import collections
 import sys
-import time
 import types
 
 import torch
@@ -63,16 +62,8 @@ def op_step(input_ids, attention_mask, completion_mask, ref_chosen_logps, ref_re
            "completion_mask": torch.tensor(completion_mask, dtype=torch.long),
            "ref_chosen_logps": torch.tensor(ref_chosen_logps, dtype=torch.float32),
            "ref_rejected_logps": torch.tensor(ref_rejected_logps, dtype=torch.float32)}
-  times, losses = [], []
-  for _ in range(steps):
-    start = time.perf_counter()
-    loss = DPOTrainer._compute_loss(stand_in, model, batch, return_outputs=False)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - start)
-    losses.append(float(loss))
-  return {"times": times, "losses": losses}
+  return peer_protocol.timed_steps(lambda: DPOTrainer._compute_loss(stand_in, model, batch, return_outputs=False),
+                                   opt, steps)
 
 
 OPS = {"build": op_build, "step": op_step}
