@@ -179,26 +179,16 @@ def gae(rewards_BxT: Array, values_BxT: Array, mask_BxT: Array, *, gamma: float,
 
   def step(carry, xs):
     next_value, next_adv = carry
-    r, v, m = xs
-    adv = r + gamma * next_value - v + gamma * lam * next_adv
-    carry = (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv))
-    return carry, jnp.where(m, adv, 0)
-
-  def step_done(carry, xs):
-    next_value, next_adv = carry
     r, v, m, d = xs
-    keep = jnp.where(d, 0.0, 1.0).astype(dtype)
+    keep = jnp.where(d, 0.0, 1.0).astype(dtype)  # 1 everywhere without dones: the plain recursion, bit for bit
     adv = r + gamma * keep * next_value - v + gamma * lam * keep * next_adv
     carry = (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv))
     return carry, jnp.where(m, adv, 0)
 
   zeros = jnp.zeros(rewards.shape[0], dtype)
   last = zeros if last_values_B is None else jnp.asarray(last_values_B, dtype)
-  if dones_BxT is None:
-    _, adv_TxB = jax.lax.scan(step, (last, zeros), (rewards.T, values.T, valid.T), reverse=True)
-  else:
-    ended = valid & (jnp.asarray(dones_BxT) > 0)
-    _, adv_TxB = jax.lax.scan(step_done, (last, zeros), (rewards.T, values.T, valid.T, ended.T), reverse=True)
+  ended = jnp.zeros_like(valid) if dones_BxT is None else valid & (jnp.asarray(dones_BxT) > 0)
+  _, adv_TxB = jax.lax.scan(step, (last, zeros), (rewards.T, values.T, valid.T, ended.T), reverse=True)
   advantages = adv_TxB.T
   returns = jnp.where(valid, advantages + values, 0)
   return advantages, returns
