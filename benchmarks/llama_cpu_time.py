@@ -2,6 +2,7 @@
 
     python -m benchmarks.llama_cpu_time                      # the default and the flags BUILD_NOTES lists
     python -m benchmarks.llama_cpu_time --rounds=3 --settings=default,vec512
+    python <this file> --settings=default    # from another checkout's root: times that checkout
 
 Each (setting, round) runs in a fresh process pinned to one core, so XLA gets its flags at start
 and a one-thread pool; the settings alternate within each round. A process times, with
@@ -93,9 +94,8 @@ def main(argv: list[str]) -> int:
   for r in range(rounds):
     for name in names:
       env = dict(os.environ, XLA_FLAGS=SETTINGS[name], GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
-      code = (f"import os, json, sys; os.sched_setaffinity(0, {{{cpu}}}); sys.argv = ['x']; "
-              f"from benchmarks.llama_cpu_time import _child; print(json.dumps(_child({figures!r})))")
-      proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+      cmd = [sys.executable, os.path.abspath(__file__), "--child", str(cpu), ",".join(figures)]
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
       if proc.returncode != 0:
         raise SystemExit(f"setting {name} failed:\n{proc.stderr[-3000:]}")
       got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -110,4 +110,11 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+  if sys.argv[1:2] == ["--child"]:
+    # The timed process: pinned, and importing jaxml from the working directory, so this file can time
+    # another checkout (run it from that checkout's root: `python <path to this file> ...`).
+    os.sched_setaffinity(0, {int(sys.argv[2])})
+    sys.path.insert(0, os.getcwd())
+    print(json.dumps(_child(sys.argv[3].split(","))))
+    sys.exit(0)
   sys.exit(main(sys.argv[1:]))
