@@ -90,10 +90,15 @@ def main(argv: list[str]) -> int:
   if unknown:
     raise SystemExit(f"unknown --settings {unknown}; known: {sorted(SETTINGS)}")
   cpu = sorted(os.sched_getaffinity(0))[0]
+  # This file's checkout's malloc tunables (`jaxml.train.hostmem`) for every timed process, whichever
+  # checkout it times, so both sides of a before/after comparison allocate alike.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from jaxml.train import hostmem  # pylint: disable=import-outside-toplevel
+  tunables = hostmem.huge_pages_env({}, supported=True)["GLIBC_TUNABLES"]
   results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
   for r in range(rounds):
     for name in names:
-      env = dict(os.environ, XLA_FLAGS=SETTINGS[name], GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+      env = dict(os.environ, XLA_FLAGS=SETTINGS[name], GLIBC_TUNABLES=tunables)
       cmd = [sys.executable, os.path.abspath(__file__), "--child", str(cpu), ",".join(figures)]
       proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
       if proc.returncode != 0:
