@@ -63,21 +63,22 @@ def op_train(name: str, tokens: list, steps: int) -> dict:
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1))
 
   out = peer_protocol.timed_steps(loss_fn, opt, steps)
-  return {"times": out["times"], "loss": out["losses"][-1]}
+  return {"times": out["times"], "cpu_times": out["cpu_times"], "loss": out["losses"][-1]}
 
 
 def op_generate(name: str, prompts: list, new_tokens: int, repeats: int) -> dict:
   model, _, precision = _MODELS[name]
   model.eval()
   ids = torch.tensor(prompts, dtype=torch.long)
-  times, out = [], None
+  times, cpu_times, out = [], [], None
   with torch.inference_mode(), _autocast(precision):
     for _ in range(repeats):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
       times.append(time.perf_counter() - start)
-  return {"times": times, "new_tokens": int(out.shape[1] - ids.shape[1])}
+      cpu_times.append(time.process_time() - cpu_start)
+  return {"times": times, "cpu_times": cpu_times, "new_tokens": int(out.shape[1] - ids.shape[1])}
 
 
 OPS = {"build": op_build, "train": op_train, "generate": op_generate}

@@ -47,18 +47,20 @@ def op_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> d
 def timed_steps(loss_fn: Callable[[], "torch.Tensor"], opt: "torch.optim.Optimizer", steps: int) -> dict:
   """`steps` full training steps (`loss_fn()`, backward, `opt.step()`, zeroed gradients).
 
-  Returns `{"times": seconds of each step, "losses": each step's loss}`.
+  Returns `{"times": seconds of each step, "cpu_times": this process's CPU
+  seconds in each step (all its threads), "losses": each step's loss}`.
   """
-  times, losses = [], []
+  times, cpu_times, losses = [], [], []
   for _ in range(steps):
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = loss_fn()
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - cpu_start)
     losses.append(float(loss))
-  return {"times": times, "losses": losses}
+  return {"times": times, "cpu_times": cpu_times, "losses": losses}
 
 
 def serve(ops: dict[str, Callable[..., dict]], *, packages: tuple[str, ...] = ()) -> int:
