@@ -16,8 +16,16 @@
 3. RecBole 1.2.1's BPR on ML-100K with a temporal 90/10 split (its "TO" order): seconds per
    training epoch and per full-sort evaluation (Recall@20, NDCG@20), against jaxml's BPR
    (`causal.objectives.pda_loss` with gamma = 0, one epoch = |train| / batch steps, batch 2048,
-   dim 64) and full ranking with `causal.metrics.ranking_metrics` on the same split
-   (`causal.movielens`).
+   dim 64) and full ranking on the same split (`causal.movielens`): `full_sort_eval_s_jaxml` is
+   `causal.metrics.ranking_metrics_from_sets` on the full MF score matrix (only users with test items
+   ranked, ranks counted for users with few), `_test_users` `mf_ranking_metrics` (only those users
+   scored, as RecBole does), `_top_k` `ranking_metrics` under jit (`lax.top_k` on every row); the
+   three agree (`ml100k_eval_forms`).
+
+  python -m benchmarks.causal_recsys_bench --metric_cpu_ab=15
+
+instead times only the ML-100K metric call, each form and the score matrix alone, one-thread CPU
+time in a process pinned to one core, the forms interleaved (`metric_cpu_ab`).
 
 jaxml and the peer alternate round by round (one `PeerWorker` process; RecBole's data set and
 trainer are built once), medians over rounds.
@@ -29,6 +37,7 @@ import functools
 import glob
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -44,6 +53,8 @@ from jaxml.train import hostmem
 flags.DEFINE_integer("repeats", 5, "rounds (median)")
 flags.DEFINE_integer("threads", 2, "torch threads")
 flags.DEFINE_bool("quick", False, "smaller shapes and fewer rounds (smoke test)")
+flags.DEFINE_integer("metric_cpu_ab", 0, "instead: this many interleaved rounds of the ML-100K metric call's "
+                     "one-thread CPU time, each form of `ml100k_eval_forms` (`metric_cpu_ab`)")
 flags.DEFINE_bool("recbole", True, "run RecBole's BPR (needs its trainer's imports in the peer environment)")
 FLAGS = flags.FLAGS
 
@@ -144,10 +155,88 @@ def bpr_epoch_jax(split, batch, dim, steps):
   return once, holder
 
 
+def ml100k_eval_forms(test, train, params):
+  """{name: evaluate(params)}: Recall@20 and NDCG@20 of MF's full ranking on the split; three forms, one result.
+
+  All items ranked for every user with test items, training items masked, means over those users; one
+  compiled program each, the masks as arguments (as closure constants XLA spends seconds
+  constant-folding them). "top_k": `ranking_metrics(mf_scores(params), test, train)` under jit, which
+  ranks every user's row with `lax.top_k`. "sets": `ranking_metrics_from_sets` on the same score matrix
+  with `relevant_sets(test, train)`, built once on the host (RecBole's full-sort loader, too, keeps
+  each user's test items from the start): only users with test items ranked, ranks counted for those
+  with few. "test_users": `mf_ranking_metrics`, which also scores only those users (as RecBole's
+  full-sort evaluation does). Also returns the seconds `relevant_sets` took.
+  """
+  metrics.ranking_metrics(mf.mf_scores(params), test, train, (20,))    # value checks (skipped under jit)
+  t = time.perf_counter()
+  sets = metrics.relevant_sets(test, train)
+  sets_s = time.perf_counter() - t
+  top_k = jax.jit(lambda p, te, tr: metrics.ranking_metrics(mf.mf_scores(p), te, tr, (20,)))
+  from_sets = jax.jit(lambda p, rs, tr: metrics.ranking_metrics_from_sets(mf.mf_scores(p), rs, tr, (20,)))
+  test_users = jax.jit(lambda p, rs, tr: metrics.mf_ranking_metrics(p, rs, tr, (20,)))
+  forms = {"sets": lambda p: from_sets(p, sets, train), "test_users": lambda p: test_users(p, sets, train),
+           "top_k": lambda p: top_k(p, test, train)}
+  got = {name: {k: float(v) for k, v in f(params).items()} for name, f in forms.items()}
+  if got["sets"] != got["top_k"]:
+    raise AssertionError(f"ranking_metrics_from_sets and ranking_metrics disagree: {got}")
+  print(f"ML-100K Recall/NDCG@20 by form: {got}", file=sys.stderr)
+  return forms, sets_s
+
+
+def metric_cpu_ab(rounds):
+  """One-thread CPU time (and wall) of the ML-100K metric call, the two forms interleaved, plus scores alone.
+
+  Runs in a process pinned to one core with a one-thread XLA (`main` re-executes itself so).
+  """
+  split = movielens.temporal_split(movielens.read_inter(ml100k_path()), 10)
+  n_train = split["train_users"].size
+  _, holder = bpr_epoch_jax(split, 2048, 64, -(-n_train // 2048))
+  params = holder["state"].params
+  test, train = jnp.asarray(split["test_UxI"]), jnp.asarray(split["train_UxI"])
+  forms, _ = ml100k_eval_forms(test, train, params)
+  scores = jax.jit(lambda p, tr: jnp.where(tr, -jnp.inf, mf.mf_scores(p)))
+  forms["scores_and_mask"] = lambda p: scores(p, train)
+  for f in forms.values():
+    jax.block_until_ready(f(params))
+  cpu, wall = {n: [] for n in forms}, {n: [] for n in forms}
+  for _ in range(rounds):
+    for name, f in forms.items():
+      t, c = time.perf_counter(), time.process_time()
+      jax.block_until_ready(f(params))
+      cpu[name].append(time.process_time() - c)
+      wall[name].append(time.perf_counter() - t)
+  res = {}
+  for name in forms:
+    res[f"ml100k_metric_cpu_ms_{name}"] = 1e3 * median(cpu[name])
+    res[f"ml100k_metric_wall_ms_{name}"] = 1e3 * median(wall[name])
+  res["ml100k_metric_cpu_speedup_sets_vs_top_k"] = median(cpu["top_k"]) / median(cpu["sets"])
+  res["ml100k_metric_cpu_speedup_test_users_vs_top_k"] = median(cpu["top_k"]) / median(cpu["test_users"])
+  res["rounds"] = rounds
+  rel = split["test_UxI"] & ~split["train_UxI"]
+  res["test_pairs"] = int(rel.sum())
+  res["test_users"] = int(rel.any(1).sum())
+  return res
+
+
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
 def main(argv):
   del argv
+  if FLAGS.metric_cpu_ab and os.environ.get("JAXML_METRIC_AB") != "1":   # a pinned, one-thread process
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    env = {**os.environ, "JAXML_METRIC_AB": "1",
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + ONE_THREAD).strip()}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
   hostmem.relaunch_with_huge_pages()
   load_start = os.getloadavg()[0]
+  if FLAGS.metric_cpu_ab:
+    res = metric_cpu_ab(FLAGS.metric_cpu_ab)
+    res["load_average_start"] = round(load_start, 2)
+    res["load_average_end"] = round(os.getloadavg()[0], 2)
+    print_results(res)
+    return
   q = FLAGS.quick
   repeats = 2 if q else FLAGS.repeats
   res = {}
@@ -195,23 +284,19 @@ def main(argv):
       steps = -(-n_train // 2048)
       epoch, holder = bpr_epoch_jax(split, 2048, 64, steps)
       test, train = jnp.asarray(split["test_UxI"]), jnp.asarray(split["train_UxI"])
-      # All users x all items, training items masked, Recall@20 and NDCG@20 over users with test items, as
-      # one program; the masks are arguments (as closure constants XLA spends seconds constant-folding them).
-      # The value checks run once on the host first (under jit they see tracers and are skipped).
-      metrics.ranking_metrics(mf.mf_scores(holder["state"].params), test, train, (20,))
-      ranked = jax.jit(lambda params, te, tr: metrics.ranking_metrics(mf.mf_scores(params), te, tr, (20,)))
-      evaluate = lambda params: ranked(params, test, train)  # noqa: E731
-      jax.block_until_ready(evaluate(holder["state"].params))
+      forms, sets_s = ml100k_eval_forms(test, train, holder["state"].params)
       rb = peer.request("recbole_build", data_path="", batch=2048, dim=64)
       peer.request("recbole_round")                                   # warm-up round
-      jt_s, je_s, rb_t, rb_e, rb_m = [], [], [], [], {}
+      jt_s, rb_t, rb_e, rb_m = [], [], [], {}
+      je_s = {name: [] for name in forms}
       for _ in range(repeats):
         t = time.perf_counter()
         epoch()
         jt_s.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        jax.block_until_ready(evaluate(holder["state"].params))
-        je_s.append(time.perf_counter() - t)
+        for name, f in forms.items():
+          t = time.perf_counter()
+          jax.block_until_ready(f(holder["state"].params))
+          je_s[name].append(time.perf_counter() - t)
         r = peer.request("recbole_round")
         rb_t.append(r["train_seconds"])
         rb_e.append(r["eval_seconds"])
@@ -221,9 +306,14 @@ def main(argv):
       res["bpr_epoch_s_jaxml"] = median(jt_s)
       res["bpr_epoch_s_recbole"] = median(rb_t)
       res["bpr_train_speedup_vs_recbole"] = median(rb_t) / median(jt_s)
-      res["full_sort_eval_s_jaxml"] = median(je_s)
+      res["full_sort_eval_s_jaxml"] = median(je_s["sets"])
+      res["full_sort_eval_s_jaxml_test_users"] = median(je_s["test_users"])
+      res["full_sort_eval_s_jaxml_top_k"] = median(je_s["top_k"])
       res["full_sort_eval_s_recbole"] = median(rb_e)
-      res["full_sort_eval_speedup_vs_recbole"] = median(rb_e) / median(je_s)
+      res["full_sort_eval_speedup_vs_recbole"] = median(rb_e) / median(je_s["sets"])
+      res["full_sort_eval_speedup_vs_recbole_test_users"] = median(rb_e) / median(je_s["test_users"])
+      res["full_sort_eval_speedup_vs_recbole_top_k"] = median(rb_e) / median(je_s["top_k"])
+      res["ml100k_relevant_sets_host_s"] = sets_s
       res["recbole_recall@20_after_epochs"] = rb_m.get("recall@20", float("nan"))
     else:
       res["recbole"] = "skipped (no ML-100K in the peer environment or --norecbole)"

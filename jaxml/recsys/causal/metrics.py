@@ -33,6 +33,25 @@ On XLA:CPU, `top_k` over a 10,000-item row costs about as much as the
 64-wide score product itself, and two `top_k`s over a few hundred items cost
 far less (benchmarks/causal_recsys_bench.py).
 
+Ranking only what the metrics read. A user with an empty R(u) is left out of
+every mean, so its row need not be ranked at all; and the metrics need each
+relevant item's place, not the list. Under the order above, item i's 0-based
+rank among the canonical scores (excluded items at -inf) is
+
+    rank(u, i) = #{j : s_uj > s_ui} + #{j < i : s_uj = s_ui},
+
+its position in `top_k`'s list, so it is a hit at K iff rank(u, i) < K.
+`relevant_sets` (on the host: the sizes are shapes) lists the users with a
+relevant item; `_ranked_sets` counts the ranks of those with at most
+`COUNT_MAX_ITEMS` relevant items (one compare per (pair, item), no sort), runs
+`top_k` on the rows of the others, and scatters both into the [U, K] hits
+`_ranked` gathers from `top_k` over every row: the same hits, hence the same
+floats. On ML-100K's temporal split 87 of 943 users have test items.
+`ranking_metrics` and the single-K functions take this path where their masks
+are concrete, `top_k` on every row under jit; `ranking_metrics_from_sets` takes
+the sets (so it runs under jit), `mf_ranking_metrics` also scores only the
+users ranked.
+
 Ratings. `masked_mse`, `masked_mae` average over the cells of a mask (e.g.
 the MAR test split); `masked_auc` is `jaxml.recsys.metrics.auc` (ties count
 one half) over the mask's cells, with binary labels (e.g. rating >= 4).
@@ -40,6 +59,7 @@ one half) over the mask's cells, with binary labels (e.g. rating >= 4).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +103,139 @@ def _ranked(scores, relevant, exclude, k):
   return hits, rel.sum(1).astype(jnp.float32)
 
 
+COUNT_MAX_ITEMS = 10
+"""Users with at most this many relevant items are ranked by counting, the others by `top_k` on their rows.
+
+One-thread CPU time on ML-100K's temporal split (1,682 items, k = 20; benchmarks/causal_recsys_bench.py):
+counting about 0.4 ns per (pair, item), `top_k` about 4 ns per (user, item): counting is the cheaper
+up to about 10 relevant items a user."""
+
+
+class RelevantSets(NamedTuple):
+  """Every R(u), laid out for ranking (`relevant_sets` builds it); a pytree, so jit takes it.
+
+  Only the E users with a non-empty R(u) are ranked: the others are left out of every mean. Of those,
+  users with at most `count_max` relevant items have their (user, item) pairs listed and the ranks
+  counted; the other H users are ranked by `top_k` on their rows. Every array is padded (`_bucket`)
+  so that nearby sizes share one compiled program; padding indices are out of range (read clamped,
+  written nowhere).
+
+  Attributes:
+    user_ids: [E] int32, the users ranked, ascending (padding: the number of users).
+    rows: [P] int32, each counted pair's row in `user_ids` (padding: E).
+    items: [P] int32, its item (padding: 0).
+    ranked_rows: [H] int32, the rows in `user_ids` ranked by `top_k` (padding: E).
+    ranked_relevant: [H, items] bool, their R(u) (padding: False).
+    n_rel: [users] float32, |R(u)| of every user.
+  """
+  user_ids: Array
+  rows: Array
+  items: Array
+  ranked_rows: Array
+  ranked_relevant: Array
+  n_rel: Array
+
+
+def _bucket(n: int) -> int:
+  """n rounded up to m * 2^e with 8 <= m < 16 (at most 1/8 padding; a few shapes per octave, so few compiles)."""
+  if n <= 16:
+    return n
+  e = n.bit_length() - 4
+  return -(-n >> e) << e
+
+
+def _padded(values, size, fill, dtype):
+  out = np.full((size, *np.shape(values)[1:]), fill, dtype)
+  out[:len(values)] = values
+  return jnp.asarray(out)
+
+
+def relevant_sets(relevant_UxI, exclude_UxI=None, *, count_max: int = COUNT_MAX_ITEMS,
+                  pad: bool = True) -> RelevantSets:
+  """R(u) = {i : relevant_ui and not exclude_ui} of every user (module docstring), built on the host.
+
+  Args:
+    relevant_UxI: [users, items] 0/1 or boolean, concrete.
+    exclude_UxI: [users, items] 0/1 or boolean, concrete, or None.
+    count_max: users with at most this many relevant items are ranked by counting, the others by
+      `top_k` (`COUNT_MAX_ITEMS`); 0 ranks every user by `top_k`. The metrics are the same either way.
+    pad: round every size up (`_bucket`, at most 1/8 more); False keeps the exact sizes.
+
+  Returns:
+    A `RelevantSets` of device arrays, for `ranking_metrics_from_sets` and `mf_ranking_metrics`.
+  """
+  _checks.matrix("relevant_UxI", relevant_UxI)
+  _checks.same_shape("relevant_UxI", relevant_UxI, exclude_UxI=exclude_UxI)
+  if not _checks.is_concrete(relevant_UxI) or (exclude_UxI is not None and not _checks.is_concrete(exclude_UxI)):
+    raise ValueError("relevant_sets needs concrete relevant_UxI and exclude_UxI (the sizes of the sets are "
+                     "shapes); build them outside jit and pass them in")
+  _checks.mask("relevant_UxI", relevant_UxI)
+  if exclude_UxI is not None:
+    _checks.mask("exclude_UxI", exclude_UxI)
+  if isinstance(count_max, bool) or int(count_max) != count_max or count_max < 0:
+    raise ValueError(f"count_max must be a non-negative integer, got {count_max}")
+  rel = np.asarray(relevant_UxI).astype(bool)
+  if exclude_UxI is not None:
+    rel = rel & ~np.asarray(exclude_UxI).astype(bool)
+  n_rel = rel.sum(1)
+  users = np.nonzero(n_rel > 0)[0]
+  sub = rel[users]
+  counted = n_rel[users] <= count_max
+  rows, items = np.nonzero(sub & counted[:, None])
+  ranked = np.nonzero(~counted)[0]
+  size = _bucket if pad else (lambda n: n)  # noqa: E731
+  n_e = size(users.size)
+  return RelevantSets(user_ids=_padded(users, n_e, rel.shape[0], np.int32),
+                      rows=_padded(rows, size(rows.size), n_e, np.int32),
+                      items=_padded(items, size(items.size), 0, np.int32),
+                      ranked_rows=_padded(ranked, size(ranked.size), n_e, np.int32),
+                      ranked_relevant=_padded(sub[ranked], size(ranked.size), False, bool),
+                      n_rel=jnp.asarray(n_rel, jnp.float32))
+
+
+def _rows_of(x, user_ids):
+  return x[jnp.minimum(user_ids, x.shape[0] - 1)]     # padding reads the last user; it is written nowhere
+
+
+def _compact_scores(scores, exclude, user_ids):
+  """The rows `_ranked` ranks, for `user_ids` only: float32, excluded items -inf, canonical."""
+  s = _rows_of(scores.astype(jnp.float32), user_ids)
+  if exclude is not None:
+    s = jnp.where(_rows_of(exclude.astype(bool), user_ids), -jnp.inf, s)
+  return canonical_scores(s)
+
+
+def _ranked_sets(s_ExI, sets, k):
+  """`_ranked`'s hits [U, K] and |R(u)| from `_compact_scores`' rows: ranks counted, or `top_k` (module docstring)."""
+  n_e, n_i = s_ExI.shape
+  hits = jnp.zeros((n_e, k), jnp.float32)
+  if sets.rows.size:
+    r = jnp.minimum(sets.rows, n_e - 1)
+    mine = s_ExI[r, sets.items][:, None]
+    row = s_ExI[r]
+    j = jnp.arange(n_i, dtype=jnp.int32)[None, :]
+    rank = jnp.sum(jnp.where(j < sets.items[:, None], row >= mine, row > mine), axis=1, dtype=jnp.int32)
+    hits = hits.at[sets.rows, rank].set(1.0, mode="drop")          # rank >= k: not a hit
+  if sets.ranked_rows.size:
+    _, top = _top_k(s_ExI[jnp.minimum(sets.ranked_rows, n_e - 1)], k, auto_block(n_i, k))
+    ranked = jnp.take_along_axis(sets.ranked_relevant, top, axis=1).astype(jnp.float32)
+    hits = hits.at[sets.ranked_rows].set(ranked, mode="drop")
+  n_u = sets.n_rel.shape[0]
+  return jnp.zeros((n_u, k), jnp.float32).at[sets.user_ids].set(hits, mode="drop"), sets.n_rel
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _ranked_from_sets(scores, sets, exclude, k):
+  return _ranked_sets(_compact_scores(scores, exclude, sets.user_ids), sets, k)
+
+
+def _hits(scores, relevant, exclude, k):
+  """`_ranked`'s hits and |R(u)|: from `relevant_sets` where the masks are concrete, else `_ranked` itself."""
+  if _concrete_masks(relevant, exclude):
+    return _ranked_from_sets(scores, relevant_sets(relevant, exclude), _as_mask(exclude), k)
+  return _ranked(scores, relevant, exclude, k)
+
+
 def _user_mean(per_user, n_rel):
   keep = n_rel > 0
   return jnp.sum(jnp.where(keep, per_user, 0.0)) / jnp.sum(keep)
@@ -102,7 +255,7 @@ def recall_at_k(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array | Non
     A float32 scalar, the mean over users with a relevant item.
   """
   _check_ranking(scores_UxI, relevant_UxI, exclude_UxI, k)
-  hits, n_rel = _ranked(scores_UxI, relevant_UxI, exclude_UxI, int(k))
+  hits, n_rel = _hits(scores_UxI, relevant_UxI, exclude_UxI, int(k))
   return _user_mean(hits.sum(1) / jnp.maximum(n_rel, 1.0), n_rel)
 
 
@@ -113,7 +266,7 @@ def ndcg_at_k(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array | None,
     A float32 scalar, the mean over users with a relevant item.
   """
   _check_ranking(scores_UxI, relevant_UxI, exclude_UxI, k)
-  hits, n_rel = _ranked(scores_UxI, relevant_UxI, exclude_UxI, int(k))
+  hits, n_rel = _hits(scores_UxI, relevant_UxI, exclude_UxI, int(k))
   discount = 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=jnp.float32))
   dcg = hits @ discount
   ideal = jnp.cumsum(discount)[jnp.clip(n_rel.astype(jnp.int32), 1, k) - 1]
@@ -127,7 +280,7 @@ def hit_rate_at_k(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array | N
     A float32 scalar, the mean over users with a relevant item.
   """
   _check_ranking(scores_UxI, relevant_UxI, exclude_UxI, k)
-  hits, n_rel = _ranked(scores_UxI, relevant_UxI, exclude_UxI, int(k))
+  hits, n_rel = _hits(scores_UxI, relevant_UxI, exclude_UxI, int(k))
   return _user_mean((hits.sum(1) > 0).astype(jnp.float32), n_rel)
 
 
@@ -185,9 +338,7 @@ def masked_auc(labels_UxI: Array, scores_UxI: Array, mask_UxI: Array) -> Array:
   return _auc(jnp.asarray(labels_UxI)[m], jnp.asarray(scores_UxI)[m])
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _all_at_k(scores, relevant, exclude, ks):
-  hits, n_rel = _ranked(scores, relevant, exclude, max(ks))
+def _at_ks(hits, n_rel, ks):
   out = {}
   for k in ks:
     h = hits[:, :k]
@@ -199,9 +350,41 @@ def _all_at_k(scores, relevant, exclude, ks):
   return out
 
 
+@functools.partial(jax.jit, static_argnums=(3,))
+def _all_at_k(scores, relevant, exclude, ks):
+  return _at_ks(*_ranked(scores, relevant, exclude, max(ks)), ks)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _all_at_k_sets(scores, sets, exclude, ks):
+  return _at_ks(*_ranked_from_sets(scores, sets, exclude, max(ks)), ks)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _all_at_k_mf(params, sets, exclude, ks):
+  u = jnp.minimum(sets.user_ids, params["user"].shape[0] - 1)
+  s = (params["user"][u] @ params["item"].T + params["user_bias"][u][:, None] + params["item_bias"][None, :]
+       + params["bias"])                                           # `mf.mf_scores`' rows u, the same expression
+  if exclude is not None:
+    s = jnp.where(_rows_of(exclude.astype(bool), sets.user_ids), -jnp.inf, s)
+  return _at_ks(*_ranked_sets(canonical_scores(s), sets, max(ks)), ks)
+
+
+def _check_ks(ks, n_items):
+  if not tuple(ks):
+    raise ValueError("ks must name at least one cut-off")
+  for k in ks:
+    if isinstance(k, bool) or int(k) != k or not 1 <= k <= n_items:
+      raise ValueError(f"k must be an integer in [1, {n_items}] (the number of items), got {k}")
+  return tuple(int(k) for k in ks)
+
+
 def ranking_metrics(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array | None,
                     ks: tuple[int, ...] = (20,)) -> dict[str, Array]:
   """Recall, NDCG and HR at every k of `ks` from one top-max(ks) ranking (as `recall_at_k` etc. each compute).
+
+  With concrete masks, through `relevant_sets` (`ranking_metrics_from_sets`); under jit, `top_k` on
+  every row. The same numbers either way.
 
   Returns:
     `{"recall@k", "ndcg@k", "hit@k"}` float32 scalars for each k.
@@ -211,7 +394,73 @@ def ranking_metrics(scores_UxI: Array, relevant_UxI: Array, exclude_UxI: Array |
     raise ValueError("ks must name at least one cut-off")
   for k in ks:
     _check_ranking(scores_UxI, relevant_UxI, exclude_UxI, k)
+  if _concrete_masks(relevant_UxI, exclude_UxI):
+    return _all_at_k_sets(scores_UxI, relevant_sets(relevant_UxI, exclude_UxI), _as_mask(exclude_UxI), ks)
   return _all_at_k(scores_UxI, relevant_UxI, exclude_UxI, ks)
+
+
+def _check_sets(n_users, n_items, sets, exclude_UxI, ks):
+  if exclude_UxI is not None:
+    if np.shape(exclude_UxI) != (n_users, n_items):
+      raise ValueError(f"exclude_UxI has shape {tuple(np.shape(exclude_UxI))}; the scores are ({n_users}, "
+                       f"{n_items})")
+    _checks.mask("exclude_UxI", exclude_UxI)
+  if np.shape(sets.n_rel) != (n_users,) or np.shape(sets.ranked_relevant)[1] != n_items:
+    raise ValueError(f"sets are for {np.shape(sets.n_rel)[0]} users x {np.shape(sets.ranked_relevant)[1]} items "
+                     f"but the scores are ({n_users}, {n_items}); build them from masks of the scores' shape")
+  if _checks.is_concrete(sets.n_rel) and not np.any(np.asarray(sets.n_rel) > 0):
+    raise ValueError("sets hold no relevant item for any user: every ranking metric would be undefined")
+  return _check_ks(ks, n_items)
+
+
+def ranking_metrics_from_sets(scores_UxI: Array, sets: RelevantSets, exclude_UxI: Array | None,
+                              ks: tuple[int, ...] = (20,)) -> dict[str, Array]:
+  """`ranking_metrics` with R(u) given as `relevant_sets(relevant_UxI, exclude_UxI)`: jit-able.
+
+  Only users with a relevant item are ranked; a user with few is ranked by counting, rank(u, i) =
+  #{j : s_uj > s_ui} + #{j < i : s_uj = s_ui} over the canonical scores with the excluded items at
+  -inf, which is its position in `lax.top_k`'s order (module docstring); the others by `top_k` on
+  their rows. The hits, hence every metric, are those of `ranking_metrics`.
+
+  Args:
+    scores_UxI: [users, items] float scores.
+    sets: from `relevant_sets` on masks of this shape (built once, outside jit).
+    exclude_UxI: [users, items] 0/1 or boolean, the mask `sets` was built with, or None.
+    ks: the cut-offs.
+
+  Returns:
+    `{"recall@k", "ndcg@k", "hit@k"}` float32 scalars for each k.
+  """
+  _checks.matrix("scores_UxI", scores_UxI)
+  ks = _check_sets(*np.shape(scores_UxI), sets, exclude_UxI, ks)
+  return _all_at_k_sets(scores_UxI, sets, _as_mask(exclude_UxI), ks)
+
+
+def mf_ranking_metrics(params: dict, sets: RelevantSets, exclude_UxI: Array | None,
+                       ks: tuple[int, ...] = (20,)) -> dict[str, Array]:
+  """`ranking_metrics_from_sets(mf.mf_scores(params), sets, exclude_UxI, ks)`, scoring only the users ranked.
+
+  Users without a relevant item are left out of every mean, so their rows are never computed (as
+  RecBole's full-sort evaluation scores only the users with test items). The rows are
+  `mf.mf_scores`' expression on the gathered user factors.
+
+  Args:
+    params: `mf.mf_init`'s layout (user, item, user_bias, item_bias, bias).
+    sets, exclude_UxI, ks: as `ranking_metrics_from_sets`.
+
+  Returns:
+    `{"recall@k", "ndcg@k", "hit@k"}` float32 scalars for each k.
+  """
+  ks = _check_sets(params["user"].shape[0], params["item"].shape[0], sets, exclude_UxI, ks)
+  return _all_at_k_mf(params, sets, _as_mask(exclude_UxI), ks)
+
+
+def _as_mask(x):
+  return None if x is None else jnp.asarray(x)
+
+
+def _concrete_masks(relevant, exclude) -> bool:
+  return _checks.is_concrete(relevant) and (exclude is None or _checks.is_concrete(exclude))
 
 
 def canonical_scores(scores: Array) -> Array:

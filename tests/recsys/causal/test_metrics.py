@@ -1,10 +1,12 @@
 """Ranking and rating metrics: hand-computed cases, a NumPy transcription, RecBole and scikit-learn (peers)."""
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
 from jaxml.recsys import causal
+from jaxml.recsys.causal import metrics
 from tests import peer
 
 KS = (1, 5, 10, 20)
@@ -104,6 +106,113 @@ class RankingTest(chex.TestCase):
     for fn in (causal.recall_at_k, causal.ndcg_at_k, causal.hit_rate_at_k):
       with self.assertRaisesRegex(ValueError, message):
         fn(args["scores"], args["relevant"], args["exclude"], args["k"])
+
+
+def _hard_case(seed, n_users=40, n_items=30):
+  """Heavy ties, +-0.0, NaN of both signs and -inf; users with no relevant item, with more than K, and with
+  fewer non-excluded items than K."""
+  rng = np.random.default_rng(seed)
+  values = np.array([0.0, -0.0, np.nan, -np.nan, -np.inf, np.inf, 1.0, 2.0], np.float32)
+  scores = rng.choice(values, (n_users, n_items), p=[0.2, 0.2, 0.05, 0.05, 0.05, 0.05, 0.2, 0.2])
+  relevant = rng.random((n_users, n_items)) < 0.25
+  exclude = rng.random((n_users, n_items)) < 0.3
+  relevant[0] = False                                   # no relevant item
+  relevant[1] = True                                    # 30 relevant items, more than any K
+  exclude[1, ::2] = True                                # of which 15 are excluded
+  exclude[2] = True                                     # 3 items left to rank, K up to 20
+  exclude[2, [4, 9, 17]] = False
+  relevant[2, [9, 17, 20]] = True                       # item 20 is both: it leaves R(u)
+  scores[2, 9] = np.nan                                 # ranked after the excluded (-inf) items of lower index
+  return scores, relevant, exclude
+
+
+class RankedSetsTest(chex.TestCase):
+  """`relevant_sets` forms (ranks counted, `top_k` on the users with relevant items) against `top_k` on every row.
+
+  The hits [U, K] are compared exactly; so are the metrics, which the same code (`_at_ks`) computes from
+  the hits: the same floats, not merely close ones.
+  """
+
+  @parameterized.named_parameters(("hard", _hard_case, 3), ("random", _random_case, 4))
+  def test_hits_and_metrics_equal_the_top_k_form(self, make, seed):
+    scores, relevant, exclude = make(seed)
+    n_rel = np.sum(relevant & ~exclude, 1)
+    for count_max in (0, 3, metrics.COUNT_MAX_ITEMS, scores.shape[1]):   # all top_k, mixed, all counted
+      sets = metrics.relevant_sets(relevant, exclude, count_max=count_max)
+      self.assertEqual(int(np.sum(np.asarray(sets.user_ids) < len(scores))), int(np.sum(n_rel > 0)))
+      for k in (1, 5, 20, scores.shape[1]):
+        hits, want_n = metrics._ranked(scores, relevant, exclude, k)
+        got, got_n = metrics._ranked_from_sets(scores, sets, jnp.asarray(exclude), k)
+        np.testing.assert_array_equal(got, hits, err_msg=f"count_max={count_max} k={k}")
+        np.testing.assert_array_equal(got_n, want_n)
+    ks = (1, 5, 20)
+    want = jax.jit(metrics.ranking_metrics, static_argnums=3)(scores, relevant, exclude, ks)   # traced: top_k
+    sets = metrics.relevant_sets(relevant, exclude)
+    got = {"from_sets": jax.jit(metrics.ranking_metrics_from_sets, static_argnums=3)(scores, sets, exclude, ks),
+           "eager": metrics.ranking_metrics(scores, relevant, exclude, ks),                 # concrete: the sets
+           "unpadded": metrics.ranking_metrics_from_sets(
+               scores, metrics.relevant_sets(relevant, exclude, pad=False), exclude, ks)}
+    for form, values in got.items():
+      for name in want:
+        np.testing.assert_array_equal(np.asarray(values[name]), np.asarray(want[name]), err_msg=f"{form} {name}")
+    for k in ks:
+      for name, fn in (("recall", causal.recall_at_k), ("ndcg", causal.ndcg_at_k), ("hit", causal.hit_rate_at_k)):
+        np.testing.assert_array_equal(np.asarray(fn(scores, relevant, exclude, k)), np.asarray(want[f"{name}@{k}"]))
+    if make is _random_case:                            # finite scores: the argsort transcription too
+      for k in ks:
+        np.testing.assert_allclose([want[f"recall@{k}"], want[f"ndcg@{k}"], want[f"hit@{k}"]],
+                                   _numpy_ranking(scores, relevant, exclude, k), rtol=1e-5)
+
+  def test_hand_computed_counted_ranks_with_ties_and_nan(self):
+    # Ranks 0..5: item 3 (score 2); 0, 1, 4 (score 1, by index); 2 (NaN -> -inf) and 5 (excluded: -inf), by index.
+    scores = np.array([[1.0, 1.0, np.nan, 2.0, 1.0, 5.0]], np.float32)
+    exclude = np.array([[0, 0, 0, 0, 0, 1]], bool)
+    for items, k, hit_ranks in (([1], 3, [2]), ([1], 2, []), ([4], 3, []), ([4], 4, [3]),
+                                 ([2], 5, [4]), ([2], 4, [])):
+      relevant = np.zeros((1, 6), bool)
+      relevant[0, items] = True
+      sets = metrics.relevant_sets(relevant, exclude)
+      self.assertEqual(sets.rows.size, 1)                # counted, not ranked by top_k
+      hits, _ = metrics._ranked_from_sets(scores, sets, jnp.asarray(exclude), k)
+      np.testing.assert_array_equal(np.nonzero(np.asarray(hits[0]))[0], hit_ranks, err_msg=f"{items} k={k}")
+
+  def test_no_exclude_mask(self):
+    scores, relevant, _ = _hard_case(5)
+    want = jax.jit(metrics.ranking_metrics, static_argnums=3)(scores, relevant, None, (3, 7))
+    got = metrics.ranking_metrics_from_sets(scores, metrics.relevant_sets(relevant), None, (3, 7))
+    for name in want:
+      np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+
+  def test_mf_ranking_metrics_equal_the_full_score_matrix(self):
+    p = causal.mf_init(jax.random.PRNGKey(0), 50, 40, 4, scale=1.0)
+    p = {**p, "user": jnp.round(p["user"] * 2) / 2, "item": jnp.round(p["item"] * 2) / 2,   # exact, tied scores
+         "user_bias": jnp.round(p["user_bias"] * 2) / 2, "item_bias": jnp.round(p["item_bias"] * 2) / 2}
+    rng = np.random.default_rng(7)
+    relevant = rng.random((50, 40)) < 0.15
+    relevant[::3] = False                               # a third of the users have no relevant item
+    exclude = (rng.random((50, 40)) < 0.3) & ~relevant
+    sets = metrics.relevant_sets(relevant, exclude, count_max=4)
+    got = jax.jit(metrics.mf_ranking_metrics, static_argnums=3)(p, sets, exclude, (5, 10))
+    want = jax.jit(metrics.ranking_metrics, static_argnums=3)(causal.mf_scores(p), relevant, exclude, (5, 10))
+    for name in want:
+      np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+
+  def test_bad_input_raises(self):
+    scores, relevant, exclude = _random_case(6, n_users=5, n_items=8)
+    relevant[4, 2], exclude[4, 2] = True, False
+    with self.assertRaisesRegex(ValueError, "relevant_sets needs concrete"):
+      jax.jit(metrics.relevant_sets)(relevant, exclude)
+    with self.assertRaisesRegex(ValueError, "count_max must be a non-negative integer"):
+      metrics.relevant_sets(relevant, exclude, count_max=-1)
+    sets = metrics.relevant_sets(relevant, exclude)
+    with self.assertRaisesRegex(ValueError, "sets are for 5 users x 8 items"):
+      metrics.ranking_metrics_from_sets(scores[:4], sets, None)
+    with self.assertRaisesRegex(ValueError, "exclude_UxI has shape \\(5, 7\\)"):
+      metrics.ranking_metrics_from_sets(scores, sets, exclude[:, :7], (3,))
+    with self.assertRaisesRegex(ValueError, "k must be an integer in \\[1, 8\\]"):
+      metrics.ranking_metrics_from_sets(scores, sets, exclude, (9,))
+    with self.assertRaisesRegex(ValueError, "sets hold no relevant item"):
+      metrics.ranking_metrics_from_sets(scores, metrics.relevant_sets(np.zeros((5, 8), bool)), None, (3,))
 
 
 class RatingMetricsTest(chex.TestCase):
