@@ -10,7 +10,7 @@ Modules:
   towers_adapter  the CTR towers (DCN-v2, DLRM, DHEN, MLP) as backbones; the (SN)IPS tower loss
   movielens   RecBole-format .inter files and PDA's temporal split
   experiment  `run(config, workdir)` of experiments/causal_recsys.py
-  metrics     Recall/NDCG/HR@K over full rankings; MSE/MAE/AUC on a mask
+  metrics     Recall/NDCG/HR@K over full rankings (ranks counted for the users with test items); MSE/MAE/AUC
   data        the Coat data set (shipped with the package)
 
 References (more in each module): Schnabel et al., "Recommendations as Treatments: Debiasing Learning
@@ -29,7 +29,8 @@ from jaxml.recsys.causal.data import load_coat  # noqa: F401
 from jaxml.recsys.causal.estimators import (dr_bias, dr_risk, ips_risk, naive_risk, replay_lists,  # noqa: F401
                                             snips_risk)
 from jaxml.recsys.causal.metrics import (hit_rate_at_k, masked_auc, masked_mae, masked_mse,  # noqa: F401
-                                         ndcg_at_k, recall_at_k)
+                                         mf_ranking_metrics, ndcg_at_k, ranking_metrics, ranking_metrics_from_sets,
+                                         recall_at_k, relevant_sets)
 from jaxml.recsys.causal.mf import ips_weights, mf_apply, mf_init, mf_ips_loss, mf_scores, observed_batch  # noqa: F401
 from jaxml.recsys.causal.propensity import (logistic_propensity, logistic_propensity_fit,  # noqa: F401
                                             naive_bayes_propensity, popularity_propensity, rating_propensities)
