@@ -218,7 +218,7 @@ def metric_cpu_ab(rounds):
   return res
 
 
-ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"  # with the one-core affinity: XLA runs on one thread
 
 
 def main(argv):
