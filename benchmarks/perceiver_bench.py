@@ -265,7 +265,8 @@ def bench_vs_hf(worker, rounds: int, budget_s: float, say) -> dict:
   hf_mm = worker.request("matmul", m=m, k=k, n=k, repeats=50)["seconds"]
   tokens = MLM_BATCH * MLM_LEN
   r = {"latent_matmul_shape": f"{m}x{k}x{k}", "jax_latent_matmul_gflops": 2 * m * k * k / jax_mm / 1e9,
-       "hf_latent_matmul_gflops": 2 * m * k * k / hf_mm / 1e9, "params": pm.param_count(cfg), "first_loss_jaxml": jax_first, "first_loss_hf": hf_first,
+       "hf_latent_matmul_gflops": 2 * m * k * k / hf_mm / 1e9, "params": pm.param_count(cfg),
+       "first_loss_jaxml": jax_first, "first_loss_hf": hf_first,
        "first_loss_rel_diff": rel, "loss_after_one_update_rel_diff": step1_rel,
        "jax_train_s": median(jt_times), "hf_train_s": median(ht_times),
        "jax_forward_s": median(jf_times), "hf_forward_s": median(hf_times), "compile_s": compile_s,
