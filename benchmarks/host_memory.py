@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 
+from benchmarks.llama_cpu_time import alternate_settings
 from jaxml.train import hostmem
 
 _ARENA, _MMAP, _TRIM = hostmem.KEEP_TUNABLES.split(":")
@@ -84,19 +84,9 @@ def main(argv: list[str]) -> int:
   if unknown:
     raise SystemExit(f"unknown --settings {unknown}; known: {sorted(SETTINGS)}")
   cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
-  results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-  for r in range(rounds):
-    for name in names:
-      env = dict(os.environ, GLIBC_TUNABLES=SETTINGS[name], JAXML_HUGE_PAGES="0")
-      cmd = [sys.executable, "-m", "benchmarks.host_memory", "--child", cpus, config, str(steps)]
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-      if proc.returncode != 0:
-        raise SystemExit(f"setting {name} failed:\n{proc.stderr[-3000:]}")
-      got = json.loads(proc.stdout.strip().splitlines()[-1])
-      print(f"round {r + 1}/{rounds} {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in got.items())
-            + f" (load {os.getloadavg()[0]:.1f})", flush=True)
-      for k, v in got.items():
-        results[name].setdefault(k, []).append(v)
+  results = alternate_settings(
+      names, rounds, lambda name: dict(os.environ, GLIBC_TUNABLES=SETTINGS[name], JAXML_HUGE_PAGES="0"),
+      [sys.executable, "-m", "benchmarks.host_memory", "--child", cpus, config, str(steps)])
   for name in names:
     for k, v in results[name].items():
       print(f"{name}_{k}: {statistics.median(v):.1f}")

@@ -81,6 +81,26 @@ def _child(figures: list[str]) -> dict:
   return out
 
 
+def alternate_settings(names, rounds, env_for, cmd, *, unit=""):
+  """Runs `cmd` in a fresh process per (round, setting), settings alternating within each round.
+
+  `env_for(name)` gives each process's environment; the process prints a JSON object of figures as
+  its last line. Prints one line per process; returns `{name: {figure: [values over rounds]}}`.
+  """
+  results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+  for r in range(rounds):
+    for name in names:
+      proc = subprocess.run(cmd, env=env_for(name), capture_output=True, text=True, check=False)
+      if proc.returncode != 0:
+        raise SystemExit(f"setting {name} failed:\n{proc.stderr[-3000:]}")
+      got = json.loads(proc.stdout.strip().splitlines()[-1])
+      print(f"round {r + 1}/{rounds} {name}: " + ", ".join(f"{k} {v:.1f}{unit}" for k, v in got.items())
+            + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+      for k, v in got.items():
+        results[name].setdefault(k, []).append(v)
+  return results
+
+
 def main(argv: list[str]) -> int:
   args = dict(a.lstrip("-").split("=", 1) for a in argv if "=" in a)
   rounds = int(args.get("rounds", 2))
@@ -95,19 +115,9 @@ def main(argv: list[str]) -> int:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from jaxml.train import hostmem  # pylint: disable=import-outside-toplevel
   tunables = hostmem.huge_pages_env({}, supported=True)["GLIBC_TUNABLES"]
-  results: dict[str, dict[str, list[float]]] = {n: {} for n in names}
-  for r in range(rounds):
-    for name in names:
-      env = dict(os.environ, XLA_FLAGS=SETTINGS[name], GLIBC_TUNABLES=tunables)
-      cmd = [sys.executable, os.path.abspath(__file__), "--child", str(cpu), ",".join(figures)]
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-      if proc.returncode != 0:
-        raise SystemExit(f"setting {name} failed:\n{proc.stderr[-3000:]}")
-      got = json.loads(proc.stdout.strip().splitlines()[-1])
-      print(f"round {r + 1}/{rounds} {name}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in got.items())
-            + f" (load {os.getloadavg()[0]:.1f})", flush=True)
-      for k, v in got.items():
-        results[name].setdefault(k, []).append(v)
+  results = alternate_settings(
+      names, rounds, lambda name: dict(os.environ, XLA_FLAGS=SETTINGS[name], GLIBC_TUNABLES=tunables),
+      [sys.executable, os.path.abspath(__file__), "--child", str(cpu), ",".join(figures)], unit=" ms")
   for name in names:
     for k, v in results[name].items():
       print(f"{name}_{k}_ms: {statistics.median(v):.2f}")
