@@ -58,7 +58,9 @@ one half) over the mask's cells, with binary labels (e.g. rating >= 4).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -529,11 +531,11 @@ def _top_k(s, k, block):
   return jax.lax.top_k(canonical_scores(s), k) if block is None else top_k_blocked(s, k, block)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _top_k_chunks(scores_fn_args, exclude, k, chunk, block):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _top_k_chunks(scores_fn_args, exclude, k, chunk, block, n_chunks, tail, offset):
+  """The top-k ids of users `[offset, offset + n_chunks * chunk + tail)`: `n_chunks` whole chunks under
+  `lax.map`, then a remainder of `tail` users. `offset` is traced (one program per shard size)."""
   u, v, bu, bi = scores_fn_args
-  n_u = u.shape[0]
-  n_full, tail = divmod(n_u, chunk)
 
   def one(start, size):
     cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)  # noqa: E731
@@ -541,14 +543,37 @@ def _top_k_chunks(scores_fn_args, exclude, k, chunk, block):
     return _top_k(jnp.where(cut(exclude), -jnp.inf, s), k, block)[1]
 
   parts = []
-  if n_full:
-    parts.append(jax.lax.map(lambda i: one(i * chunk, chunk), jnp.arange(n_full)).reshape(-1, k))
+  if n_chunks:
+    parts.append(jax.lax.map(lambda i: one(offset + i * chunk, chunk), jnp.arange(n_chunks)).reshape(-1, k))
   if tail:
-    parts.append(one(n_full * chunk, tail))
+    parts.append(one(offset + n_chunks * chunk, tail))
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
-def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 128, block: int | str | None = "auto") -> Array:
+def _host_shards(n_chunks: int, tail: int, chunk: int, threads: int) -> list[tuple[int, int, int]]:
+  """`(offset, whole chunks, tail)` per host thread: the chunks split as evenly as whole chunks allow,
+  the remainder with the last shard."""
+  threads = max(1, min(threads, n_chunks))
+  out, offset = [], 0
+  for t in range(threads):
+    n = n_chunks // threads + (t < n_chunks % threads)
+    out.append((offset, n, tail if t == threads - 1 else 0))
+    offset += n * chunk
+  return out
+
+
+def _cpu_threads() -> int:
+  """The host threads `mf_top_k` runs its shards on: the CPUs this process may use, on the CPU backend."""
+  if jax.default_backend() != "cpu":
+    return 1
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 128, block: int | str | None = "auto",
+             threads: int | None = None) -> Array:
   """Every user's top-k items under MF (`mf.mf_scores`), `exclude_UxI` (training items) masked, in chunks.
 
   One compiled program scores `chunk` users at a time (`lax.map` over the whole chunks, then the
@@ -561,6 +586,10 @@ def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 128, bloc
     chunk: users per chunk.
     block: `top_k_blocked`'s block (the same result, faster on CPU for long rows), None for
       `jax.lax.top_k`, or "auto" (`auto_block`).
+    threads: host threads, each running the program on its own share of the whole chunks (the
+      same ids: rows are independent). XLA:CPU runs each `top_k` on one thread, so on a CPU with
+      several cores the shards' top-Ks run at once. None: the CPUs this process may use on the CPU
+      backend, 1 elsewhere.
 
   Returns:
     int32 [users, k] item ids, best first (ties: lower item index first).
@@ -577,7 +606,23 @@ def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 128, bloc
     block = auto_block(n_i, int(k))
   if block is not None and (isinstance(block, (bool, str)) or int(block) != block or block < 1):
     raise ValueError(f"block must be a positive integer, None or 'auto', got {block!r}")
+  if isinstance(threads, bool) or (threads is not None and (int(threads) != threads or threads < 1)):
+    raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
   bias = params["item_bias"] + params["bias"]
   args = (params["user"], params["item"], params["user_bias"], bias)
-  return _top_k_chunks(args, jnp.asarray(exclude_UxI, bool), int(k), int(min(chunk, n_u)),
-                       None if block is None else int(block))
+  exclude = jnp.asarray(exclude_UxI, bool)
+  chunk = int(min(chunk, n_u))
+  block = None if block is None else int(block)
+  n_chunks, tail = divmod(n_u, chunk)
+  shards = _host_shards(n_chunks, tail, chunk, _cpu_threads() if threads is None else int(threads))
+
+  def run(shard):
+    offset, n, t = shard
+    return _top_k_chunks(args, exclude, int(k), chunk, block, n, t, jnp.int32(offset))
+
+  if len(shards) == 1:
+    return run(shards[0])
+  # XLA:CPU runs `top_k` on one thread; programs dispatched from separate host threads run at once.
+  with concurrent.futures.ThreadPoolExecutor(len(shards)) as pool:
+    parts = list(pool.map(lambda sh: jax.block_until_ready(run(sh)), shards))
+  return jnp.concatenate(parts, axis=0)

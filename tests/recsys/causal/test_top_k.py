@@ -72,6 +72,23 @@ class MfTopKTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "chunk must be a positive integer"):
       metrics.mf_top_k(p, ex, 10, chunk=0)
 
+  def test_host_thread_shards_return_the_same_ids(self):
+    p = mf.mf_init(jax.random.PRNGKey(1), 77, 400, 4, scale=1.0)
+    p = {**p, "user": jnp.round(p["user"] * 2) / 2, "item": jnp.round(p["item"] * 2) / 2}   # tied scores
+    ex = np.random.default_rng(1).random((77, 400)) < 0.2
+    s = np.where(ex, -np.inf, np.asarray(p["user"] @ p["item"].T + p["user_bias"][:, None]
+                                         + (p["item_bias"] + p["bias"])[None, :]))
+    want = _reference(s, 7)
+    # 77 users in chunks of 8: 9 whole chunks and a remainder of 5, split 5/4, 3/3/3, one chunk per thread
+    # and fewer chunks than threads.
+    for threads in (1, 2, 3, 9, 12):
+      np.testing.assert_array_equal(metrics.mf_top_k(p, ex, 7, chunk=8, block=20, threads=threads), want,
+                                    err_msg=f"threads={threads}")
+    self.assertEqual(metrics._host_shards(9, 5, 8, 2), [(0, 5, 0), (40, 4, 5)])
+    self.assertEqual(metrics._host_shards(0, 5, 8, 4), [(0, 0, 5)])
+    with self.assertRaisesRegex(ValueError, "threads must be a positive integer"):
+      metrics.mf_top_k(p, ex, 7, threads=0)
+
 
 if __name__ == "__main__":
   absltest.main()
