@@ -7,12 +7,13 @@
    (`benchmarks/peer_torch_recsys.py`), ML-100K-shaped tables (943 x 1682, dim 64), batch 4096.
 2. Full-ranking evaluation: every user x every item scored (U V^T + biases), training items
    masked to -inf, top-K; users/s, jaxml (`causal.metrics.mf_top_k`: one program, `lax.map`
-   over user chunks) vs PyTorch (a loop over chunks of 256 users, which ran 1.0-1.4x faster than
+   over user chunks, run on one share of the chunks per host thread, one thread per usable CPU)
+   vs PyTorch (a loop over chunks of 256 users, which ran 1.0-1.4x faster than
    chunks of 2,048 in three runs), on a synthetic 20,000 x 10,000 matrix. jaxml twice: its
    default (chunks of 128 users, `top_k_blocked` with `auto_block`'s blocks, 40 items here) and
    the plain form (chunks of 2,048, `lax.top_k`), which return the same ids; and the floor any
-   exact top-K pays, the same chunks scored and masked with only each row's maximum taken
-   (`full_rank_*_floor_*`), so `torch / floor` bounds the ratio.
+   exact top-K pays, the same chunks scored and masked with only each row's maximum taken, on
+   the same host threads (`full_rank_*_floor_*`), so `torch / floor` bounds the ratio.
 3. RecBole 1.2.1's BPR on ML-100K with a temporal 90/10 split (its "TO" order): seconds per
    training epoch and per full-sort evaluation (Recall@20, NDCG@20), against jaxml's BPR
    (`causal.objectives.pda_loss` with gamma = 0, one epoch = |train| / batch steps, batch 2048,
@@ -33,6 +34,7 @@ Ends with `name: value` lines.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import glob
 import os
@@ -97,17 +99,25 @@ def time_steps(step, state, batch, calls):
   return (time.perf_counter() - t) / calls, state
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _row_max_floor(params, train, chunk):
-  """Every chunk scored and masked as `mf_top_k` does, only each row's maximum kept (the floor of a top-K)."""
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _row_max_chunks(params, train, chunk, n_chunks, offset):
+  """Chunks `[offset, offset + n_chunks * chunk)` scored and masked as `mf_top_k` does, only each row's maximum kept."""
   u, v, bu = params["user"], params["item"], params["user_bias"]
   bi = params["item_bias"] + params["bias"]
 
   def one(i):
-    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=0)  # noqa: E731
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, offset + i * chunk, chunk, axis=0)  # noqa: E731
     return jnp.where(cut(train), -jnp.inf, cut(u) @ v.T + cut(bu)[:, None] + bi[None, :]).max(1)
 
-  return jax.lax.map(one, jnp.arange(u.shape[0] // chunk))
+  return jax.lax.map(one, jnp.arange(n_chunks))
+
+
+def _row_max_floor(params, train, chunk):
+  """The floor of a top-K: the whole chunks of `mf_top_k`'s shards, each shard on its host thread."""
+  shards = metrics._host_shards(train.shape[0] // chunk, 0, chunk, metrics._cpu_threads())
+  with concurrent.futures.ThreadPoolExecutor(len(shards)) as pool:
+    return list(pool.map(lambda sh: jax.block_until_ready(_row_max_chunks(params, train, chunk, sh[1],
+                                                                          jnp.int32(sh[0]))), shards))
 
 
 def full_rank_jax(n_users, n_items, dim, k, density):
