@@ -12,11 +12,17 @@ its trip count (microseconds per iteration):
     independent batch-32 products in one program (do they run concurrently?);
   * `llama_decode_us_per_token_b<B>`: `jaxml.llama.generate`, 128 greedy tokens
     after an 8-token prompt, on the benchmark's `small` config, prefill included;
-  * `diffusion_net_us_per_call_b64`: the 2-D score MLP (hidden 128 x 3) at batch 64.
+  * `diffusion_net_us_per_call_b64`: the 2-D score MLP (hidden 128 x 3) at batch 64;
+  * `top_k_us_per_row_n<N>_k<K>`: `jax.lax.top_k` on `[128, N]` rows under `lax.map` (160 chunks),
+    per row: the cost the full-ranking benchmark's two `top_k`s pay (N = 250 block maxima, 800 candidates);
+  * `top_k_ms_whole` / `top_k_ms_two_in_one_program` / `top_k_ms_two_host_threads`: top-20 of 160 x
+    [128, 800], as one call, as two halves inside one jitted program, and as the same program called on
+    the two halves from two Python threads (does XLA:CPU overlap them? `recsys.causal.mf_top_k`'s shards).
 Ends with `name: value` lines.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import statistics
 import time
@@ -78,6 +84,38 @@ def diffusion_net_us(batch: int = 64, iters: int = 1000) -> float:
   return _per_iter_us(jax.jit(lambda x: jax.lax.fori_loop(0, iters, body, x)), (x0,), iters)
 
 
+def _median_ms(fn, repeats: int = 8) -> float:
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times) * 1e3
+
+
+def top_k_us_per_row(n: int, k: int, chunks: int = 160) -> float:
+  x = jax.random.normal(jax.random.PRNGKey(0), (chunks, 128, n))
+  f = jax.jit(lambda x: jax.lax.map(lambda s: jax.lax.top_k(s, k)[1], x))
+  return _median_ms(lambda: f(x)) * 1e3 / (chunks * 128)
+
+
+def top_k_overlap(chunks: int = 160) -> dict[str, float]:
+  x = jax.random.normal(jax.random.PRNGKey(0), (chunks, 128, 800))
+  one = jax.jit(lambda x: jax.lax.map(lambda s: jax.lax.top_k(s, 20)[1], x))
+  two = jax.jit(lambda x: jax.lax.map(lambda s: jnp.concatenate([jax.lax.top_k(s[:64], 20)[1],
+                                                                 jax.lax.top_k(s[64:], 20)[1]]), x))
+  halves = (x[:chunks // 2], x[chunks // 2:])
+  jax.block_until_ready([one(h) for h in halves])
+
+  def threads():
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      return list(pool.map(lambda h: jax.block_until_ready(one(h)), halves))
+
+  return {"top_k_ms_whole": _median_ms(lambda: one(x)), "top_k_ms_two_in_one_program": _median_ms(lambda: two(x)),
+          "top_k_ms_two_host_threads": _median_ms(threads)}
+
+
 def main(argv):
   del argv
   allowed = sorted(os.sched_getaffinity(0))
@@ -90,6 +128,9 @@ def main(argv):
   for b in (1, 8):
     res[f"llama_decode_us_per_token_b{b}"] = llama_decode_us(b)
   res["diffusion_net_us_per_call_b64"] = diffusion_net_us()
+  for n in (250, 800, 10000):
+    res[f"top_k_us_per_row_n{n}_k20"] = top_k_us_per_row(n, 20, chunks=160 if n < 10000 else 20)
+  res.update(top_k_overlap())
   for name, value in res.items():
     print(f"{name}: {value:.1f}" if isinstance(value, float) else f"{name}: {value}")
 
