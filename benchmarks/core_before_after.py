@@ -15,6 +15,10 @@ models on both trees:
     250 steps per call. The new step also computes both players' gradient
     norms, which the loop's NaN guard reads; the old step computed none.
 
+With `--guard_ab=N` it instead times, in this process on one pinned core, the current GAN step with its
+two gradient norms (what the loop's NaN guard reads) against the same step with the norms replaced by
+zeros, N interleaved rounds (`gan_steps_per_cpu_s_with_norms` / `_without_norms`, `gan_guard_cost`).
+
 Each measurement is its own process pinned to one core (`taskset`-style
 affinity), timed by CPU time (`time.process_time`, medians of 12-40 calls);
 old and new alternate round by round so that both see the same machine.
@@ -35,6 +39,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("old", "916c837^", "The git revision with the private trainers.")
 flags.DEFINE_integer("rounds", 4, "Interleaved old/new rounds per model.")
+flags.DEFINE_integer("guard_ab", 0, "Instead: this many in-process rounds of the GAN step with and without its norms.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -109,9 +114,56 @@ def _measure(tree: pathlib.Path, model: str, cpu: int) -> float:
   return float(out.stdout.strip().splitlines()[-1])
 
 
+def guard_ab(rounds: int) -> dict[str, float]:
+  """The GAN step (250 steps per call) with and without its gradient norms, interleaved in one process."""
+  import time  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from jaxml import train as jt  # pylint: disable=import-outside-toplevel
+  from jaxml.generative import gan, get_dataset  # pylint: disable=import-outside-toplevel
+
+  class _NoNorms:  # `jaxml.train` as the GAN step sees it, with `global_norm` returning 0
+    def __getattr__(self, name):
+      return getattr(jt, name)
+
+    @staticmethod
+    def global_norm(tree):
+      del tree
+      return jnp.zeros((), jnp.float32)
+
+  data = get_dataset("ring8")
+  gcfg = gan.GANConfig(data_dim=2, latent_dim=8, hidden=128, depth=3, learning_rate=1e-3)
+  k = 250
+  state = gan.init_state(jax.random.PRNGKey(0), gcfg)
+  steps = {}
+  for name, core in (("with_norms", jt), ("without_norms", _NoNorms())):
+    gan.jt = core   # read when the step is traced, in the first call below
+    try:
+      steps[name] = jax.jit(gan.make_train_step(gcfg, 256, sample_fn=data.sample, steps_per_call=k))
+      jax.block_until_ready(steps[name](state, None))
+    finally:
+      gan.jt = jt
+  times = {name: [] for name in steps}
+  for _ in range(rounds):
+    for name, step in steps.items():
+      t = time.process_time()
+      jax.block_until_ready(step(state, None))
+      times[name].append(time.process_time() - t)
+  out = {f"gan_steps_per_cpu_s_{n}": k / statistics.median(t) for n, t in times.items()}
+  out["gan_guard_cost"] = 1 - out["gan_steps_per_cpu_s_with_norms"] / out["gan_steps_per_cpu_s_without_norms"]
+  return out
+
+
 def main(argv):
   del argv
   cpu = sorted(os.sched_getaffinity(0))[0]
+  if FLAGS.guard_ab:
+    os.sched_setaffinity(0, {cpu})   # before JAX's CPU backend starts
+    for k, v in guard_ab(FLAGS.guard_ab).items():
+      print(f"{k}: {v:.4g}")
+    return
   with tempfile.TemporaryDirectory() as tmp:
     old = pathlib.Path(tmp) / "old"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), FLAGS.old], check=True,
