@@ -1,60 +1,82 @@
 """Training steps/s of the diffusion MLP and the GAN: the shared core against the private trainers it replaced.
 
-    python -m benchmarks.core_before_after                 # 4 interleaved rounds, one pinned core
-    python -m benchmarks.core_before_after --rounds=6 --old=916c837^
+    python -m benchmarks.core_before_after                 # 30 interleaved rounds, one pinned core
+    python -m benchmarks.core_before_after --rounds=60 --old=916c837^
 
 The training core (`jaxml.train.make_train_step`, the GAN's custom step on
 `jaxml.train.scan_steps`) replaced `jaxml.diffusion.train.make_trainer` and the
-GAN's private `make_trainer`. This benchmark checks out the revision before
-that change (`--old`, default `916c837^`, the last one holding both private
-trainers in working order) into a temporary git worktree and times the same
-models on both trees:
+GAN's private `make_trainer`. This benchmark exports the package as it was at
+the revision before that change (`--old`, default `916c837^`, the last one
+holding both private trainers in working order) with `git archive`, imports it
+beside the current one under the name `jaxml_old` (its own imports rewritten to
+that name) and times the same models from both trees in this one process:
   * the 2-D score MLP (`ScoreMLPConfig(data_dim=2)`, hidden 128 x 3), DSM loss
     on the VP SDE, Adam 1e-3, EMA 0.999, batch 256, 50 steps per compiled call;
   * the ring-8 GAN (hidden 128 x 3, latent 8, Adam 1e-3 b1 0.5), batch 256,
-    250 steps per call. The new step also computes both players' gradient
-    norms, which the loop's NaN guard reads; the old step computed none.
+    250 steps per call; and the current GAN step once more with its gradient
+    norms replaced by zeros (`gan_ring8_no_norms`): the norms feed the loop's
+    NaN guard, which the old loop did not have, so that row prices the guard.
 
-With `--guard_ab=N` it instead times, in this process on one pinned core, the current GAN step with its
-two gradient norms (what the loop's NaN guard reads) against the same step with the norms replaced by
-zeros, N interleaved rounds (`gan_steps_per_cpu_s_with_norms` / `_without_norms`, `gan_guard_cost`).
-
-Each measurement is its own process pinned to one core (`taskset`-style
-affinity), timed by CPU time (`time.process_time`, medians of 12-40 calls);
-old and new alternate round by round so that both see the same machine.
-Needs `git` and the repository's history. Ends with `name: value` lines
-(`<model>_steps_per_cpu_s_old/_new`, medians over rounds, and `<model>_new_over_old`).
+The process is pinned to one core before JAX starts and every measurement is
+CPU time (`time.process_time`); each round times every variant once, in turn,
+so that all see the same machine (separate processes of the same program spread
+10-15% on a shared VM, more than the differences measured here). Needs `git`
+and the repository's history. Ends with `name: value` lines
+(`<model>_steps_per_cpu_s_old/_new`, medians over rounds, their ranges,
+`<model>_new_over_old`, and the median of the per-round ratios with a bootstrap
+95% interval, `<model>_new_over_old_per_round_median/_ci95`).
 """
 from __future__ import annotations
 
+import importlib
+import io
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
+import time
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("old", "916c837^", "The git revision with the private trainers.")
-flags.DEFINE_integer("rounds", 4, "Interleaved old/new rounds per model.")
-flags.DEFINE_integer("guard_ab", 0, "Instead: this many in-process rounds of the GAN step with and without its norms.")
+flags.DEFINE_integer("rounds", 30, "Interleaved rounds (every variant timed once per round).")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_IMPORT = re.compile(r"^(\s*)(from|import) jaxml(?=[\s.])", re.MULTILINE)
 
-# The measurement, run in a child process with the tree to import first on sys.path. It finds out from
-# the tree's API which trainer it has (the old trees have `make_trainer`), prints one number.
-_CHILD = r'''
-import functools, sys, time
-sys.path.insert(0, sys.argv[1])
-import jax, jax.numpy as jnp, numpy as np, optax
-import jaxml
-assert jaxml.__file__.startswith(sys.argv[1]), jaxml.__file__
-model = sys.argv[2]
-if model == "diffusion_mlp":
-  import jaxml.diffusion as jd
-  K, calls = 50, 40
+
+def old_package(rev: str, dest: pathlib.Path):
+  """The `jaxml` package at git revision `rev`, written under `dest` as `jaxml_old` and imported."""
+  blob = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "jaxml"], capture_output=True,
+                        check=True).stdout
+  with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+    for member in tar.getmembers():
+      if not member.isfile():
+        continue
+      path = dest / ("jaxml_old" + member.name[len("jaxml"):])
+      path.parent.mkdir(parents=True, exist_ok=True)
+      data = tar.extractfile(member).read()
+      if member.name.endswith(".py"):
+        data = _IMPORT.sub(r"\1\2 jaxml_old", data.decode()).encode()
+      path.write_bytes(data)
+  sys.path.insert(0, str(dest))
+  import jaxml_old  # pylint: disable=import-outside-toplevel,import-error
+  return jaxml_old
+
+
+def diffusion_mlp(pkg):
+  """`(call, steps_per_call)` for the 2-D score MLP of package `pkg` (old: `make_trainer`; new: the core)."""
+  import functools  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  jd = importlib.import_module(pkg.__name__ + ".diffusion")
+  k = 50
   sde = jd.VPSDE()
   mix = jd.GaussianMixture.create([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]], 0.1)
   mcfg = jd.ScoreMLPConfig(data_dim=2)
@@ -64,65 +86,39 @@ if model == "diffusion_mlp":
   tx = optax.adam(1e-3)
   if hasattr(jd, "make_trainer"):
     loss = lambda p, r, b: jd.dsm_loss(r, sde, functools.partial(jd.precondition, sde, apply, p), b)
-    trainer = jd.make_trainer(loss, draw, tx, ema_decay=0.999, chunk=K)
-    run = jax.jit(trainer.run_chunk, donate_argnums=0)
+    trainer = jd.make_trainer(loss, draw, tx, ema_decay=0.999, chunk=k)
+    run = jax.jit(trainer.run_chunk)
     state = jax.jit(trainer.init)(jax.random.PRNGKey(1), params)
-    step = lambda s: run(s)[0]
-  else:
-    from jaxml import train as jt
-    def loss(p, batch, rng):
-      b_rng, l_rng = jax.random.split(rng)
-      return jd.dsm_loss(l_rng, sde, functools.partial(jd.precondition, sde, apply, p), draw(b_rng)), {}
-    fn = jax.jit(jt.make_train_step(loss, tx, ema_decay=0.999, ema_warmup=True, steps_per_call=K), donate_argnums=0)
-    state = jax.jit(lambda p: jt.create_train_state(p, tx, jax.random.PRNGKey(1), ema=True))(params)
-    step = lambda s: fn(s, None)[0]
-else:
-  from jaxml.generative import gan
-  K, calls = 250, 12
-  gcfg = gan.GANConfig(data_dim=2, latent_dim=8, hidden=128, depth=3, learning_rate=1e-3)
-  if hasattr(gan, "make_trainer"):
-    from jaxml.generative import toy
-    data = toy.get_dataset("ring8")
-    trainer = gan.make_trainer(gcfg, lambda r: data.sample(r, 256), 256, K)
-    run = jax.jit(trainer.run_chunk, donate_argnums=0)
-    state = jax.jit(trainer.init)(jax.random.PRNGKey(0))
-    step = lambda s: run(s)[0]
-  else:
-    from jaxml.generative import get_dataset
-    data = get_dataset("ring8")
-    fn = jax.jit(gan.make_train_step(gcfg, 256, sample_fn=data.sample, steps_per_call=K), donate_argnums=0)
-    state = gan.init_state(jax.random.PRNGKey(0), gcfg)
-    step = lambda s: fn(s, None)[0]
-state = jax.block_until_ready(step(state))
-times = []
-for _ in range(calls):
-  t = time.process_time()
-  state = jax.block_until_ready(step(state))
-  times.append(time.process_time() - t)
-print(K / float(np.median(times)))
-'''
+    return (lambda: run(state)[0]), k
+  jt = importlib.import_module(pkg.__name__ + ".train")
 
-MODELS = ("diffusion_mlp", "gan_ring8")
+  def new_loss(p, batch, rng):
+    del batch
+    b_rng, l_rng = jax.random.split(rng)
+    return jd.dsm_loss(l_rng, sde, functools.partial(jd.precondition, sde, apply, p), draw(b_rng)), {}
+
+  fn = jax.jit(jt.make_train_step(new_loss, tx, ema_decay=0.999, ema_warmup=True, steps_per_call=k))
+  state = jax.jit(lambda p: jt.create_train_state(p, tx, jax.random.PRNGKey(1), ema=True))(params)
+  return (lambda: fn(state, None)[0]), k
 
 
-def _measure(tree: pathlib.Path, model: str, cpu: int) -> float:
-  env = dict(os.environ, PYTHONPATH="")
-  out = subprocess.run([sys.executable, "-c", _CHILD, str(tree), model], capture_output=True, text=True, env=env,
-                       preexec_fn=lambda: os.sched_setaffinity(0, {cpu}), check=False)
-  if out.returncode != 0:
-    raise RuntimeError(f"{model} on {tree} failed:\n{out.stderr[-3000:]}")
-  return float(out.stdout.strip().splitlines()[-1])
-
-
-def guard_ab(rounds: int) -> dict[str, float]:
-  """The GAN step (250 steps per call) with and without its gradient norms, interleaved in one process."""
-  import time  # pylint: disable=import-outside-toplevel
-
+def gan_ring8(pkg, *, norms: bool = True):
+  """`(call, steps_per_call)` for the ring-8 GAN of package `pkg`; `norms=False`: the new step without its norms."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from jaxml import train as jt  # pylint: disable=import-outside-toplevel
-  from jaxml.generative import gan, get_dataset  # pylint: disable=import-outside-toplevel
+  gan = importlib.import_module(pkg.__name__ + ".generative.gan")
+  k = 250
+  gcfg = gan.GANConfig(data_dim=2, latent_dim=8, hidden=128, depth=3, learning_rate=1e-3)
+  if hasattr(gan, "make_trainer"):
+    toy = importlib.import_module(pkg.__name__ + ".generative.toy")
+    data = toy.get_dataset("ring8")
+    trainer = gan.make_trainer(gcfg, lambda r: data.sample(r, 256), 256, k)
+    run = jax.jit(trainer.run_chunk)
+    state = jax.jit(trainer.init)(jax.random.PRNGKey(0))
+    return (lambda: run(state)[0]), k
+  generative = importlib.import_module(pkg.__name__ + ".generative")
+  data = generative.get_dataset("ring8")
+  jt = gan.jt
 
   class _NoNorms:  # `jaxml.train` as the GAN step sees it, with `global_norm` returning 0
     def __getattr__(self, name):
@@ -133,58 +129,74 @@ def guard_ab(rounds: int) -> dict[str, float]:
       del tree
       return jnp.zeros((), jnp.float32)
 
-  data = get_dataset("ring8")
-  gcfg = gan.GANConfig(data_dim=2, latent_dim=8, hidden=128, depth=3, learning_rate=1e-3)
-  k = 250
+  fn = jax.jit(gan.make_train_step(gcfg, 256, sample_fn=data.sample, steps_per_call=k))
   state = gan.init_state(jax.random.PRNGKey(0), gcfg)
-  steps = {}
-  for name, core in (("with_norms", jt), ("without_norms", _NoNorms())):
-    gan.jt = core   # read when the step is traced, in the first call below
-    try:
-      steps[name] = jax.jit(gan.make_train_step(gcfg, 256, sample_fn=data.sample, steps_per_call=k))
-      jax.block_until_ready(steps[name](state, None))
-    finally:
-      gan.jt = jt
-  times = {name: [] for name in steps}
+  gan.jt = jt if norms else _NoNorms()   # read when the step is traced, in the call below
+  try:
+    jax.block_until_ready(fn(state, None))
+  finally:
+    gan.jt = jt
+  return (lambda: fn(state, None)[0]), k
+
+
+def measure(variants: dict, rounds: int, min_cpu_s: float = 0.25) -> dict[str, list[float]]:
+  """Steps per CPU-second of each `name: (call, steps_per_call)`, `rounds` interleaved rounds.
+
+  Each round times every variant once, in turn: enough calls of it to fill `min_cpu_s` of CPU time.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  calls = {}
+  for name, (call, k) in variants.items():
+    jax.block_until_ready(call())   # compile and warm
+    t = time.process_time()
+    jax.block_until_ready(call())
+    calls[name] = max(1, round(min_cpu_s / max(time.process_time() - t, 1e-6)))
+  rates = {name: [] for name in variants}
   for _ in range(rounds):
-    for name, step in steps.items():
+    for name, (call, k) in variants.items():
       t = time.process_time()
-      jax.block_until_ready(step(state, None))
-      times[name].append(time.process_time() - t)
-  out = {f"gan_steps_per_cpu_s_{n}": k / statistics.median(t) for n, t in times.items()}
-  out["gan_guard_cost"] = 1 - out["gan_steps_per_cpu_s_with_norms"] / out["gan_steps_per_cpu_s_without_norms"]
-  return out
+      for _ in range(calls[name]):
+        jax.block_until_ready(call())
+      rates[name].append(k * calls[name] / (time.process_time() - t))
+  return rates
+
+
+def bootstrap_median_interval(values: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+  """The 2.5% and 97.5% quantiles of the median of `values` resampled with replacement."""
+  import random  # pylint: disable=import-outside-toplevel
+  rng = random.Random(seed)
+  medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+  return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def main(argv):
   del argv
   cpu = sorted(os.sched_getaffinity(0))[0]
-  if FLAGS.guard_ab:
-    os.sched_setaffinity(0, {cpu})   # before JAX's CPU backend starts
-    for k, v in guard_ab(FLAGS.guard_ab).items():
-      print(f"{k}: {v:.4g}")
-    return
+  os.sched_setaffinity(0, {cpu})   # before JAX's CPU backend starts its threads
+  import jaxml  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
-    old = pathlib.Path(tmp) / "old"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old), FLAGS.old], check=True,
-                   capture_output=True)
-    try:
-      results = {}
-      for model in MODELS:
-        rates = {"old": [], "new": []}
-        for r in range(FLAGS.rounds):
-          for side, tree in (("old", old), ("new", ROOT)):
-            rates[side].append(_measure(tree, model, cpu))
-          print(f"[round {r + 1}] {model}: old {rates['old'][-1]:.0f}, new {rates['new'][-1]:.0f} steps per CPU-second",
-                flush=True)
-        for side in ("old", "new"):
-          results[f"{model}_steps_per_cpu_s_{side}"] = statistics.median(rates[side])
-          results[f"{model}_steps_per_cpu_s_{side}_range"] = f"{min(rates[side]):.0f}-{max(rates[side]):.0f}"
-        results[f"{model}_new_over_old"] = (results[f"{model}_steps_per_cpu_s_new"]
-                                            / results[f"{model}_steps_per_cpu_s_old"])
-    finally:
-      subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=False,
-                     capture_output=True)
+    old = old_package(FLAGS.old, pathlib.Path(tmp))
+    variants = {
+        "diffusion_mlp_old": diffusion_mlp(old), "diffusion_mlp_new": diffusion_mlp(jaxml),
+        "gan_ring8_old": gan_ring8(old), "gan_ring8_new": gan_ring8(jaxml),
+        "gan_ring8_no_norms": gan_ring8(jaxml, norms=False),
+    }
+    rates = measure(variants, FLAGS.rounds)
+  results = {}
+  for name, r in rates.items():
+    model, side = name.rsplit("_", 1) if not name.endswith("no_norms") else ("gan_ring8", "no_norms")
+    results[f"{model}_steps_per_cpu_s_{side}"] = statistics.median(r)
+    results[f"{model}_steps_per_cpu_s_{side}_range"] = f"{min(r):.0f}-{max(r):.0f}"
+  for model in ("diffusion_mlp", "gan_ring8"):
+    results[f"{model}_new_over_old"] = (results[f"{model}_steps_per_cpu_s_new"]
+                                        / results[f"{model}_steps_per_cpu_s_old"])
+    # the ratio within each round: its median, with a bootstrap 95% interval of that median
+    per_round = [n / o for n, o in zip(rates[f"{model}_new"], rates[f"{model}_old"])]
+    low, high = bootstrap_median_interval(per_round)
+    results[f"{model}_new_over_old_per_round_median"] = statistics.median(per_round)
+    results[f"{model}_new_over_old_per_round_ci95"] = f"{low:.3f}-{high:.3f}"
+  results["gan_ring8_guard_cost"] = 1 - (results["gan_ring8_steps_per_cpu_s_new"]
+                                         / results["gan_ring8_steps_per_cpu_s_no_norms"])
   print(f"old: {FLAGS.old}; cpu {cpu}; rounds {FLAGS.rounds}")
   for k, v in results.items():
     print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
