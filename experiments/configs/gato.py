@@ -27,6 +27,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.rows_per_task = 4  # sequences per task per step, for every control task, text and captions
   c.steps = 1500  # training steps of every model (multi-task and each single-task one)
   c.steps_per_call = 20  # steps per compiled call; divides steps
+  c.checkpoint_every = 500  # steps between checkpoints of each model (and at the end); a multiple of steps_per_call
   c.lr = 1e-3  # AdamW peak learning rate (warm-up 5% of the steps, then cosine)
   c.text_bytes = 400_000  # bytes of the Python standard library source for the text task
   c.eval_episodes = 50  # evaluation episodes per task and model (Gato: 50)

@@ -22,11 +22,16 @@
    demonstration, the twin's demonstration, and both demonstrations as the only context (no
    history of the episode: the incremental evaluation with K = 0). The prompt probe
    (`prompt_probe`): teacher-forced action accuracy on expert windows of each twin after the
-   right, the twin's or no prompt, per timestep of the window. Caption accuracy (held-out digits)
+   right, the twin's or no prompt, per timestep of the window; the same for the single-task
+   CartPole model, whose accuracy is the probe's ceiling (the task known, the observation
+   alone). Caption accuracy (held-out digits)
    and text loss (held-out stdlib bytes).
 
 Writes `results.json`, `results.md` (the tables), `gato_scores.png`, `gato_twin.png`, and each
-training's `metrics.jsonl` / `loss.png` under `DIR/<model>/`.
+training's `metrics.jsonl` / `loss.png` / `checkpoints/` under `DIR/<model>/` (the PPO experts' under
+`DIR/experts/<task>/`). Every model and expert trains through `jaxml.train.fit`: a stopped study
+(SIGTERM) resumes where it stopped, a finished one reads its models back and only re-evaluates them
+(changing an evaluation field is allowed; a field the training depends on raises, naming it).
 """
 from __future__ import annotations
 
@@ -75,6 +80,7 @@ class GatoExperimentConfig:
   rows_per_task: int = 4  # sequences per task per step (text and captions too)
   steps: int = 1500  # training steps (every model)
   steps_per_call: int = 20  # divides steps
+  checkpoint_every: int = 500  # steps between checkpoints of each model (and at the end; a multiple of steps_per_call)
   lr: float = 1e-3  # AdamW peak (warm-up 5%, cosine)
   text_bytes: int = 400_000  # stdlib source bytes for the text task
   eval_episodes: int = 50  # episodes per task and model
@@ -91,6 +97,9 @@ class GatoExperimentConfig:
       raise ValueError(f"GatoExperimentConfig.tasks has unknown tasks {sorted(unknown)}; choose from {CONTROL}")
     if "CartPole-twin" in self.tasks and "CartPole-v1" not in self.tasks:
       raise ValueError("GatoExperimentConfig.tasks: CartPole-twin needs CartPole-v1")
+    if self.checkpoint_every <= 0 or self.checkpoint_every % self.steps_per_call:
+      raise ValueError(f"GatoExperimentConfig.checkpoint_every={self.checkpoint_every} must be a positive multiple "
+                       f"of steps_per_call={self.steps_per_call}")
     if self.steps % self.steps_per_call:
       raise ValueError(f"GatoExperimentConfig.steps={self.steps} must be a multiple of steps_per_call")
 
@@ -251,6 +260,11 @@ def prompt_probe(params, mcfg: model.GatoConfig, layout: TokenLayout, spec: sq.T
   return out
 
 
+# Fields that change only how trained models are evaluated (or saved), not what they learn.
+_EVALUATION_FIELDS = ("checkpoint_every", "eval_episodes", "eval_history", "eval_temperature", "bootstrap",
+                      "probe_rows", "probe_episodes", "figures_dir")
+
+
 def _trainer(cfg: GatoExperimentConfig, mcfg: model.GatoConfig):
   """`train(name, batch_fn, workdir, log) -> params`: one compiled step shared by every model of the study
   (same architecture, optimizer and schedule; batches of one shape compile once)."""
@@ -260,12 +274,17 @@ def _trainer(cfg: GatoExperimentConfig, mcfg: model.GatoConfig):
   step = jax.jit(jt.make_train_step(loss, tx, schedule=schedule, steps_per_call=cfg.steps_per_call),
                  donate_argnums=0)
 
+  # What a trained model depends on; the evaluation fields are left out, so changing them re-evaluates the
+  # checkpointed models instead of raising.
+  record = {k: v for k, v in experiment.to_dict(cfg).items() if k not in _EVALUATION_FIELDS}
+
   def train(name, batch_fn, workdir, log):
-    state, _ = jt.init_train_state(init_fn, tx, jax.random.PRNGKey(cfg.seed + 1))
-    res = jt.train(step, state, batch_fn, num_steps=cfg.steps, workdir=os.path.join(workdir, name),
-                   steps_per_call=cfg.steps_per_call, log_every=cfg.steps_per_call * 5, tensorboard=False,
-                   plot_title=f"Gato {name}", print_fn=lambda s: log(f"{name}: {s}"))
-    return res.state.params
+    """The trained model's `TrainResult`: resumed from (or, when finished, read back from) `workdir/name/checkpoints`."""
+    return jt.fit(None, init_fn, tx, jax.random.PRNGKey(cfg.seed + 1), step=step, num_steps=cfg.steps,
+                  batch_fn=batch_fn, workdir=os.path.join(workdir, name), record=record,
+                  record_name=f"{name} training config", checkpoint_every=cfg.checkpoint_every,
+                  steps_per_call=cfg.steps_per_call, keep=1, log_every=cfg.steps_per_call * 5, tensorboard=False,
+                  plot_title=f"Gato {name}", print_fn=lambda s: log(f"{name}: {s}"))
 
   return train
 
@@ -276,7 +295,11 @@ def run(config: Any, workdir: str) -> dict:
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
   layout = TokenLayout(text_vocab=text_data.ByteTokenizer.vocab_size, discrete_vocab=8)
-  tasks = _experts(cfg, workdir, log)
+  try:
+    tasks = _experts(cfg, workdir, log)
+  except ex.ExpertPreempted as e:
+    log(str(e))
+    return {"preempted": True}
   mcfg = model.GatoConfig(vocab_size=layout.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                           multiple_of=32, max_seq_len=cfg.context, max_local=64, patch_size=5,
                           image_channels=_image_channels([t["spec"] for t in tasks.values()]),
@@ -300,12 +323,17 @@ def run(config: Any, workdir: str) -> dict:
     return sq.stack(rows)
 
   train = _trainer(cfg, mcfg)
-  trained = {"multi-task": train("multi-task", multi_batch, workdir, log)}
+  batch_fns = {"multi-task": ("multi-task", multi_batch)}
   for n in tasks:
-    if n == "CartPole-twin":
-      continue
-    single_batch = lambda step, n=n: sq.stack(control_rows(np.random.default_rng([cfg.seed, step, 7]), n))
-    trained[n] = train(f"single-{n}", single_batch, workdir, log)
+    if n != "CartPole-twin":
+      batch_fns[n] = (f"single-{n}",
+                      lambda step, n=n: sq.stack(control_rows(np.random.default_rng([cfg.seed, step, 7]), n)))
+  trained = {}
+  for key, (name, batch_fn) in batch_fns.items():
+    res = train(name, batch_fn, workdir, log)
+    if res.preempted:
+      return {"preempted": True}
+    trained[key] = res.state.params
 
   # ---------------------------------------------------------------- evaluation
   boot = np.random.default_rng(cfg.seed)
@@ -352,6 +380,18 @@ def run(config: Any, workdir: str) -> dict:
           f"{pr['twin']['first_timestep']:.3f} none {pr['none']['first_timestep']:.3f}; all timesteps right "
           f"{pr['right']['all']:.3f} twin {pr['twin']['all']:.3f} none {pr['none']['all']:.3f}; "
           f"TV(right, twin) {pr['prob_shift']:.3f}")
+    if "CartPole-v1" in trained:
+      # The ceiling of the probe: the single-task CartPole model knows its task, so its accuracy on the same
+      # windows is what the observation alone allows once the task is known.
+      heldout = _tokens(tasks["CartPole-v1"]["spec"], layout, mcfg, tasks["CartPole-v1"]["heldout"])
+      pr = prompt_probe(trained["CartPole-v1"], mcfg, layout, tasks["CartPole-v1"]["spec"], heldout,
+                        toks["CartPole-twin"], step_len=steps_len["CartPole-v1"],
+                        prompt_timesteps=cfg.prompt_timesteps, context=cfg.context, rows=cfg.probe_rows,
+                        seed=cfg.seed + 13)
+      results["prompt_probe_single_task"] = {"CartPole-v1": pr}
+      log(f"prompt probe CartPole-v1, single-task BC (the ceiling): first-timestep accuracy right "
+          f"{pr['right']['first_timestep']:.3f} none {pr['none']['first_timestep']:.3f}; all timesteps right "
+          f"{pr['right']['all']:.3f} none {pr['none']['all']:.3f}")
     none = sq.Tokens(*(jnp.asarray(x) for x in sq.empty_tokens(0, pd)))
     for env_name, other in (("CartPole-v1", "CartPole-twin"), ("CartPole-twin", "CartPole-v1")):
       results["twin"][env_name] = {
@@ -397,7 +437,10 @@ def _write(results: dict, cfg: GatoExperimentConfig, workdir: str) -> None:
   twin = report.markdown_table(["environment"] + twin_heads, twin_rows) if twin_rows else ""
   probe_rows = [[env, f"{r['right']['first_timestep']:.2f}", f"{r['twin']['first_timestep']:.2f}",
                  f"{r['none']['first_timestep']:.2f}", f"{r['right']['all']:.2f}", f"{r['twin']['all']:.2f}",
-                 f"{r['none']['all']:.2f}", f"{r['prob_shift']:.3f}"] for env, r in results.get("prompt_probe", {}).items()]
+                 f"{r['none']['all']:.2f}", f"{r['prob_shift']:.3f}"]
+                for env, r in list(results.get("prompt_probe", {}).items())
+                + [(f"{e} (single-task BC: the ceiling)", r)
+                   for e, r in results.get("prompt_probe_single_task", {}).items()]]
   probe = report.markdown_table(["environment", "acc. 1st step, right prompt", "twin's prompt", "no prompt",
                                  "acc. all steps, right", "twin's", "none", "TV(right, twin) 1st step"],
                                 probe_rows) if probe_rows else ""

@@ -201,20 +201,33 @@ def make_ppo_step(cfg: PPOConfig, env: Any, env_params: Any, space: Space, tx: A
   return step
 
 
+class ExpertPreempted(RuntimeError):
+  """`train_ppo` stopped on SIGTERM after saving its checkpoint (the study returns `preempted=True`)."""
+
+
 def train_ppo(env: Any, env_params: Any, cfg: PPOConfig, rng: jax.Array, workdir: str, *,
               log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
-  """Trains a PPO expert on `jaxml.train` (metrics in `workdir/metrics.jsonl`). Returns `(params, records)`."""
+  """Trains (or resumes) a PPO expert on `jaxml.train.fit`. Returns `(params, records)`.
+
+  `workdir` holds `metrics.jsonl` and `checkpoints/` (saved at the end, and on SIGTERM by the loop):
+  a rerun with the same config restores the trained expert instead of training it again, and a run
+  stopped part-way resumes; a changed `PPOConfig` raises, naming the fields. `rng` must be the same
+  on a rerun (it is the state's key).
+  """
   space = action_space(env, env_params)
   obs_dim = int(np.prod(env.observation_space(env_params).shape))
   tx, _ = jt.make_optimizer(cfg.lr, total_steps=cfg.iterations, kind="adam", schedule="constant", clip_norm=0.5,
                             eps=1e-5)
   init_fn = lambda r: init_actor_critic(r, obs_dim, space, cfg.hidden)
-  state, _ = jt.init_train_state(init_fn, tx, rng)
   step = jax.jit(jt.scan_steps(make_ppo_step(cfg, env, env_params, space, tx), cfg.steps_per_call),
                  donate_argnums=0)
-  result = jt.train(step, state, None, num_steps=cfg.iterations, workdir=workdir, steps_per_call=cfg.steps_per_call,
-                    log_every=cfg.steps_per_call, tensorboard=False, plot=False,
-                    finite_keys=("loss",), print_fn=log)
+  result = jt.fit(None, init_fn, tx, rng, step=step, num_steps=cfg.iterations, workdir=workdir,
+                  record={"ppo": dataclasses.asdict(cfg), "env": type(env).__name__}, record_name="PPO expert config",
+                  steps_per_call=cfg.steps_per_call, keep=1, log_every=cfg.steps_per_call, tensorboard=False,
+                  plot=False, finite_keys=("loss",), print_fn=log)
+  if result.preempted:
+    raise ExpertPreempted(f"the PPO expert in {workdir} stopped at step {result.step} on SIGTERM (checkpoint saved); "
+                          "rerun to resume")
   return result.state.params, jt.read_metrics(workdir)
 
 

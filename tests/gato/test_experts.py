@@ -1,11 +1,14 @@
 """Experts: PPO on CartPole reaches a stated return within a bounded budget; scripted experts beat random; filters."""
+import dataclasses
 import tempfile
 
+import chex
 import gymnax
 import jax
 import numpy as np
 from absl.testing import absltest
 
+from jaxml import train as jt
 from jaxml.gato import experts as ex
 
 
@@ -16,6 +19,14 @@ class PPOTest(absltest.TestCase):
     cfg = ex.PPOConfig(iterations=10, num_envs=16, horizon=500, steps_per_call=5)   # 10 x 16 x 500 = 80k steps
     with tempfile.TemporaryDirectory() as d:
       params, records = ex.train_ppo(env, env_params, cfg, jax.random.PRNGKey(0), d, log=lambda s: None)
+      # A rerun reads the trained expert back from its checkpoint: no training, the same params and history.
+      lines = []
+      again, records_again = ex.train_ppo(env, env_params, cfg, jax.random.PRNGKey(0), d, log=lines.append)
+      chex.assert_trees_all_equal(again, params)
+      self.assertEqual(records_again, records)   # metrics.jsonl unchanged: no step ran and none was appended
+      with self.assertRaisesRegex(jt.ConfigMismatchError, "lr"):
+        ex.train_ppo(env, env_params, dataclasses.replace(cfg, lr=cfg.lr * 2), jax.random.PRNGKey(0), d,
+                     log=lambda s: None)
     self.assertLess(records[0]["episode_return"], records[-1]["episode_return"])
     space = ex.action_space(env, env_params)
     greedy = ex.collect(ex.PPOPolicy(params, space, greedy=True), env, env_params, jax.random.PRNGKey(1), 16, 500)
