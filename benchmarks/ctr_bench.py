@@ -9,7 +9,9 @@ dense part (interaction + top MLP, forward and backward, on given embeddings)
 against a measured matmul peak (median of repeats, `benchmarks.common`). Then
 how the step cost grows with the embedding-table size and with the number of
 DHEN layers. Matmul FLOPs are counted from the traced step (`towers.matmul_flops`).
-Ends with `name: value` lines, including `mfu_dcnv2`, `mfu_dhen` and
+Ends with `name: value` lines, including `mfu_dcnv2`, `mfu_dhen` (from the
+median repeat), `mfu_<tower>_repeats_range` (the same from the slowest and the
+fastest repeat: on a shared VM one run's repeats can spread widely) and
 `examples_per_s_<tower>`.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +61,15 @@ def random_batch(cfg: TowerConfig, b: int, seed: int = 0) -> dict:
           "label": jnp.asarray(rng.random(b) < 0.25, jnp.float32)}
 
 
-def time_steps(step, state, batch, repeats: int, steps: int) -> float:
-  """Median seconds per step (after one compile + warm-up call)."""
+class Timing(NamedTuple):
+  """Seconds per step over the timed repeats: their median, fastest and slowest."""
+  median: float
+  fastest: float
+  slowest: float
+
+
+def time_steps(step, state, batch, repeats: int, steps: int) -> Timing:
+  """Seconds per step over `repeats` timed runs of `steps` steps (after one compile + warm-up call)."""
   state, _ = step(state, batch)
   jax.block_until_ready(state)
   times = []
@@ -69,10 +79,10 @@ def time_steps(step, state, batch, repeats: int, steps: int) -> float:
       state, m = step(state, batch)
     jax.block_until_ready(m)
     times.append((time.perf_counter() - t) / steps)
-  return median(times)
+  return Timing(median(times), min(times), max(times))
 
 
-def full_step(cfg: TowerConfig, b: int, repeats: int, steps: int) -> tuple[float, int]:
+def full_step(cfg: TowerConfig, b: int, repeats: int, steps: int) -> tuple[Timing, int]:
   """(seconds per full training step, its matmul FLOPs): the core's step (`jaxml.train.make_train_step`)
   on the tower's loss (`train.loss_fn`) with Adam (`train.optimizer`), as the experiments train."""
   tc = train.TrainConfig()
@@ -84,7 +94,7 @@ def full_step(cfg: TowerConfig, b: int, repeats: int, steps: int) -> tuple[float
   return time_steps(jax.jit(step_fn, donate_argnums=0), state, batch, repeats, steps), flops
 
 
-def dense_step(cfg: TowerConfig, b: int, repeats: int, steps: int) -> tuple[float, int]:
+def dense_step(cfg: TowerConfig, b: int, repeats: int, steps: int) -> tuple[Timing, int]:
   """(seconds per step of the dense part alone, its matmul FLOPs): embeddings x0 given,
   forward + backward of interaction + top MLP + head, the core's step with the same Adam on
   the dense weights."""
@@ -123,31 +133,36 @@ def main(argv):
   for name, cfg in tower_configs(dhen_chunks=FLAGS.dhen_batch_chunks).items():
     measured[name] = full_step(cfg, b, reps, steps) + dense_step(cfg, b, reps, steps)
     sec, flops, dsec, dflops = measured[name]
+    sec, dsec = sec.median, dsec.median
     say(f"{name}: {b / sec:,.0f} ex/s, {1e3 * sec:.0f} ms/step, dense part {dflops / dsec / 1e9:.1f} GFLOP/s")
   # The CPU may be shared: measure the peak again after the towers and keep the larger
   # median, so a busy moment during the first measurement cannot inflate the MFU.
   peak = max(peak, matmul_peak_flops(n=n_peak, repeats=5))
   res["matmul_peak_gflops"] = peak / 1e9
-  for name, (sec, flops, dsec, dflops) in measured.items():
+  for name, (timing, flops, dtiming, dflops) in measured.items():
     cfg = tower_configs(dhen_chunks=FLAGS.dhen_batch_chunks)[name]
+    sec, dsec = timing.median, dtiming.median
     res[f"examples_per_s_{name}"] = b / sec
     res[f"step_ms_{name}"] = 1e3 * sec
     res[f"train_gflops_per_step_{name}"] = flops / 1e9
     res[f"mfu_{name}_full_step"] = flops / sec / peak
     res[f"mfu_{name}"] = dflops / dsec / peak
+    # the same over the slowest and the fastest timed repeat: how far one run's figure can be trusted
+    res[f"mfu_{name}_repeats_range"] = f"{dflops / dtiming.slowest / peak:.3f}-{dflops / dtiming.fastest / peak:.3f}"
     res[f"params_{name}"] = towers.param_count(towers.init(jax.random.PRNGKey(0), cfg))
 
   vocabs = (1_000, 10_000) if FLAGS.quick else (1_000, 10_000, 100_000)
   for v in vocabs:  # cost vs table size: a dense Adam update touches every row each step
     cfg = tower_configs(v)["mlp"]
-    sec, _ = full_step(cfg, b, reps, steps)
+    sec = full_step(cfg, b, reps, steps)[0].median
     res[f"step_ms_mlp_table_rows_{cfg.features.table_rows}"] = 1e3 * sec
     say(f"table {cfg.features.table_rows:,} rows: {1e3 * sec:.1f} ms/step")
 
   base = tower_configs(dhen_chunks=FLAGS.dhen_batch_chunks)["dhen"]
   for depth in ((1, 2) if FLAGS.quick else (1, 2, 4)):
     cfg = dataclasses.replace(base, dhen_layers=depth)
-    sec, flops = dense_step(cfg, b, reps, steps)
+    timing, flops = dense_step(cfg, b, reps, steps)
+    sec = timing.median
     res[f"step_ms_dhen_dense_layers_{depth}"] = 1e3 * sec
     res[f"gflops_dhen_dense_layers_{depth}"] = flops / 1e9
     say(f"DHEN {depth} layers: {1e3 * sec:.1f} ms/step dense part, {flops / 1e9:.2f} GFLOP")
