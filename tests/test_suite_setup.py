@@ -2,7 +2,7 @@
 
 Module fixtures that train a model or start the peer process are written to run once, on the one worker
 that gets their group. pytest 9.2 stores node ids where pytest-xdist 3.8 no longer rewrites them, so the
-groups silently fell apart and every such fixture ran on both workers (the suite took minutes longer);
+groups silently fell apart and every such fixture ran once per worker instead of once;
 requirements/constraints.txt pins a pytest whose ids xdist can group.
 """
 import os

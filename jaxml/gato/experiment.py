@@ -266,7 +266,7 @@ _EVALUATION_FIELDS = ("checkpoint_every", "eval_episodes", "eval_history", "eval
 
 
 def _trainer(cfg: GatoExperimentConfig, mcfg: model.GatoConfig):
-  """`train(name, batch_fn, workdir, log) -> params`: one compiled step shared by every model of the study
+  """`train(name, batch_fn, workdir, log) -> TrainResult`: one compiled step shared by every model of the study
   (same architecture, optimizer and schedule; batches of one shape compile once)."""
   tx, schedule = jt.make_optimizer(cfg.lr, total_steps=cfg.steps, warmup_steps=max(cfg.steps // 20, 1))
   init_fn = lambda r: model.init(r, mcfg)
