@@ -29,6 +29,11 @@ SETTINGS = {
     "onednn": "--xla_cpu_use_onednn=true",
     "onednn_dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
     "fast_math": "--xla_cpu_enable_fast_math=true",
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",
+    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
+    "no_mt_eigen": "--xla_cpu_multi_thread_eigen=false",
+    "no_fusion_emitters": "--xla_cpu_use_fusion_emitters=false",
+    "concurrency_sched": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
 }
 
 
