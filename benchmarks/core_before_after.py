@@ -2,6 +2,7 @@
 
     python -m benchmarks.core_before_after                 # 30 interleaved rounds, one pinned core
     python -m benchmarks.core_before_after --rounds=60 --old=916c837^
+    python -m benchmarks.core_before_after --models=dhen_dense --rounds=20   # ctr_bench's DHEN dense step
 
 The training core (`jaxml.train.make_train_step`, the GAN's custom step on
 `jaxml.train.scan_steps`) replaced `jaxml.diffusion.train.make_trainer` and the
@@ -15,7 +16,15 @@ that name) and times the same models from both trees in this one process:
   * the ring-8 GAN (hidden 128 x 3, latent 8, Adam 1e-3 b1 0.5), batch 256,
     250 steps per call; and the current GAN step once more with its gradient
     norms replaced by zeros (`gan_ring8_no_norms`): the norms feed the loop's
-    NaN guard, which the old loop did not have, so that row prices the guard.
+    NaN guard, which the old loop did not have, so that row prices the guard;
+  * with `--models=dhen_dense`: `benchmarks/ctr_bench.py`'s DHEN dense step (the step
+    `mfu_dhen` times: interaction + top MLP + head on given embeddings, batch 4096,
+    Adam), as that benchmark wrote it before the CTR towers moved onto the core
+    (`--old_recsys`, default `2d3fe0c^`: a plain `value_and_grad` + `optax.adam(1e-3)`
+    step over that revision's towers) and as it writes it now (`jaxml.train`'s step,
+    `recsys.train.optimizer`), one step per call. The process then first relaunches
+    itself with the huge-page malloc tunables, as `ctr_bench` does
+    (`jaxml.train.hostmem`).
 
 The process is pinned to one core before JAX starts and every measurement is
 CPU time (`time.process_time`); each round times every variant once, in turn,
@@ -45,28 +54,29 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("old", "916c837^", "The git revision with the private trainers.")
 flags.DEFINE_integer("rounds", 30, "Interleaved rounds (every variant timed once per round).")
+flags.DEFINE_list("models", ["diffusion_mlp", "gan_ring8"], "Models to time: diffusion_mlp, gan_ring8, dhen_dense.")
+flags.DEFINE_string("old_recsys", "2d3fe0c^", "The git revision before the CTR towers trained through the core.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _IMPORT = re.compile(r"^(\s*)(from|import) jaxml(?=[\s.])", re.MULTILINE)
 
 
-def old_package(rev: str, dest: pathlib.Path):
-  """The `jaxml` package at git revision `rev`, written under `dest` as `jaxml_old` and imported."""
+def old_package(rev: str, dest: pathlib.Path, name: str = "jaxml_old"):
+  """The `jaxml` package at git revision `rev`, written under `dest` as `name` and imported."""
   blob = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "jaxml"], capture_output=True,
                         check=True).stdout
   with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
     for member in tar.getmembers():
       if not member.isfile():
         continue
-      path = dest / ("jaxml_old" + member.name[len("jaxml"):])
+      path = dest / (name + member.name[len("jaxml"):])
       path.parent.mkdir(parents=True, exist_ok=True)
       data = tar.extractfile(member).read()
       if member.name.endswith(".py"):
-        data = _IMPORT.sub(r"\1\2 jaxml_old", data.decode()).encode()
+        data = _IMPORT.sub(rf"\1\2 {name}", data.decode()).encode()
       path.write_bytes(data)
   sys.path.insert(0, str(dest))
-  import jaxml_old  # pylint: disable=import-outside-toplevel,import-error
-  return jaxml_old
+  return importlib.import_module(name)
 
 
 def diffusion_mlp(pkg):
@@ -139,6 +149,48 @@ def gan_ring8(pkg, *, norms: bool = True):
   return (lambda: fn(state, None)[0]), k
 
 
+def dhen_dense(pkg):
+  """`(call, 1)`: `ctr_bench`'s DHEN dense step from package `pkg`, as that benchmark wrote it with `pkg`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  rs = importlib.import_module(pkg.__name__ + ".recsys")
+  fc = rs.FeatureConfig(n_dense=13, vocab_sizes=(10_000,) * 26, embed_dim=16, dense_hidden=(64,))
+  cfg = rs.TowerConfig(features=fc, kind="dhen", hidden=(1024, 512, 256), dhen_modules=("attention", "linear"),
+                       dhen_rows=(None, 16), dhen_layers=2, attention_heads=2)
+  b = 4096
+  x0 = jax.random.normal(jax.random.PRNGKey(1), (b, fc.n_slots, fc.embed_dim))
+  y = (jax.random.uniform(jax.random.PRNGKey(2), (b,)) < 0.25).astype(jnp.float32)
+  dense = {k: v for k, v in rs.towers.init(jax.random.PRNGKey(0), cfg).items() if k != "features"}
+
+  def loss(p, x):
+    h = rs.modules.mlp(p["top"], rs.towers.interact(p, x, cfg))
+    return rs.losses.logloss_from_logits(rs.modules.linear(p["out"], h)[:, 0], y)
+
+  if hasattr(rs.train, "make_step"):  # before the core: the benchmark's own step
+    opt = optax.adam(1e-3)
+
+    def step(state, x):
+      p, o = state
+      value, g = jax.value_and_grad(loss)(p, x)
+      u, o = opt.update(g, o, p)
+      return (optax.apply_updates(p, u), o), value
+
+    box = [(dense, opt.init(dense))]
+  else:
+    jt = importlib.import_module(pkg.__name__ + ".train")
+    tx, _ = rs.train.optimizer(rs.train.TrainConfig())
+    step = jt.make_train_step(lambda p, x, rng: (loss(p, x), {}), tx)
+    box = [jt.init_train_state(lambda r: dense, tx, jax.random.PRNGKey(0))[0]]
+  fn = jax.jit(step, donate_argnums=0)
+
+  def call():
+    box[0], out = fn(box[0], x0)
+    return out
+
+  return call, 1
+
+
 def measure(variants: dict, rounds: int, min_cpu_s: float = 0.25) -> dict[str, list[float]]:
   """Steps per CPU-second of each `name: (call, steps_per_call)`, `rounds` interleaved rounds.
 
@@ -174,20 +226,28 @@ def main(argv):
   cpu = sorted(os.sched_getaffinity(0))[0]
   os.sched_setaffinity(0, {cpu})   # before JAX's CPU backend starts its threads
   import jaxml  # pylint: disable=import-outside-toplevel
+  unknown = set(FLAGS.models) - {"diffusion_mlp", "gan_ring8", "dhen_dense"}
+  if unknown:
+    raise app.UsageError(f"unknown --models {sorted(unknown)}")
   with tempfile.TemporaryDirectory() as tmp:
-    old = old_package(FLAGS.old, pathlib.Path(tmp))
-    variants = {
-        "diffusion_mlp_old": diffusion_mlp(old), "diffusion_mlp_new": diffusion_mlp(jaxml),
-        "gan_ring8_old": gan_ring8(old), "gan_ring8_new": gan_ring8(jaxml),
-        "gan_ring8_no_norms": gan_ring8(jaxml, norms=False),
-    }
+    variants = {}
+    if {"diffusion_mlp", "gan_ring8"} & set(FLAGS.models):
+      old = old_package(FLAGS.old, pathlib.Path(tmp) / "core")
+      if "diffusion_mlp" in FLAGS.models:
+        variants.update(diffusion_mlp_old=diffusion_mlp(old), diffusion_mlp_new=diffusion_mlp(jaxml))
+      if "gan_ring8" in FLAGS.models:
+        variants.update(gan_ring8_old=gan_ring8(old), gan_ring8_new=gan_ring8(jaxml),
+                        gan_ring8_no_norms=gan_ring8(jaxml, norms=False))
+    if "dhen_dense" in FLAGS.models:
+      old = old_package(FLAGS.old_recsys, pathlib.Path(tmp) / "recsys", name="jaxml_old_recsys")
+      variants.update(dhen_dense_old=dhen_dense(old), dhen_dense_new=dhen_dense(jaxml))
     rates = measure(variants, FLAGS.rounds)
   results = {}
   for name, r in rates.items():
     model, side = name.rsplit("_", 1) if not name.endswith("no_norms") else ("gan_ring8", "no_norms")
     results[f"{model}_steps_per_cpu_s_{side}"] = statistics.median(r)
-    results[f"{model}_steps_per_cpu_s_{side}_range"] = f"{min(r):.0f}-{max(r):.0f}"
-  for model in ("diffusion_mlp", "gan_ring8"):
+    results[f"{model}_steps_per_cpu_s_{side}_range"] = f"{min(r):.4g}-{max(r):.4g}"
+  for model in [m for m in ("diffusion_mlp", "gan_ring8", "dhen_dense") if m in FLAGS.models]:
     results[f"{model}_new_over_old"] = (results[f"{model}_steps_per_cpu_s_new"]
                                         / results[f"{model}_steps_per_cpu_s_old"])
     # the ratio within each round: its median, with a bootstrap 95% interval of that median
@@ -195,12 +255,17 @@ def main(argv):
     low, high = bootstrap_median_interval(per_round)
     results[f"{model}_new_over_old_per_round_median"] = statistics.median(per_round)
     results[f"{model}_new_over_old_per_round_ci95"] = f"{low:.3f}-{high:.3f}"
-  results["gan_ring8_guard_cost"] = 1 - (results["gan_ring8_steps_per_cpu_s_new"]
-                                         / results["gan_ring8_steps_per_cpu_s_no_norms"])
-  print(f"old: {FLAGS.old}; cpu {cpu}; rounds {FLAGS.rounds}")
+  if "gan_ring8" in FLAGS.models:
+    results["gan_ring8_guard_cost"] = 1 - (results["gan_ring8_steps_per_cpu_s_new"]
+                                           / results["gan_ring8_steps_per_cpu_s_no_norms"])
+  print(f"old: {FLAGS.old} (recsys: {FLAGS.old_recsys}); cpu {cpu}; rounds {FLAGS.rounds}")
   for k, v in results.items():
     print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
 
 
 if __name__ == "__main__":
+  if "dhen_dense" in " ".join(sys.argv):  # the DHEN step's large temporaries: allocate as ctr_bench does
+    sys.path.insert(0, str(ROOT))
+    from jaxml.train import hostmem  # pylint: disable=import-outside-toplevel
+    hostmem.relaunch_with_huge_pages()
   app.run(main)
