@@ -11,8 +11,11 @@ how the step cost grows with the embedding-table size and with the number of
 DHEN layers. Matmul FLOPs are counted from the traced step (`towers.matmul_flops`).
 Ends with `name: value` lines, including `mfu_dcnv2`, `mfu_dhen` (from the
 median repeat), `mfu_<tower>_repeats_range` (the same from the slowest and the
-fastest repeat: on a shared VM one run's repeats can spread widely) and
-`examples_per_s_<tower>`.
+fastest repeat: on a shared VM one run's repeats can spread widely),
+`examples_per_s_<tower>`, the peak's measurements (before the towers and after
+each; the largest is used) and `mfu_valid` (0 when a dense part ran faster than
+every peak measurement, so the peak was read in busy moments and no MFU of the
+run holds).
 """
 from __future__ import annotations
 
@@ -129,16 +132,26 @@ def main(argv):
   peak = matmul_peak_flops(n=n_peak, repeats=5)
   say(f"matmul peak {peak / 1e9:.1f} GFLOP/s")
 
-  measured = {}
+  measured, peaks = {}, [peak]
   for name, cfg in tower_configs(dhen_chunks=FLAGS.dhen_batch_chunks).items():
     measured[name] = full_step(cfg, b, reps, steps) + dense_step(cfg, b, reps, steps)
     sec, flops, dsec, dflops = measured[name]
     sec, dsec = sec.median, dsec.median
     say(f"{name}: {b / sec:,.0f} ex/s, {1e3 * sec:.0f} ms/step, dense part {dflops / dsec / 1e9:.1f} GFLOP/s")
-  # The CPU may be shared: measure the peak again after the towers and keep the larger
-  # median, so a busy moment during the first measurement cannot inflate the MFU.
-  peak = max(peak, matmul_peak_flops(n=n_peak, repeats=5))
+    # The CPU may be shared: measure the peak again after each tower and keep the largest
+    # median, so a busy moment during one measurement cannot inflate the MFU.
+    peaks.append(matmul_peak_flops(n=n_peak, repeats=5))
+  peak = max(peaks)
   res["matmul_peak_gflops"] = peak / 1e9
+  res["matmul_peak_gflops_measurements"] = ", ".join(f"{p / 1e9:.0f}" for p in peaks)
+  # A dense part faster than the peak means every peak measurement met a busy machine: then no MFU
+  # of this run is valid, and the run says so instead of printing utilisations above 1.
+  fastest = max(m[3] / m[2].fastest for m in measured.values())
+  res["mfu_valid"] = int(fastest <= peak)
+  if fastest > peak:
+    say(f"WARNING: a dense part ran at {fastest / 1e9:.0f} GFLOP/s, above every matmul peak measured "
+        f"({res['matmul_peak_gflops_measurements']} GFLOP/s): the peak was read in busy moments, so this "
+        "run's MFUs are not valid; rerun on a quieter machine")
   for name, (timing, flops, dtiming, dflops) in measured.items():
     cfg = tower_configs(dhen_chunks=FLAGS.dhen_batch_chunks)[name]
     sec, dsec = timing.median, dtiming.median
