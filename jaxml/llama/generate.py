@@ -17,6 +17,7 @@ token ids, each cut before its first EOS), built on it. Both raise
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -105,6 +106,15 @@ def greedy_token(logits_BxV: jax.Array) -> jax.Array:
 _CPU_SPLIT_VOCAB = 2048
 
 
+def _one_cpu_thread() -> bool:
+  """Whether XLA:CPU runs this process's programs on one thread (it sizes its pool from the CPU
+  affinity mask when the backend starts)."""
+  try:
+    return len(os.sched_getaffinity(0)) == 1
+  except AttributeError:  # no affinity mask on this OS
+    return os.cpu_count() == 1
+
+
 # Decode-loop segments (see `_segment_ends`): at most this many, each at least this long.
 _SEGMENTS, _SEGMENT_MIN_LEN = 4, 32
 
@@ -130,11 +140,11 @@ class NonFiniteLogitsError(FloatingPointError):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "min_prompt_len", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "eos_id", "segments", "with_logprobs",
-                                             "repetition_penalty", "penalize_prompt"))
+                                             "repetition_penalty", "penalize_prompt", "join"))
 def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_prompt_len: int,
                 max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                 eos_id: int | None = None, segments: tuple[int, int] | None = None, with_logprobs: bool = True,
-                repetition_penalty: float | None = None, penalize_prompt: bool = True):
+                repetition_penalty: float | None = None, penalize_prompt: bool = True, join: bool | None = None):
   """The compiled prefill + decode loop of `generate_arrays`, traceable under a caller's `jax.jit`.
 
   It fills `tokens_BxS` after each row's prompt; no host checks and no
@@ -158,6 +168,9 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
     with_logprobs: False skips the log-probabilities (zeros are returned),
       saving a log-sum-exp over the vocabulary per step.
     repetition_penalty, penalize_prompt: as in `generate_arrays`.
+    join: run the projections joined (`model.join_projections`: the same
+      products, fewer of them); None: on XLA:CPU when it runs on one thread,
+      where that is faster (on two it is slower; see BUILD_NOTES).
 
   Returns:
     `(tokens_BxN, logprobs_BxN, lengths_B, bad_B)`: each row's `N` new
@@ -173,6 +186,8 @@ def decode_loop(params, tokens_BxS, lengths_B, rng, *, cfg: LlamaConfig, min_pro
     params = model.unstack_layers(params)  # sliced once, not at every step of the loop
   if jax.default_backend() == "cpu" and cfg.vocab_size <= _CPU_SPLIT_VOCAB:
     params = model.split_output_columns(params, 256)
+  if join if join is not None else (jax.default_backend() == "cpu" and _one_cpu_thread()):
+    params = model.join_projections(params)  # joined once, outside the loop
   # Prefill the shortest prompt length into the past cache, then decode in segments:
   # each segment writes a fresh recent piece, which joins the past when it ends.
   past = model.init_cache(cfg, B, min_prompt_len)

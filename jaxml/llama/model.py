@@ -89,8 +89,8 @@ def check_params(params: Params, cfg: LlamaConfig) -> None:
   """Checks that `params` has exactly the keys and shapes `init(rng, cfg)` makes.
 
   Accepts the forms `apply` takes: stacked or per-layer weights
-  (`unstack_layers`) and a whole or column-split output projection
-  (`split_output_columns`). Reads shapes only (no device work), so it costs
+  (`unstack_layers`), separate or joined projections (`join_projections`) and
+  a whole or column-split output projection (`split_output_columns`). Reads shapes only (no device work), so it costs
   nothing under `jax.jit`.
 
   Args:
@@ -111,7 +111,7 @@ def _check_param_shapes(params: Params, cfg: LlamaConfig, keys: tuple[str, ...] 
   if not isinstance(params, Mapping):
     raise TypeError(f"{what} must be a dict of arrays (see jaxml.llama.model), got {type(params).__name__}")
   expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
-  got = dict(jax.tree_util.tree_flatten_with_path(_canonical_shapes(params))[0])
+  got = dict(jax.tree_util.tree_flatten_with_path(_canonical_shapes(params, cfg))[0])
   in_scope = (lambda path: True) if keys is None else (lambda path: path[0].key in keys)
   problems = []
   exp_keys = set()
@@ -134,13 +134,40 @@ def _check_param_shapes(params: Params, cfg: LlamaConfig, keys: tuple[str, ...] 
                      f"hidden_dim={cfg.hidden_dim}):\n  " + "\n  ".join(problems))
 
 
-def _canonical_shapes(params: Params) -> Params:
-  """`params` as shapes in `init`'s form: per-layer weights stacked, output columns joined (no copies)."""
+# The joined projections of `join_projections`: each name and the separate weights it holds, in order.
+_JOINED = {"wqkv": ("wq", "wk", "wv"), "w13": ("w1", "w3")}
+
+
+def _joined_widths(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """The column widths of the weights each joined projection holds."""
+  q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  return {"wqkv": (q, kv, kv), "w13": (cfg.hidden_dim, cfg.hidden_dim)}
+
+
+def _canonical_shapes(params: Params, cfg: LlamaConfig) -> Params:
+  """`params` as shapes in `init`'s form: per-layer weights stacked, output columns and joined
+  projections (`join_projections`) split back (no copies)."""
   def shape(*dims):
     return jax.ShapeDtypeStruct(tuple(dims), jnp.float32)  # only the shape is compared
 
+  def unjoin(lp):
+    if not isinstance(lp, Mapping) or not any(name in lp for name in _JOINED):
+      return lp
+    lp = dict(lp)
+    for name, parts in _JOINED.items():
+      if name in lp:
+        w = np.shape(lp.pop(name))
+        widths = _joined_widths(cfg)[name]
+        for part, width in zip(parts, widths):
+          # A joined weight of the wrong width shows as a wrong shape of every part.
+          lp[part] = shape(*w[:-1], width if w and w[-1] == sum(widths) else -1)
+    return lp
+
   out = dict(params)
   layers = params.get("layers")
+  layers = tuple(unjoin(lp) for lp in layers) if isinstance(layers, (tuple, list)) else unjoin(layers)
+  if layers is not None:
+    out["layers"] = layers
   if isinstance(layers, (tuple, list)) and layers and all(isinstance(lp, Mapping) for lp in layers):
     per_layer = [dict(jax.tree_util.tree_flatten_with_path(dict(lp))[0]) for lp in layers]
     stacked = {}
@@ -203,15 +230,21 @@ def _block(cfg: LlamaConfig, x_BxTxD, lp, cos, sin, attend):
   dt = cfg.compute_dtype
   x = x_BxTxD.reshape(B * T, D)
   h = nn.rms_norm(x, lp["attention_norm"], cfg.norm_eps)
-  q = nn.linear(h, lp["wq"].astype(dt)).reshape(B, T, H, Dh)
-  k = nn.linear(h, lp["wk"].astype(dt)).reshape(B, T, K, Dh)
-  v = nn.linear(h, lp["wv"].astype(dt)).reshape(B, T, K, Dh)
+  if "wqkv" in lp:  # `join_projections`
+    q, k, v = jnp.split(nn.linear(h, lp["wqkv"].astype(dt)), [H * Dh, (H + K) * Dh], axis=-1)
+  else:
+    q, k, v = (nn.linear(h, lp[name].astype(dt)) for name in ("wq", "wk", "wv"))
+  q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
   q = nn.apply_rope_tables(q, cos, sin)
   k = nn.apply_rope_tables(k, cos, sin)
   attn, kv = attend(q, k.astype(dt), v.astype(dt))
   x = x + nn.linear(attn.reshape(B * T, H * Dh), lp["wo"].astype(dt))
   h = nn.rms_norm(x, lp["ffn_norm"], cfg.norm_eps)
-  x = x + nn.swiglu(h, lp["w1"].astype(dt), lp["w3"].astype(dt), lp["w2"].astype(dt))
+  if "w13" in lp:
+    gate, up = jnp.split(nn.linear(h, lp["w13"].astype(dt)), 2, axis=-1)
+    x = x + nn.linear(jax.nn.silu(gate) * up, lp["w2"].astype(dt))
+  else:
+    x = x + nn.swiglu(h, lp["w1"].astype(dt), lp["w3"].astype(dt), lp["w2"].astype(dt))
   return x.reshape(B, T, D), kv
 
 
@@ -531,6 +564,27 @@ def _logits(x, w_DxV, dt):
   if isinstance(w_DxV, (tuple, list)):
     return jnp.concatenate([nn.linear(x, w.astype(dt), out_dtype=jnp.float32) for w in w_DxV], axis=-1)
   return nn.linear(x, w_DxV.astype(dt), out_dtype=jnp.float32)
+
+
+def join_projections(params: Params) -> Params:
+  """`params` with each layer's `wq`, `wk`, `wv` as one `wqkv` and `w1`, `w3` as one `w13`
+  (columns side by side, stacked or per-layer weights alike).
+
+  `apply` and `apply_split_cache` take either form (the same products, as one
+  matmul per input). On XLA:CPU with one thread a batch-8 decode step of the
+  benchmark's small Llama ran about 5% faster joined; with two threads slower,
+  because the joined 384- and 704-column products are split across both
+  threads (`generate.decode_loop` joins only on one thread; see BUILD_NOTES).
+  Join once, outside a decode loop.
+  """
+  def join(lp):
+    lp = dict(lp)
+    for name, parts in _JOINED.items():
+      lp[name] = jnp.concatenate([lp.pop(part) for part in parts], axis=-1)
+    return lp
+
+  layers = params["layers"]
+  return dict(params, layers=tuple(join(lp) for lp in layers) if isinstance(layers, (tuple, list)) else join(layers))
 
 
 def split_output_columns(params: Params, width: int) -> Params:

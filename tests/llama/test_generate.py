@@ -77,6 +77,24 @@ class GenerateTest(chex.TestCase):
     """The scanned model (stacked cache and weights) decodes exactly as the unrolled one."""
     self.assertEqual(llama.generate(PARAMS, CFG.replace(scan_layers=True), PROMPTS, 8), self.greedy)
 
+  def test_joined_projections_decode_the_same_tokens_and_logprobs(self):
+    """`decode_loop(join=True)` (chosen on one CPU thread) against the separate projections."""
+    buf = np.zeros((3, 7 + 12), np.int32)
+    for i, p in enumerate(PROMPTS):
+      buf[i, :len(p)] = p
+    lengths = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
+    run = lambda join: llama.decode_loop(PARAMS, jnp.asarray(buf), lengths, jax.random.PRNGKey(0), cfg=CFG,  # noqa: E731
+                                         min_prompt_len=2, max_new_tokens=12, join=join)
+    (tok_j, logp_j, n_j, bad_j), (tok, logp, n, bad) = run(True), run(False)
+    np.testing.assert_array_equal(tok_j, tok)
+    np.testing.assert_allclose(logp_j, logp, atol=1e-5)
+    np.testing.assert_array_equal(n_j, n)
+    np.testing.assert_array_equal(bad_j, bad)
+    with mock.patch.object(llama_generate.os, "sched_getaffinity", lambda pid: {0}):
+      self.assertTrue(llama_generate._one_cpu_thread())
+    with mock.patch.object(llama_generate.os, "sched_getaffinity", lambda pid: {0, 1}):
+      self.assertFalse(llama_generate._one_cpu_thread())
+
   def test_segmented_decode_loop_equals_full_forward_loop(self):
     """Several decode segments (each with its own cache prefix), teacher forcing across their borders."""
     ends = llama_generate._segment_ends(2, 24, 4, 5)

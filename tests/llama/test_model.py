@@ -51,6 +51,30 @@ class ForwardTest(chex.TestCase, parameterized.TestCase):
       pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
 
+  @parameterized.named_parameters(("scan", True, 4), ("unrolled", False, 4), ("unrolled_gqa", False, 2))
+  def test_joined_projections_give_the_same_logits(self, scan_layers, n_kv_heads):
+    """`join_projections` (wq|wk|wv and w1|w3 as one matmul each): same logits with and without a cache."""
+    cfg = CFG.replace(scan_layers=scan_layers, n_kv_heads=n_kv_heads)
+    params = llama.init(jax.random.PRNGKey(3), cfg)
+    form = params if scan_layers else llama.unstack_layers(params)
+    joined = llama.join_projections(form)
+    self.assertIn("wqkv", jax.tree.leaves(joined["layers"], is_leaf=lambda x: isinstance(x, dict))[0])
+    llama.check_params(joined, cfg)
+    np.testing.assert_allclose(llama.apply(joined, TOKENS, cfg), llama.apply(params, TOKENS, cfg), atol=1e-5)
+    cache = llama.init_cache(cfg, 2, 16)
+    got, got_c = llama.apply(joined, TOKENS[:, :7], cfg, cache=cache, cache_index=0)
+    want, want_c = llama.apply(params, TOKENS[:, :7], cfg, cache=cache, cache_index=0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    chex.assert_trees_all_close(got_c, want_c, atol=1e-5)
+    # a joined weight of the wrong width is named as the weights it holds
+    bad = dict(joined, layers=jax.tree.map(lambda x: x, joined["layers"]))
+    if scan_layers:
+      bad["layers"] = dict(bad["layers"], w13=bad["layers"]["w13"][..., 1:])
+    else:
+      bad["layers"] = (dict(bad["layers"][0], w13=bad["layers"][0]["w13"][..., 1:]),) + tuple(bad["layers"][1:])
+    with self.assertRaisesRegex(ValueError, r"\['layers'\]\['w1'\]"):
+      llama.check_params(bad, cfg)
+
   @parameterized.named_parameters(("scan", True), ("unrolled", False))
   def test_split_cache_decode_equals_one_cache(self, scan_layers):
     """Past (read only) + recent piece: the logits and cache contents of one cache holding both."""

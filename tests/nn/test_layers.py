@@ -90,16 +90,28 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     want = jax.value_and_grad(f(full), argnums=(0, 1, 2))(q, k, v)
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
-  @parameterized.parameters((4, 4), (4, 2), (4, 1))
-  def test_split_cached_attention_equals_attention_over_the_joined_parts(self, n_heads, n_kv):
+  # T = 1 with as many kv heads as query heads is the one-query-row (matrix-vector) form.
+  @parameterized.parameters((4, 4, 3), (4, 2, 3), (4, 1, 3), (4, 4, 1), (4, 2, 1))
+  def test_split_cached_attention_equals_attention_over_the_joined_parts(self, n_heads, n_kv, T):
     rng = np.random.default_rng(9)
-    q = jnp.asarray(rng.normal(size=(2, 3, n_heads, 4)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(2, T, n_heads, 4)), jnp.float32)
     ks = [jnp.asarray(rng.normal(size=(2, n_kv, s, 4)), jnp.float32) for s in (5, 3)]
     vs = [jnp.asarray(rng.normal(size=(2, n_kv, 4, s)), jnp.float32) for s in (5, 3)]
-    masks = [None, jnp.asarray(rng.random((2, 1, 3, 3)) < 0.6)]
-    joined_mask = jnp.concatenate([jnp.ones((2, 1, 3, 5), bool), masks[1]], axis=-1)
+    masks = [None, jnp.asarray(rng.random((2, 1, T, 3)) < 0.6)]
+    joined_mask = jnp.concatenate([jnp.ones((2, 1, T, 5), bool), masks[1]], axis=-1)
     want = nn.cached_attention(q, jnp.concatenate(ks, axis=2), jnp.concatenate(vs, axis=3), joined_mask)
     got = nn.split_cached_attention(q, list(zip(ks, vs, masks)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  def test_split_cached_attention_with_every_key_masked_attends_uniformly(self):
+    """A row that sees no key of any piece gets the mean of all values (finite), as `cached_attention`."""
+    rng = np.random.default_rng(10)
+    q = jnp.asarray(rng.normal(size=(1, 1, 2, 4)), jnp.float32)
+    ks = [jnp.asarray(rng.normal(size=(1, 2, s, 4)), jnp.float32) for s in (5, 3)]
+    vs = [jnp.asarray(rng.normal(size=(1, 2, 4, s)), jnp.float32) for s in (5, 3)]
+    masks = [jnp.zeros((1, 1, 1, 5), bool), jnp.zeros((1, 1, 1, 3), bool)]
+    got = nn.split_cached_attention(q, list(zip(ks, vs, masks)))
+    want = jnp.concatenate(vs, axis=3).mean(axis=3)[:, None]  # [1, 1, K=H, Dh]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
