@@ -90,8 +90,8 @@ def check_params(params: Params, cfg: LlamaConfig) -> None:
 
   Accepts the forms `apply` takes: stacked or per-layer weights
   (`unstack_layers`), separate or joined projections (`join_projections`) and
-  a whole or column-split output projection (`split_output_columns`). Reads shapes only (no device work), so it costs
-  nothing under `jax.jit`.
+  a whole or column-split output projection (`split_output_columns`). Reads
+  shapes only (no device work), so it costs nothing under `jax.jit`.
 
   Args:
     params: a parameter tree (see the module docstring).
@@ -571,8 +571,9 @@ def join_projections(params: Params) -> Params:
   (columns side by side, stacked or per-layer weights alike).
 
   `apply` and `apply_split_cache` take either form (the same products, as one
-  matmul per input). On XLA:CPU with one thread a batch-8 decode step of the
-  benchmark's small Llama ran about 5% faster joined; with two threads slower,
+  matmul per input). On XLA:CPU with one thread a decode step of the
+  benchmark's small Llama ran about 3% faster joined at batch 8 and 6% at
+  batch 1 (`benchmarks/decode_forms.py`); with two threads 9% slower,
   because the joined 384- and 704-column products are split across both
   threads (`generate.decode_loop` joins only on one thread; see BUILD_NOTES).
   Join once, outside a decode loop.

@@ -268,8 +268,8 @@ def split_cached_attention(q_BxTxHxDh: Array, parts: Sequence[tuple[Array, Array
   query row per kv head (a one-token decode step without grouped queries) the
   products are written as matrix-vector products without the unit row axis,
   which XLA:CPU lays out without transposing copies; a batch-8 decode step of
-  the benchmark's small Llama ran about 6% faster on one thread, 8% on two, than
-  with the joined softmax (`benchmarks/llama_bench.py`; see BUILD_NOTES).
+  the benchmark's small Llama ran about 7% faster, on one thread and on two,
+  than with the joined softmax (`benchmarks/decode_forms.py`; see BUILD_NOTES).
   """
   B, T, H, _ = q_BxTxHxDh.shape
   K = parts[0][0].shape[1]
