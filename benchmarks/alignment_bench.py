@@ -3,8 +3,9 @@
     python -m benchmarks.alignment_bench                 # a few minutes on 2 cores
     python -m benchmarks.alignment_bench --quick         # smoke run (2 short rounds)
     python -m benchmarks.alignment_bench --repeats=5 --threads=2
+    python -m benchmarks.alignment_bench --parts=ppo      # PPO on the small config only
 
-Measured on one tiny Llama (`bench_config`: vocab 512, dim 128, 2 layers, float32):
+DPO (and PPO's second model) on one tiny Llama (`bench_config`: vocab 512, dim 128, 2 layers, float32):
 
   * DPO: one training step on 8 preference pairs (prompt 32 + completion 32 tokens,
     right-padded, completions of different lengths), reference log-probs precomputed
@@ -16,22 +17,30 @@ Measured on one tiny Llama (`bench_config`: vocab 512, dim 128, 2 layers, float3
     it), backward, `torch.optim.AdamW`. Both start from the same weights (exported with
     `jaxml.llama.to_hf`) and the first step's losses must agree. Tokens/s counts every
     token of the 16 rows (2 x 8 x 64). Target >= 2x.
-  * PPO (`alignment.ppo`, the ppo_max preset, a reward model as reward_fn, 16 prompts of
-    8 tokens, 32 new tokens each, no EOS): the compiled rollout (the Llama decode loop,
-    reward model, policy, reference and critic passes, advantages: one program) against
-    the same jaxml functions stepped from Python (a jitted prefill, one jitted decode step
-    per new token, then the jitted scoring passes); new tokens/s. Target >= 5x. The
-    update (`ppo.make_update`: one epoch in 2 minibatches, policy + critic forward and
-    backward, Adam) in tokens/s (rows x prompt+response tokens per epoch), and the
-    fraction of a whole PPO iteration (`ppo.make_step`, jitted) spent generating (the
-    decode loop alone, timed on the same shapes).
+  * PPO (`alignment.ppo`, a reward model as reward_fn), on two models: `ppo_*` the
+    alignment experiment's small config (the issue's: `experiments/configs/alignment.py:small`,
+    its Llama of dim 32 over 5 ids, its first PPO run's config (ppo_max, 2 epochs x 4
+    minibatches), 64 rows, the EOS prompt, up to 6 new tokens, EOS ends a row; random
+    weights), and `ppo_dim128_*` the DPO benchmark's Llama (16 prompts of 8 tokens, 32 new
+    tokens each, no EOS; one epoch in 2 minibatches). The compiled rollout (the Llama decode
+    loop, reward model, policy, reference and critic passes, advantages: one program) against
+    the same jaxml functions stepped from Python (a jitted prefill, one jitted decode call per
+    new token on the key chain the compiled loop splits, with an EOS id the host check after
+    each token, then the jitted scoring passes; checked to draw the same tokens and
+    advantages first); new tokens/s. Target >= 5x. The update (`ppo.make_update`, one
+    compiled scan over the minibatches) against its Python-stepped form (one jitted call per
+    minibatch; checked to give the same parameters), in tokens/s (rows x prompt+response
+    tokens per epoch); and the fraction of a whole PPO iteration (`ppo.make_step`, jitted)
+    spent generating (the decode loop alone, timed on the same shapes).
   * Where the rollout's time goes: the decode loop alone, each scoring pass alone on the
     rollout's sequences (reward model, policy, reference, critic), the advantages; the
     rollout with `rollout_logprobs="decode"` (the decode loop's log-probs reused, no policy
     pass) against its own Python-stepped form and against the forward-pass rollout; the
     policy and reference passes as one vmapped pass over stacked parameters against two
-    plain passes (checked equal first); and the bound on the compiled/stepped ratio if the
-    scoring cost nothing (Python-stepped rollout / compiled decode loop alone).
+    plain passes (checked equal first); and two bounds on the compiled/stepped ratio: if
+    the compiled decode loop cost nothing (Python-stepped rollout / the scoring passes,
+    which both forms run compiled) and if the scoring cost nothing (Python-stepped rollout /
+    compiled decode loop alone).
 
 Both sides use the same thread count (XLA sizes its pool from the CPU affinity, torch gets
 `torch.set_num_threads`); the DPO sides run in alternating rounds, the PPO variants call by
@@ -41,6 +50,7 @@ less sensitive to other jobs on a shared machine). Ends with `name: value` lines
 from __future__ import annotations
 
 import os
+import functools
 import pathlib
 import platform
 import tempfile
@@ -50,6 +60,7 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from benchmarks.common import PeerWorker, median, pin_threads, print_results
 from jaxml import alignment, llama
@@ -62,6 +73,8 @@ flags.DEFINE_integer("repeats", 3, "Timing rounds (DPO: alternating jaxml/TRL); 
 flags.DEFINE_bool("quick", False, "Smoke run: 2 short rounds.")
 flags.DEFINE_integer("threads", None, "CPU threads for both sides (default: CPUs this process may use).")
 flags.DEFINE_integer("seed", 0, "Seed for weights and token batches.")
+flags.DEFINE_list("parts", ["dpo", "ppo", "ppo_dim128"], "What to measure: dpo, ppo (the alignment experiment's "
+                  "small config), ppo_dim128 (the DPO benchmark's Llama).")
 
 PAIRS, PROMPT, COMPLETION = 8, 32, 32          # DPO batch: 8 pairs of 32 + 32 tokens
 PPO_PROMPTS, PPO_PROMPT_LEN, PPO_NEW = 16, 8, 32
@@ -172,18 +185,19 @@ def bench_dpo(cfg, worker, *, rounds, budget_s, seed, say) -> dict:
 
 # --- PPO ---
 
-def python_stepped_rollout(cfg, pcfg, rm_params, rm_cfg):
+def python_stepped_rollout(cfg, pcfg, rm_params, rm_cfg, P, N, eos_id):
   """The same rollout from the same jaxml functions, the decode loop stepped from Python.
 
   A jitted prefill (`llama.apply` into a KV cache), then per new token one jitted call
-  (`llama.apply` on one token at the cache index + `llama.sample_logits`), then one jitted
-  call of the scoring passes (reward model, policy / reference log-probs, critic values,
-  scores and GAE advantages: the functions the compiled rollout uses). With
-  `pcfg.rollout_logprobs == "decode"` each decode call also returns the drawn token's
-  log-probability (as the compiled loop does) and the scoring skips the policy pass.
+  (`llama.sample_logits` on the key chain the compiled loop splits, the token's
+  log-probability, `llama.apply` on the token at the cache index), and with an EOS id the
+  host check a Python loop makes after each token (stop once every row has ended), then
+  one jitted call of the scoring passes (reward model, policy / reference log-probs,
+  critic values, scores and GAE advantages: the functions the compiled rollout uses).
+  With `pcfg.rollout_logprobs == "decode"` the decode calls' log-probabilities are used
+  (as the compiled loop's) and the scoring skips the policy pass.
   """
   from_decode = pcfg.rollout_logprobs == "decode"
-  P, N = PPO_PROMPT_LEN, PPO_NEW
 
   @jax.jit
   def prefill(params, prompts):
@@ -191,84 +205,146 @@ def python_stepped_rollout(cfg, pcfg, rm_params, rm_cfg):
     logits, cache = llama.apply(params, prompts, cfg, cache=cache, cache_index=0)
     return logits[:, -1], cache
 
-  @jax.jit
-  def decode(params, last_logits, cache, index, key):
-    token = llama.sample_logits(key, last_logits, temperature=pcfg.temperature)
-    scaled = last_logits.astype(jnp.float32) / pcfg.temperature
+  @functools.partial(jax.jit, static_argnames="temperature")
+  def decode(params, last_logits, cache, index, rng, done, temperature):
+    rng, step_rng = jax.random.split(rng)
+    token = llama.sample_logits(step_rng, last_logits, temperature=temperature, top_p=pcfg.top_p)
+    scaled = last_logits.astype(jnp.float32) / (temperature or 1.0)
     logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
+    logp = jnp.where(done, 0.0, logp)
+    if eos_id is not None:
+      done = done | (token == eos_id)
     logits, cache = llama.apply(params, token[:, None], cfg, cache=cache, cache_index=index)
-    return (token, logp) if from_decode else (token, None), logits[:, -1], cache
+    return token, logp, logits[:, -1], cache, rng, done
 
   @jax.jit
-  def decode_greedy(params, last_logits, cache, index):
-    token = llama.greedy_token(last_logits)
-    logits, cache = llama.apply(params, token[:, None], cfg, cache=cache, cache_index=index)
-    return token, logits[:, -1], cache
+  def finish(new, logp):   # as the compiled loop: EOS ids and log-probability 0 past each row's first EOS
+    if new.shape[1] < N:
+      fill = N - new.shape[1]
+      new = jnp.concatenate([new, jnp.full((new.shape[0], fill), eos_id, jnp.int32)], axis=1)
+      logp = jnp.concatenate([logp, jnp.zeros((new.shape[0], fill), jnp.float32)], axis=1)
+    if eos_id is None:
+      return new, logp, jnp.full((new.shape[0],), N, jnp.int32)
+    is_eos = (new == eos_id).astype(jnp.int32)
+    after = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+    return jnp.where(after, eos_id, new), jnp.where(after, 0.0, logp), (N - after.sum(axis=1)).astype(jnp.int32)
 
-  def generate(params, prompts, key, greedy=False, logprobs=False):
+  def generate(params, prompts, key, greedy=False):
     last, cache = prefill(params, prompts)
+    done = jnp.zeros((prompts.shape[0],), bool)
     new, logps = [], []
     for t in range(N):
-      if greedy:
-        token, last, cache = decode_greedy(params, last, cache, jnp.int32(P + t))
-      else:
-        (token, logp), last, cache = decode(params, last, cache, jnp.int32(P + t), jax.random.fold_in(key, t))
-        logps.append(logp)
+      token, logp, last, cache, key, done = decode(params, last, cache, jnp.int32(P + t), key, done,
+                                                   temperature=0.0 if greedy else float(pcfg.temperature))
       new.append(token)
-    return (jnp.stack(new, axis=1), jnp.stack(logps, axis=1)) if logprobs else jnp.stack(new, axis=1)
+      logps.append(logp)
+      if eos_id is not None and bool(jnp.all(done)):
+        break
+    return finish(jnp.stack(new, axis=1), jnp.stack(logps, axis=1))
 
   @jax.jit
-  def score(params, extras, tokens, decode_logp):
-    mask = jnp.ones(tokens.shape, jnp.int32)
-    m = jnp.ones((tokens.shape[0], N), jnp.float32)
+  def score(params, extras, prompts, new, decode_logp, n_new):
+    tokens = jnp.concatenate([prompts, new], axis=1)
+    m = (jnp.arange(N)[None, :] < n_new[:, None]).astype(jnp.float32)
+    mask = jnp.concatenate([jnp.ones(prompts.shape, jnp.int32), m.astype(jnp.int32)], axis=1)
     raw = alignment.reward_model_apply(rm_params, tokens, mask, rm_cfg)
     if from_decode:
-      old_logp = decode_logp
+      old_logp = decode_logp * m
     else:
-      old_logp, _ = ppo.token_logprobs(params["policy"], tokens, mask, P, cfg, temperature=pcfg.temperature)
-    ref_logp, _ = ppo.token_logprobs(extras["ref"], tokens, mask, P, cfg, temperature=pcfg.temperature)
-    values = ppo.token_values(params["value"], tokens, mask, P, cfg)
+      old_logp, _ = ppo.token_logprobs(params["policy"], tokens, mask, P, cfg, temperature=pcfg.logprob_temperature)
+    ref_logp, _ = ppo.token_logprobs(extras["ref"], tokens, mask, P, cfg, temperature=pcfg.logprob_temperature)
+    values = ppo.token_values(params["value"], tokens, mask, P, cfg) * m
     s, _ = ppo.process_scores(pcfg, raw, extras["reward_moments"])
-    return ppo.compute_advantages(pcfg, s, old_logp, ref_logp, values, m)
+    advantages, returns, _ = ppo.compute_advantages(pcfg, s, old_logp, ref_logp, values, m)
+    return tokens, advantages, returns
 
   def rollout(params, extras, prompts, key):
-    if from_decode:
-      new, logp = generate(params["policy"], prompts, key, logprobs=True)
-    else:
-      new, logp = generate(params["policy"], prompts, key), None
-    return score(params, extras, jnp.concatenate([prompts, new], axis=1), logp)
+    new, logp, n_new = generate(params["policy"], prompts, key)
+    return score(params, extras, prompts, new, logp, n_new)
 
   return rollout, generate
 
 
-def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
-  rng = np.random.default_rng(seed + 2)
-  B, P, N = PPO_PROMPTS, PPO_PROMPT_LEN, PPO_NEW
-  prompts = rng.integers(1, cfg.vocab_size, size=(B, P)).astype(np.int32)
+def python_stepped_update(cfg, pcfg, tx):
+  """`ppo.make_update` stepped from Python: the epochs' permutations (jitted, as the compiled
+  update draws them), then one jitted call per minibatch (gradient of `ppo.make_loss`, `tx`)."""
+  grad_fn = jax.value_and_grad(ppo.make_loss(cfg, pcfg), has_aux=True)
+  E, M = int(pcfg.ppo_epochs), int(pcfg.num_minibatches)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def orders(key, R):
+    return jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), R) for e in range(E)]).reshape(E * M, R // M)
+
+  @jax.jit
+  def one(params, opt_state, experience, idx):
+    mb = jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), experience)
+    (loss, _), grads = grad_fn(params, mb, None)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  def update(params, opt_state, experience, key):
+    order = orders(key, experience["tokens"].shape[0])
+    for i in range(E * M):
+      params, opt_state, _ = one(params, opt_state, experience, order[i])
+    return params, opt_state
+
+  return update
+
+
+def small_config_setup(seed):
+  """The alignment experiment's `small` config (the issue's): its Llama, its first PPO run, its rollout."""
+  from experiments.configs import alignment as configs
+  from jaxml import experiment as jexp
+  from jaxml.alignment import experiment as aexp
+  ecfg = jexp.from_config(aexp.AlignmentExperimentConfig, configs.get_config("small"))
+  name, pcfg = next(iter(aexp.online_configs(ecfg).items()))
+  eos = ecfg.num_tokens
+  return dict(label=f"the alignment experiment's small config (dim {ecfg.dim}, vocab {eos + 1}, {name}: "
+                    f"{ecfg.online_batch} rows, prompt EOS, up to {ecfg.max_len} new tokens, EOS ends a row)",
+              cfg=aexp.llama_config(ecfg), pcfg=pcfg, prompts=np.full((ecfg.online_batch, 1), eos, np.int32),
+              new_tokens=ecfg.max_len, eos_id=eos)
+
+
+def dim128_setup(seed):
+  """The DPO benchmark's Llama (dim 128, vocab 512): 16 random prompts of 8 tokens, 32 new tokens, no EOS."""
+  cfg = bench_config()
+  prompts = np.random.default_rng(seed + 2).integers(1, cfg.vocab_size, size=(PPO_PROMPTS, PPO_PROMPT_LEN))
+  return dict(label=f"the DPO benchmark's Llama (dim 128, vocab 512: {PPO_PROMPTS} rows, prompt {PPO_PROMPT_LEN}, "
+                    f"{PPO_NEW} new tokens, no EOS)",
+              cfg=cfg, pcfg=ppo.ppo_preset("ppo_max", num_minibatches=2, policy_lr=1e-4, value_lr=1e-4),
+              prompts=prompts.astype(np.int32), new_tokens=PPO_NEW, eos_id=None)
+
+
+def bench_ppo(setup, *, rounds, budget_s, seed, say) -> dict:
+  cfg, pcfg, prompts, N, eos = setup["cfg"], setup["pcfg"], setup["prompts"], setup["new_tokens"], setup["eos_id"]
+  B, P = prompts.shape
+  say(f"PPO on {setup['label']}")
+  CPU_TIMES.clear()
   batch = {"prompts": jnp.asarray(prompts), "prompt_lengths": jnp.full((B,), P, jnp.int32)}
   policy = llama.init(jax.random.PRNGKey(seed), cfg)
   rm_params = alignment.reward_model_init(jax.random.PRNGKey(seed + 3), cfg)
-  pcfg = ppo.ppo_preset("ppo_max", num_minibatches=2, policy_lr=1e-4, value_lr=1e-4)
 
   def reward_fn(tokens, mask, prompt_len):
     del prompt_len
     return alignment.reward_model_apply(rm_params, tokens, mask, cfg)
 
   state = ppo.init_state(jax.random.PRNGKey(seed), policy, policy, rm_params, pcfg, policy_cfg=cfg)
-  rollout = jax.jit(ppo.make_rollout(cfg, pcfg, reward_fn, max_new_tokens=N, eos_id=None, min_prompt_len=P))
-  update = jax.jit(ppo.make_update(cfg, pcfg, ppo.make_optimizer(pcfg)))
-  step = jax.jit(ppo.make_step(cfg, pcfg, reward_fn, max_new_tokens=N, eos_id=None, min_prompt_len=P),
+  rollout = jax.jit(ppo.make_rollout(cfg, pcfg, reward_fn, max_new_tokens=N, eos_id=eos, min_prompt_len=P))
+  tx = ppo.make_optimizer(pcfg)
+  update = jax.jit(ppo.make_update(cfg, pcfg, tx))
+  stepped_update = python_stepped_update(cfg, pcfg, tx)
+  step = jax.jit(ppo.make_step(cfg, pcfg, reward_fn, max_new_tokens=N, eos_id=eos, min_prompt_len=P),
                  donate_argnums=0)
-  stepped, stepped_generate = python_stepped_rollout(cfg, pcfg, rm_params, cfg)
+  stepped, stepped_generate = python_stepped_rollout(cfg, pcfg, rm_params, cfg, P, N, eos)
   # The rollout that reuses the decode loop's log-probs (no policy forward pass), both forms.
   dcfg = pcfg.replace(rollout_logprobs="decode")
-  rollout_dec = jax.jit(ppo.make_rollout(cfg, dcfg, reward_fn, max_new_tokens=N, eos_id=None, min_prompt_len=P))
-  stepped_dec, _ = python_stepped_rollout(cfg, dcfg, rm_params, cfg)
+  rollout_dec = jax.jit(ppo.make_rollout(cfg, dcfg, reward_fn, max_new_tokens=N, eos_id=eos, min_prompt_len=P))
+  stepped_dec, _ = python_stepped_rollout(cfg, dcfg, rm_params, cfg, P, N, eos)
   buf = jnp.zeros((B, P + N), jnp.int32).at[:, :P].set(prompts)
 
   def compiled_generate(temperature):
-    gen_cfg = dict(cfg=cfg, min_prompt_len=P, max_new_tokens=N, temperature=temperature, top_k=None, top_p=None,
-                   eos_id=None, with_logprobs=False)
+    gen_cfg = dict(cfg=cfg, min_prompt_len=P, max_new_tokens=N, temperature=temperature, top_k=None,
+                   top_p=pcfg.top_p, eos_id=eos, with_logprobs=False)
     return jax.jit(lambda params, key: llama.decode_loop(params, buf, batch["prompt_lengths"], key, **gen_cfg)[0])
 
   generate_only, generate_greedy = compiled_generate(float(pcfg.temperature)), compiled_generate(0.0)
@@ -278,6 +354,18 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
   start = time.perf_counter()
   experience, _, _ = jax.block_until_ready(rollout(params, extras, batch, key))
   say(f"PPO: compiled rollout compiled + ran in {time.perf_counter() - start:.1f}s")
+  # The two forms compute the same thing: the same tokens (the same key chain; a near-tie may draw
+  # differently where the cache layouts round differently) and, on those rows, the same advantages.
+  py_tokens, py_adv, _ = stepped(params, extras, batch["prompts"], key)
+  same = np.asarray(py_tokens) == np.asarray(experience["tokens"])
+  rows = same.all(axis=1)
+  if same.mean() < 0.99 or not np.allclose(np.asarray(py_adv)[rows], np.asarray(experience["advantages"])[rows],
+                                          atol=1e-4):
+    raise AssertionError(f"the Python-stepped rollout disagrees with the compiled one ({same.mean():.3f} of the "
+                         "tokens equal)")
+  say(f"PPO: Python-stepped rollout equals the compiled one on {rows.sum()} of {B} rows "
+      f"({100 * same.mean():.1f}% of the tokens), mean response length "
+      f"{float(experience['response_mask'].sum(axis=1).mean()):.2f} of {N}")
   # Where the rollout's time goes: each scoring pass alone on the rollout's sequences (compiled), the
   # advantages, and the policy + reference passes run as one vmapped pass over stacked parameters.
   tokens, mask = experience["tokens"], experience["mask"]
@@ -299,9 +387,14 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
   exp_dec, _, _ = rollout_dec(params, extras, batch, key)
   if not np.allclose(np.asarray(exp_dec["old_logp"]), np.asarray(experience["old_logp"]) * np.asarray(m), atol=5e-5):
     raise AssertionError("the decode loop's log-probs disagree with the policy forward pass")
-  jax.block_until_ready(stepped(params, extras, batch["prompts"], key))
   jax.block_until_ready(stepped_dec(params, extras, batch["prompts"], key))
-  jax.block_until_ready(update(params, state.opt_state, experience, None, key))
+  new_params, _, _ = jax.block_until_ready(update(params, state.opt_state, experience, None, key))
+  py_params, _ = jax.block_until_ready(stepped_update(params, state.opt_state, experience, key))
+  gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(new_params),
+                                                           jax.tree_util.tree_leaves(py_params)))
+  if gap > 1e-5:
+    raise AssertionError(f"the Python-stepped update disagrees with the compiled one (max |param diff| {gap:.2e})")
+  say(f"PPO: Python-stepped update equals the compiled one (max |param diff| {gap:.1e})")
   jax.block_until_ready(generate_only(params["policy"], key))
   jax.block_until_ready(generate_greedy(params["policy"], key))
   jax.block_until_ready(stepped_generate(params["policy"], batch["prompts"], key, greedy=True))
@@ -319,6 +412,7 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
       "rollout": lambda: rollout(params, extras, batch, key),
       "python_rollout": lambda: stepped(params, extras, batch["prompts"], key),
       "update": lambda: update(params, state.opt_state, experience, None, key),
+      "python_update": lambda: stepped_update(params, state.opt_state, experience, key),
       "generation": lambda: generate_only(params["policy"], key),
       "iteration": one_step,
       "greedy_generation": lambda: generate_greedy(params["policy"], key),
@@ -341,38 +435,53 @@ def bench_ppo(cfg, *, rounds, budget_s, seed, say) -> dict:
       wall[name] += _timed(fn, 1, name)[0]
   w = {name: median(t) for name, t in wall.items()}
   cpu = {name: median(CPU_TIMES[name]) for name in variants}
-  roll, py, upd, gen, whole = w["rollout"], w["python_rollout"], w["update"], w["generation"], w["iteration"]
-  greedy, py_greedy, py_gen = w["greedy_generation"], w["python_greedy_generation"], w["python_generation"]
   say(f"PPO timings over {passes} interleaved passes, median wall ms: "
-      + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in w.items())
-      + "; median CPU ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in cpu.items()))
-  new_tokens = B * N
-  scoring = w["reward_model_pass"] + w["policy_and_reference_passes"] + w["critic_pass"] + w["advantages"]
-  say("rollout breakdown, median wall ms: generation " + f"{gen * 1e3:.1f}, reward model {w['reward_model_pass'] * 1e3:.1f}"
-      f", policy {w['policy_pass'] * 1e3:.1f}, policy + reference {w['policy_and_reference_passes'] * 1e3:.1f} "
-      f"(stacked under vmap {w['stacked_policy_and_reference_pass'] * 1e3:.1f}), critic {w['critic_pass'] * 1e3:.1f}, "
-      f"advantages {w['advantages'] * 1e3:.1f}; sum {(gen + scoring) * 1e3:.1f} vs the rollout {roll * 1e3:.1f}")
-  c = cpu
-  say("the same in median process CPU ms: generation " + f"{c['generation'] * 1e3:.1f}, reward model "
-      f"{c['reward_model_pass'] * 1e3:.1f}, policy {c['policy_pass'] * 1e3:.1f}, policy + reference "
-      f"{c['policy_and_reference_passes'] * 1e3:.1f} (stacked {c['stacked_policy_and_reference_pass'] * 1e3:.1f}), "
-      f"critic {c['critic_pass'] * 1e3:.1f}, advantages {c['advantages'] * 1e3:.1f}; rollout {c['rollout'] * 1e3:.1f}")
-  scoring_cpu = (c["reward_model_pass"] + c["policy_and_reference_passes"] + c["critic_pass"] + c["advantages"])
+      + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in w.items())
+      + "; median CPU ms: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in cpu.items()))
+  new_tokens = float(experience["response_mask"].sum())
+
+  def scoring(t):
+    return t["reward_model_pass"] + t["policy_and_reference_passes"] + t["critic_pass"] + t["advantages"]
+
+  for name, t in (("wall", w), ("process CPU", cpu)):
+    say(f"rollout breakdown, median {name} ms: generation {t['generation'] * 1e3:.2f}, reward model "
+        f"{t['reward_model_pass'] * 1e3:.2f}, policy {t['policy_pass'] * 1e3:.2f}, policy + reference "
+        f"{t['policy_and_reference_passes'] * 1e3:.2f} (stacked under vmap "
+        f"{t['stacked_policy_and_reference_pass'] * 1e3:.2f}), critic {t['critic_pass'] * 1e3:.2f}, advantages "
+        f"{t['advantages'] * 1e3:.2f}; sum {(t['generation'] + scoring(t)) * 1e3:.2f} vs the rollout "
+        f"{t['rollout'] * 1e3:.2f}")
 
   def ratios(t):   # the comparisons, from wall (w) or CPU (cpu) medians
-    return {"rollout_decode_speedup": t["python_rollout_decode_logprobs"] / t["rollout_decode_logprobs"],
+    return {"rollout_speedup": t["python_rollout"] / t["rollout"],
+            "update_speedup": t["python_update"] / t["update"],
+            "rollout_decode_speedup": t["python_rollout_decode_logprobs"] / t["rollout_decode_logprobs"],
             "rollout_decode_vs_forward": t["rollout"] / t["rollout_decode_logprobs"],
+            # Bounds on the compiled/stepped ratio: the compiled rollout can cost no less than its
+            # scoring passes (which the stepped form also runs compiled), nor less than its decode loop.
+            "rollout_speedup_if_generation_were_free": t["python_rollout"] / scoring(t),
             "rollout_speedup_if_scoring_were_free": t["python_rollout"] / t["generation"],
+            "scoring_fraction_of_rollout": scoring(t) / t["rollout"],
+            "decode_speedup_sampled": t["python_generation"] / t["generation"],
+            "decode_speedup_greedy": t["python_greedy_generation"] / t["greedy_generation"],
             "stacked_vs_two_passes": t["policy_and_reference_passes"] / t["stacked_policy_and_reference_pass"]}
 
   return {
       **ratios(w), **{f"{k}_cpu_time": v for k, v in ratios(cpu).items()},
-      "scoring_fraction_of_rollout": scoring / roll, "scoring_fraction_of_rollout_cpu_time": scoring_cpu / c["rollout"],"rollout_tokens_per_s": new_tokens / roll, "python_rollout_tokens_per_s": new_tokens / py,
-          "rollout_speedup": py / roll, "update_tokens_per_s": pcfg.ppo_epochs * B * (P + N) / upd,
-          "generation_fraction": gen / whole, "iteration_s": whole, "rollout_s": roll, "update_s": upd,
-          "generation_s": gen, "decode_speedup_sampled": py_gen / gen, "decode_speedup_greedy": py_greedy / greedy,
-          "greedy_generation_s": greedy,
-          "rollout_speedup_cpu_time": cpu["python_rollout"] / cpu["rollout"], "passes": passes}
+      "rollout_tokens_per_s": new_tokens / w["rollout"], "python_rollout_tokens_per_s": new_tokens / w["python_rollout"],
+      "update_tokens_per_s": pcfg.ppo_epochs * B * (P + N) / w["update"],
+      "python_update_tokens_per_s": pcfg.ppo_epochs * B * (P + N) / w["python_update"],
+      "generation_fraction": w["generation"] / w["iteration"], "iteration_ms": w["iteration"] * 1e3,
+      "rollout_ms": w["rollout"] * 1e3, "generation_ms": w["generation"] * 1e3, "passes": passes}
+
+
+PPO_KEYS = ("rollout_tokens_per_s", "python_rollout_tokens_per_s", "rollout_speedup", "rollout_speedup_cpu_time",
+            "update_tokens_per_s", "python_update_tokens_per_s", "update_speedup", "update_speedup_cpu_time",
+            "iteration_ms", "rollout_ms", "generation_ms", "generation_fraction",
+            "rollout_speedup_if_generation_were_free", "rollout_speedup_if_generation_were_free_cpu_time",
+            "rollout_speedup_if_scoring_were_free", "rollout_speedup_if_scoring_were_free_cpu_time",
+            "scoring_fraction_of_rollout", "scoring_fraction_of_rollout_cpu_time",
+            "decode_speedup_sampled", "decode_speedup_greedy", "rollout_decode_speedup", "rollout_decode_vs_forward",
+            "stacked_vs_two_passes")
 
 
 def main(argv):
@@ -387,48 +496,42 @@ def main(argv):
   def say(msg):
     print(f"[{time.perf_counter() - wall_start:6.1f}s] {msg}", flush=True)
 
-  cfg = bench_config()
-  script = pathlib.Path(__file__).with_name("peer_trl_dpo.py")
-  with PeerWorker(script, threads=threads) as worker:
-    hello = worker.request("hello", threads=threads)
-    say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.machine()}), torch {hello['torch']}, "
-        f"transformers {hello['transformers']}, trl {hello['trl']}; threads {threads} (torch {hello['threads']}); "
-        f"{rounds} rounds; load average {load_start:.1f}")
-    if load_start > cpus:
-      say(f"note: load average {load_start:.1f} > {cpus} CPUs: the machine is shared, timings are noisy")
-    dpo = bench_dpo(cfg, worker, rounds=rounds, budget_s=budget, seed=FLAGS.seed, say=say)
-  say(f"DPO step: jaxml {dpo['jax_tokens_per_s']:.0f} tokens/s, TRL {dpo['trl_tokens_per_s']:.0f} tokens/s "
-      f"({dpo['speedup']:.2f}x; target >= {DPO_TARGET}x); compile {dpo['compile_s']:.1f}s")
-  ppo_res = bench_ppo(cfg, rounds=rounds, budget_s=budget, seed=FLAGS.seed, say=say)
-  say(f"PPO rollout: compiled {ppo_res['rollout_tokens_per_s']:.0f} new tokens/s, Python-stepped "
-      f"{ppo_res['python_rollout_tokens_per_s']:.0f} ({ppo_res['rollout_speedup']:.1f}x; target >= "
-      f"{ROLLOUT_TARGET}x); update {ppo_res['update_tokens_per_s']:.0f} tokens/s; iteration "
-      f"{ppo_res['iteration_s'] * 1e3:.1f} ms, {100 * ppo_res['generation_fraction']:.0f}% generating")
-  say(f"decode loop alone vs Python-stepped: sampled {ppo_res['decode_speedup_sampled']:.1f}x "
-      f"({ppo_res['generation_s'] * 1e3:.1f} ms compiled), greedy {ppo_res['decode_speedup_greedy']:.1f}x "
-      f"({ppo_res['greedy_generation_s'] * 1e3:.1f} ms compiled)")
-  print_results({
-      "threads": threads,
-      "load_average_start": round(load_start, 2),
-      "load_average_end": round(os.getloadavg()[0], 2),
-      "dpo_jax_tokens_per_s": dpo["jax_tokens_per_s"],
-      "dpo_trl_tokens_per_s": dpo["trl_tokens_per_s"],
-      "dpo_first_loss_jax": dpo["first_loss_jax"],
-      "dpo_first_loss_trl": dpo["first_loss_trl"],
-      "dpo_speedup_vs_trl": dpo["speedup"],
-      "ppo_rollout_tokens_per_s": ppo_res["rollout_tokens_per_s"],
-      "ppo_python_rollout_tokens_per_s": ppo_res["python_rollout_tokens_per_s"],
-      "ppo_rollout_speedup_vs_python": ppo_res["rollout_speedup"],
-      "ppo_update_tokens_per_s": ppo_res["update_tokens_per_s"],
-      "ppo_iteration_ms": ppo_res["iteration_s"] * 1e3,
-      "ppo_generation_fraction": ppo_res["generation_fraction"],
-      "ppo_rollout_speedup_vs_python_cpu_time": ppo_res["rollout_speedup_cpu_time"],
-      "ppo_decode_speedup_vs_python_sampled": ppo_res["decode_speedup_sampled"],
-      "ppo_decode_speedup_vs_python_greedy": ppo_res["decode_speedup_greedy"],
-      **{f"ppo_{k}{sfx}": ppo_res[f"{k}{sfx}"] for sfx in ("", "_cpu_time") for k in (
-          "rollout_decode_speedup", "rollout_decode_vs_forward", "rollout_speedup_if_scoring_were_free",
-          "scoring_fraction_of_rollout", "stacked_vs_two_passes")},
-  })
+  unknown = set(FLAGS.parts) - {"dpo", "ppo", "ppo_dim128"}
+  if unknown:
+    raise app.UsageError(f"--parts: unknown {sorted(unknown)}; expected dpo, ppo, ppo_dim128")
+  say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.machine()}); threads {threads}; "
+      f"{rounds} rounds; load average {load_start:.1f}")
+  if load_start > cpus:
+    say(f"note: load average {load_start:.1f} > {cpus} CPUs: the machine is shared, timings are noisy")
+  results = {"threads": threads, "load_average_start": round(load_start, 2)}
+  if "dpo" in FLAGS.parts:
+    cfg = bench_config()
+    script = pathlib.Path(__file__).with_name("peer_trl_dpo.py")
+    with PeerWorker(script, threads=threads) as worker:
+      hello = worker.request("hello", threads=threads)
+      say(f"peer: torch {hello['torch']}, transformers {hello['transformers']}, trl {hello['trl']}; threads "
+          f"{hello['threads']}")
+      dpo = bench_dpo(cfg, worker, rounds=rounds, budget_s=budget, seed=FLAGS.seed, say=say)
+    say(f"DPO step: jaxml {dpo['jax_tokens_per_s']:.0f} tokens/s, TRL {dpo['trl_tokens_per_s']:.0f} tokens/s "
+        f"({dpo['speedup']:.2f}x; target >= {DPO_TARGET}x); compile {dpo['compile_s']:.1f}s")
+    results.update({"dpo_jax_tokens_per_s": dpo["jax_tokens_per_s"], "dpo_trl_tokens_per_s": dpo["trl_tokens_per_s"],
+                    "dpo_first_loss_jax": dpo["first_loss_jax"], "dpo_first_loss_trl": dpo["first_loss_trl"],
+                    "dpo_speedup_vs_trl": dpo["speedup"]})
+  ppo_runs = {}
+  for prefix, setup in (("ppo", small_config_setup), ("ppo_dim128", dim128_setup)):
+    if prefix not in FLAGS.parts:
+      continue
+    r = ppo_runs[prefix] = bench_ppo(setup(FLAGS.seed), rounds=rounds, budget_s=budget, seed=FLAGS.seed, say=say)
+    say(f"PPO rollout: compiled {r['rollout_tokens_per_s']:.0f} new tokens/s, Python-stepped "
+        f"{r['python_rollout_tokens_per_s']:.0f} ({r['rollout_speedup']:.2f}x, CPU time "
+        f"{r['rollout_speedup_cpu_time']:.2f}x; target >= {ROLLOUT_TARGET}x; at most "
+        f"{r['rollout_speedup_if_generation_were_free']:.2f}x if the compiled decode loop cost nothing); update "
+        f"{r['update_tokens_per_s']:.0f} tokens/s ({r['update_speedup']:.2f}x the Python-stepped update); "
+        f"iteration {r['iteration_ms']:.1f} ms, {100 * r['generation_fraction']:.0f}% generating; decode loop "
+        f"alone vs Python-stepped: sampled {r['decode_speedup_sampled']:.2f}x, greedy {r['decode_speedup_greedy']:.2f}x")
+  results.update({f"{prefix}_{k}": r[k] for prefix, r in ppo_runs.items() for k in PPO_KEYS})
+  results["load_average_end"] = round(os.getloadavg()[0], 2)
+  print_results(results)
 
 
 if __name__ == "__main__":
