@@ -315,11 +315,10 @@ def dim128_setup(seed):
               prompts=prompts.astype(np.int32), new_tokens=PPO_NEW, eos_id=None)
 
 
-def bench_ppo(setup, *, rounds, budget_s, seed, say) -> dict:
+def ppo_parts(setup, seed) -> dict:
+  """What the PPO measurements share: weights, batch, key, the compiled and Python-stepped rollout and update."""
   cfg, pcfg, prompts, N, eos = setup["cfg"], setup["pcfg"], setup["prompts"], setup["new_tokens"], setup["eos_id"]
   B, P = prompts.shape
-  say(f"PPO on {setup['label']}")
-  CPU_TIMES.clear()
   batch = {"prompts": jnp.asarray(prompts), "prompt_lengths": jnp.full((B,), P, jnp.int32)}
   policy = llama.init(jax.random.PRNGKey(seed), cfg)
   rm_params = alignment.reward_model_init(jax.random.PRNGKey(seed + 3), cfg)
@@ -328,19 +327,57 @@ def bench_ppo(setup, *, rounds, budget_s, seed, say) -> dict:
     del prompt_len
     return alignment.reward_model_apply(rm_params, tokens, mask, cfg)
 
-  state = ppo.init_state(jax.random.PRNGKey(seed), policy, policy, rm_params, pcfg, policy_cfg=cfg)
-  rollout = jax.jit(ppo.make_rollout(cfg, pcfg, reward_fn, max_new_tokens=N, eos_id=eos, min_prompt_len=P))
   tx = ppo.make_optimizer(pcfg)
-  update = jax.jit(ppo.make_update(cfg, pcfg, tx))
-  stepped_update = python_stepped_update(cfg, pcfg, tx)
+  stepped, stepped_generate = python_stepped_rollout(cfg, pcfg, rm_params, cfg, P, N, eos)
+  return dict(cfg=cfg, pcfg=pcfg, batch=batch, B=B, P=P, N=N, eos=eos, rm_params=rm_params, reward_fn=reward_fn,
+              state=ppo.init_state(jax.random.PRNGKey(seed), policy, policy, rm_params, pcfg, policy_cfg=cfg),
+              key=jax.random.PRNGKey(seed + 4), tx=tx,
+              rollout=jax.jit(ppo.make_rollout(cfg, pcfg, reward_fn, max_new_tokens=N, eos_id=eos, min_prompt_len=P)),
+              stepped=stepped, stepped_generate=stepped_generate,
+              update=jax.jit(ppo.make_update(cfg, pcfg, tx)), stepped_update=python_stepped_update(cfg, pcfg, tx))
+
+
+def check_stepped_forms(parts) -> tuple[dict, dict]:
+  """Raises AssertionError unless the Python-stepped rollout and update compute what the compiled ones do.
+
+  The rollout: the same tokens (the same key chain; a near-tie may draw differently where the cache
+  layouts round differently, so 99% of the tokens must agree) and, on the rows that agree, the same
+  advantages. The update: the same parameters (1e-5). Returns the compiled rollout's experience and
+  `{"rows_equal", "token_fraction", "param_gap"}`.
+  """
+  params, extras, key, batch = parts["state"].params, parts["state"].extras, parts["key"], parts["batch"]
+  experience, _, _ = jax.block_until_ready(parts["rollout"](params, extras, batch, key))
+  py_tokens, py_adv, _ = parts["stepped"](params, extras, batch["prompts"], key)
+  same = np.asarray(py_tokens) == np.asarray(experience["tokens"])
+  rows = same.all(axis=1)
+  if same.mean() < 0.99 or not np.allclose(np.asarray(py_adv)[rows], np.asarray(experience["advantages"])[rows],
+                                          atol=1e-4):
+    raise AssertionError(f"the Python-stepped rollout disagrees with the compiled one ({same.mean():.3f} of the "
+                         "tokens equal)")
+  new_params, _, _ = parts["update"](params, parts["state"].opt_state, experience, None, key)
+  py_params, _ = parts["stepped_update"](params, parts["state"].opt_state, experience, key)
+  gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(new_params),
+                                                           jax.tree_util.tree_leaves(py_params)))
+  if gap > 1e-5:
+    raise AssertionError(f"the Python-stepped update disagrees with the compiled one (max |param diff| {gap:.2e})")
+  return experience, {"rows_equal": int(rows.sum()), "token_fraction": float(same.mean()), "param_gap": gap}
+
+
+def bench_ppo(setup, *, rounds, budget_s, seed, say) -> dict:
+  say(f"PPO on {setup['label']}")
+  CPU_TIMES.clear()
+  parts = ppo_parts(setup, seed)
+  cfg, pcfg, batch, B, P, N, eos = (parts[k] for k in ("cfg", "pcfg", "batch", "B", "P", "N", "eos"))
+  rm_params, reward_fn, state, key = parts["rm_params"], parts["reward_fn"], parts["state"], parts["key"]
+  rollout, stepped, stepped_generate = parts["rollout"], parts["stepped"], parts["stepped_generate"]
+  update, stepped_update = parts["update"], parts["stepped_update"]
   step = jax.jit(ppo.make_step(cfg, pcfg, reward_fn, max_new_tokens=N, eos_id=eos, min_prompt_len=P),
                  donate_argnums=0)
-  stepped, stepped_generate = python_stepped_rollout(cfg, pcfg, rm_params, cfg, P, N, eos)
   # The rollout that reuses the decode loop's log-probs (no policy forward pass), both forms.
   dcfg = pcfg.replace(rollout_logprobs="decode")
   rollout_dec = jax.jit(ppo.make_rollout(cfg, dcfg, reward_fn, max_new_tokens=N, eos_id=eos, min_prompt_len=P))
   stepped_dec, _ = python_stepped_rollout(cfg, dcfg, rm_params, cfg, P, N, eos)
-  buf = jnp.zeros((B, P + N), jnp.int32).at[:, :P].set(prompts)
+  buf = jnp.zeros((B, P + N), jnp.int32).at[:, :P].set(batch["prompts"])
 
   def compiled_generate(temperature):
     gen_cfg = dict(cfg=cfg, min_prompt_len=P, max_new_tokens=N, temperature=temperature, top_k=None,
@@ -348,24 +385,15 @@ def bench_ppo(setup, *, rounds, budget_s, seed, say) -> dict:
     return jax.jit(lambda params, key: llama.decode_loop(params, buf, batch["prompt_lengths"], key, **gen_cfg)[0])
 
   generate_only, generate_greedy = compiled_generate(float(pcfg.temperature)), compiled_generate(0.0)
-  key = jax.random.PRNGKey(seed + 4)
   params, extras = state.params, state.extras
 
   start = time.perf_counter()
-  experience, _, _ = jax.block_until_ready(rollout(params, extras, batch, key))
-  say(f"PPO: compiled rollout compiled + ran in {time.perf_counter() - start:.1f}s")
-  # The two forms compute the same thing: the same tokens (the same key chain; a near-tie may draw
-  # differently where the cache layouts round differently) and, on those rows, the same advantages.
-  py_tokens, py_adv, _ = stepped(params, extras, batch["prompts"], key)
-  same = np.asarray(py_tokens) == np.asarray(experience["tokens"])
-  rows = same.all(axis=1)
-  if same.mean() < 0.99 or not np.allclose(np.asarray(py_adv)[rows], np.asarray(experience["advantages"])[rows],
-                                          atol=1e-4):
-    raise AssertionError(f"the Python-stepped rollout disagrees with the compiled one ({same.mean():.3f} of the "
-                         "tokens equal)")
-  say(f"PPO: Python-stepped rollout equals the compiled one on {rows.sum()} of {B} rows "
-      f"({100 * same.mean():.1f}% of the tokens), mean response length "
-      f"{float(experience['response_mask'].sum(axis=1).mean()):.2f} of {N}")
+  experience, info = check_stepped_forms(parts)
+  say(f"PPO: compiled and stepped rollout and update compiled + ran in {time.perf_counter() - start:.1f}s; the "
+      f"stepped rollout equals the compiled one on {info['rows_equal']} of {B} rows "
+      f"({100 * info['token_fraction']:.1f}% of the tokens), mean response length "
+      f"{float(experience['response_mask'].sum(axis=1).mean()):.2f} of {N}; the stepped update's parameters "
+      f"differ by at most {info['param_gap']:.1e}")
   # Where the rollout's time goes: each scoring pass alone on the rollout's sequences (compiled), the
   # advantages, and the policy + reference passes run as one vmapped pass over stacked parameters.
   tokens, mask = experience["tokens"], experience["mask"]
@@ -388,13 +416,6 @@ def bench_ppo(setup, *, rounds, budget_s, seed, say) -> dict:
   if not np.allclose(np.asarray(exp_dec["old_logp"]), np.asarray(experience["old_logp"]) * np.asarray(m), atol=5e-5):
     raise AssertionError("the decode loop's log-probs disagree with the policy forward pass")
   jax.block_until_ready(stepped_dec(params, extras, batch["prompts"], key))
-  new_params, _, _ = jax.block_until_ready(update(params, state.opt_state, experience, None, key))
-  py_params, _ = jax.block_until_ready(stepped_update(params, state.opt_state, experience, key))
-  gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(new_params),
-                                                           jax.tree_util.tree_leaves(py_params)))
-  if gap > 1e-5:
-    raise AssertionError(f"the Python-stepped update disagrees with the compiled one (max |param diff| {gap:.2e})")
-  say(f"PPO: Python-stepped update equals the compiled one (max |param diff| {gap:.1e})")
   jax.block_until_ready(generate_only(params["policy"], key))
   jax.block_until_ready(generate_greedy(params["policy"], key))
   jax.block_until_ready(stepped_generate(params["policy"], batch["prompts"], key, greedy=True))
