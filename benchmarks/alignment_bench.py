@@ -205,13 +205,15 @@ def python_stepped_rollout(cfg, pcfg, rm_params, rm_cfg, P, N, eos_id):
     logits, cache = llama.apply(params, prompts, cfg, cache=cache, cache_index=0)
     return logits[:, -1], cache
 
-  @functools.partial(jax.jit, static_argnames="temperature")
-  def decode(params, last_logits, cache, index, rng, done, temperature):
+  @functools.partial(jax.jit, static_argnames=("temperature", "with_logp"))
+  def decode(params, last_logits, cache, index, rng, done, temperature, with_logp):
     rng, step_rng = jax.random.split(rng)
     token = llama.sample_logits(step_rng, last_logits, temperature=temperature, top_p=pcfg.top_p)
-    scaled = last_logits.astype(jnp.float32) / (temperature or 1.0)
-    logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
-    logp = jnp.where(done, 0.0, logp)
+    logp = jnp.zeros(token.shape, jnp.float32)   # as the compiled loop: only where the rollout reads them
+    if with_logp:
+      scaled = last_logits.astype(jnp.float32) / (temperature or 1.0)
+      logp = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(scaled, axis=-1)
+      logp = jnp.where(done, 0.0, logp)
     if eos_id is not None:
       done = done | (token == eos_id)
     logits, cache = llama.apply(params, token[:, None], cfg, cache=cache, cache_index=index)
@@ -235,7 +237,8 @@ def python_stepped_rollout(cfg, pcfg, rm_params, rm_cfg, P, N, eos_id):
     new, logps = [], []
     for t in range(N):
       token, logp, last, cache, key, done = decode(params, last, cache, jnp.int32(P + t), key, done,
-                                                   temperature=0.0 if greedy else float(pcfg.temperature))
+                                                   temperature=0.0 if greedy else float(pcfg.temperature),
+                                                   with_logp=from_decode and not greedy)
       new.append(token)
       logps.append(logp)
       if eos_id is not None and bool(jnp.all(done)):
@@ -415,7 +418,7 @@ def bench_ppo(setup, *, rounds, budget_s, seed, say) -> dict:
   exp_dec, _, _ = rollout_dec(params, extras, batch, key)
   if not np.allclose(np.asarray(exp_dec["old_logp"]), np.asarray(experience["old_logp"]) * np.asarray(m), atol=5e-5):
     raise AssertionError("the decode loop's log-probs disagree with the policy forward pass")
-  jax.block_until_ready(stepped_dec(params, extras, batch["prompts"], key))
+  check_stepped_forms(dict(parts, rollout=rollout_dec, stepped=stepped_dec))   # the decode-log-prob forms too
   jax.block_until_ready(generate_only(params["policy"], key))
   jax.block_until_ready(generate_greedy(params["policy"], key))
   jax.block_until_ready(stepped_generate(params["policy"], batch["prompts"], key, greedy=True))
