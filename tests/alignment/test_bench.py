@@ -1,5 +1,5 @@
 """`benchmarks.alignment_bench` compares PPO's compiled rollout and update with Python-stepped forms of
-the same functions; those forms must compute the same thing, or the ratio measures nothing.
+the same functions (`benchmarks.ppo_forms`); those must compute the same thing, or the ratio measures nothing.
 
 Run on the alignment experiment's small config (the benchmark's `ppo_*` figures), with the update
 shortened to one epoch of two minibatches to keep the compile short. The check must also fail when
@@ -9,20 +9,20 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import alignment_bench
+from benchmarks import ppo_forms
 
 pytestmark = pytest.mark.xdist_group("test_alignment_bench")  # one worker: the module fixture compiles once
 
 
 @pytest.fixture(scope="module")
 def parts():
-  setup = alignment_bench.small_config_setup(0)
+  setup = ppo_forms.small_config_setup(0)
   setup["pcfg"] = setup["pcfg"].replace(ppo_epochs=1, num_minibatches=2)
-  return alignment_bench.ppo_parts(setup, seed=0)
+  return ppo_forms.ppo_parts(setup, seed=0)
 
 
 def test_stepped_rollout_and_update_equal_the_compiled_ones(parts):
-  experience, info = alignment_bench.check_stepped_forms(parts)
+  experience, info = ppo_forms.check_stepped_forms(parts)
   assert info["rows_equal"] == parts["B"] == 64
   assert info["token_fraction"] == 1.0
   assert info["param_gap"] <= 1e-5
@@ -36,7 +36,7 @@ def test_the_check_fails_on_another_key(parts):
   other = lambda k: jax.random.fold_in(k, 1)  # noqa: E731
   stepped, stepped_update = parts["stepped"], parts["stepped_update"]
   with pytest.raises(AssertionError, match="rollout disagrees"):
-    alignment_bench.check_stepped_forms(dict(parts, stepped=lambda p, e, pr, k: stepped(p, e, pr, other(k))))
+    ppo_forms.check_stepped_forms(dict(parts, stepped=lambda p, e, pr, k: stepped(p, e, pr, other(k))))
   with pytest.raises(AssertionError, match="update disagrees"):
-    alignment_bench.check_stepped_forms(
+    ppo_forms.check_stepped_forms(
         dict(parts, stepped_update=lambda p, o, e, k: stepped_update(p, o, e, other(k))))
