@@ -26,10 +26,27 @@ def test_stepped_rollout_and_update_equal_the_compiled_ones(parts):
   assert info["rows_equal"] == parts["B"] == 64
   assert info["token_fraction"] == 1.0
   assert info["param_gap"] <= 1e-5
-  # The rollout ran with EOS: some rows end before the 6-token budget, so the stepped form's
-  # padding past EOS and its host-side stop were exercised.
+  # The rollout ran with EOS: some rows end before the 6-token budget, so what the stepped form
+  # writes past a row's EOS was compared (its early stop is the next test's).
   lengths = np.asarray(experience["response_mask"]).sum(axis=1)
   assert lengths.min() < parts["N"]
+
+
+def test_stepped_rollout_stops_once_every_row_has_ended():
+  # Two rows, so that some key ends both before the budget: the stepped loop then stops early and
+  # pads the missing columns, which must equal the compiled loop's early exit.
+  setup = ppo_forms.small_config_setup(0)
+  setup["pcfg"] = setup["pcfg"].replace(ppo_epochs=1, num_minibatches=2)
+  setup["prompts"] = setup["prompts"][:2]
+  parts = ppo_forms.ppo_parts(setup, seed=0)
+  for s in range(40):
+    keyed = dict(parts, key=jax.random.PRNGKey(100 + s))
+    experience, info = ppo_forms.check_stepped_forms(keyed)
+    if np.asarray(experience["response_mask"]).sum(axis=1).max() < parts["N"]:
+      break
+  else:
+    pytest.fail("no key in 40 ended both rows early")
+  assert info["rows_equal"] == 2 and info["token_fraction"] == 1.0
 
 
 def test_the_check_fails_on_another_key(parts):
