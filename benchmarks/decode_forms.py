@@ -17,6 +17,12 @@ first form (median and quartiles):
   * `per_piece_joined`: the same with `decode_loop(join=True)` (q/k/v and
     w1/w3 as one product each, `llama.join_projections`).
 Every form must produce the same tokens as the first, or the benchmark stops.
+`--floor` adds `dots_floor`, a lower bound rather than a form: the same 128
+steps with only the step's matrix products (the joined projections, the
+attention products against a cache of the loop's mean read length, the output
+chunks), chained so that none can be skipped, and no norms, rotations,
+softmax, sampling or cache writes. Whatever the decode step's other work cost,
+a step cannot run faster than that here.
 Ends with `name: value` lines.
 """
 from __future__ import annotations
@@ -44,6 +50,7 @@ generate_module = importlib.import_module("jaxml.llama.generate")
 flags.DEFINE_integer("rounds", 30, "interleaved rounds")
 flags.DEFINE_integer("calls", 4, "timed generate calls per form per round")
 flags.DEFINE_integer("batch", 8, "decode batch")
+flags.DEFINE_bool("floor", True, "also time `dots_floor`, the step's matrix products alone")
 FLAGS = flags.FLAGS
 
 
@@ -74,6 +81,53 @@ FORMS = {
 }
 
 
+def dots_floor(cfg, B: int):
+  """A jitted `(params, ...) -> x` running NEW_TOKENS steps of only the decode step's products.
+
+  Per layer: `[B, D] x [D, 3D]` (joined q/k/v), the scores and the weighted sum against a
+  `[B, H, L, Dh]` cache (`L` the loop's mean read length over its segments), `[B, D] x [D, D]`,
+  `[B, D] x [D, 2F]` (joined w1/w3), `[B, F] x [F, D]`; then the output products in chunks of
+  256 columns, as `decode_loop` runs them on CPU. Each product feeds the next (a slice or a
+  sum where the shapes differ), so none is dead code.
+  """
+  ends = generate_module._segment_ends(PROMPT_LEN, PROMPT_LEN + NEW_TOKENS, generate_module._SEGMENTS,
+                                       generate_module._SEGMENT_MIN_LEN)
+  reads, start = [], PROMPT_LEN
+  for end in ends:
+    reads += [end] * (end - start)
+    start = end
+  L = int(round(sum(reads) / len(reads)))
+  H, Dh, D = cfg.n_heads, cfg.head_dim, cfg.dim
+
+  def run(params, x_BxD, k_BxHxLxDh, v_BxHxLxDh):
+    def step(_, x):
+      for lp in params["layers"]:
+        qkv = x @ lp["wqkv"]
+        q = qkv[:, :D].reshape(B, H, 1, Dh)
+        s = jnp.einsum("bhqd,bhld->bhql", q, k_BxHxLxDh)
+        a = jnp.einsum("bhql,bhld->bhqd", s, v_BxHxLxDh).reshape(B, D)
+        h = a @ lp["wo"]
+        g = h @ lp["w13"]
+        x = g[:, :lp["w2"].shape[0]] @ lp["w2"]
+      out = [x @ w for w in params["output"]]
+      return x + sum(o[:, :1] for o in out) * 1e-30
+    return jax.lax.fori_loop(0, NEW_TOKENS, step, x_BxD)
+
+  return jax.jit(run), L
+
+
+def compile_floor(params, cfg, B: int):
+  """`dots_floor` compiled for `params` (joined and split as `decode_loop` holds them), its
+  arguments, and the cache length it reads."""
+  fn, L = dots_floor(cfg, B)
+  p = llama.model.join_projections(llama.model.split_output_columns(llama.model.unstack_layers(params), 256))
+  rng = np.random.default_rng(0)
+  k, v = (jnp.asarray(rng.normal(size=(B, cfg.n_heads, L, cfg.head_dim)), jnp.float32) for _ in range(2))
+  args = (p, jnp.asarray(rng.normal(size=(B, cfg.dim)), jnp.float32), k, v)
+  c = fn.lower(*args).compile()
+  return c, args, L
+
+
 def main(argv):
   del argv
   threads = pin_threads(FLAGS.threads)
@@ -94,16 +148,22 @@ def main(argv):
     tokens[name] = np.asarray(compiled[name](*args)[0])
     if not (tokens[name] == tokens["concat_softmax"]).all():
       raise SystemExit(f"{name} generated other tokens than concat_softmax")
-  cpu = {n: [] for n in FORMS}
-  wall = {n: [] for n in FORMS}
   names = list(FORMS)
+  calls_args = {name: (compiled[name], args) for name in names}
+  if FLAGS.floor:
+    c, floor_args, L = compile_floor(params, cfg, B)
+    calls_args["dots_floor"] = (c, floor_args)
+    names.append("dots_floor")
+    print(f"dots_floor: the products alone, attention against {L} cached positions")
+  cpu = {n: [] for n in names}
+  wall = {n: [] for n in names}
   for r in range(FLAGS.rounds):
     for name in (names if r % 2 == 0 else names[::-1]):
-      c = compiled[name]
-      jax.block_until_ready(c(*args))
+      c, a = calls_args[name]
+      jax.block_until_ready(c(*a))
       t0, w0 = time.process_time(), time.perf_counter()
       for _ in range(FLAGS.calls):
-        jax.block_until_ready(c(*args))
+        jax.block_until_ready(c(*a))
       per = FLAGS.calls * NEW_TOKENS / 1e6
       cpu[name].append((time.process_time() - t0) / per)
       wall[name].append((time.perf_counter() - w0) / per)
