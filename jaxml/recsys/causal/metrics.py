@@ -21,8 +21,10 @@ becomes -inf, -0.0 becomes +0.0), then items are ordered by score, higher
 first, and among equal scores by item index, lower first: `jax.lax.top_k` on
 the canonical scores (on its own, XLA:CPU's `top_k` orders bit patterns,
 +0.0 above -0.0 and +NaN above everything). Every ranking function runs
-through `top_k_blocked` or plain `top_k` on canonical scores, which return
-the same values and ids in the same order. `top_k_blocked` splits each row
+through `jaxml.cpu_kernels.top_k` (a compiled one-pass kernel, where it is
+available on the CPU backend: `default_block`), `top_k_blocked` or plain
+`top_k` on canonical scores, which return the same values and ids in the
+same order. `top_k_blocked` splits each row
 into blocks of `block` items, takes the top K blocks by their maximum (ties:
 lower block first), and runs `top_k` over those K * block candidates kept in
 item order. Exact because, under the order extended by the index, an item in
@@ -31,7 +33,7 @@ ahead of it whose maxima all beat the item. (The float maximum agrees with
 that order only without NaN and signed zeros: hence the canonical scores.)
 On XLA:CPU, `top_k` over a 10,000-item row costs about as much as the
 64-wide score product itself, and two `top_k`s over a few hundred items cost
-far less (benchmarks/causal_recsys_bench.py).
+far less; the kernel costs less again (benchmarks/causal_recsys_bench.py).
 
 Ranking only what the metrics read. A user with an empty R(u) is left out of
 every mean, so its row need not be ranked at all; and the metrics need each
@@ -67,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxml import cpu_kernels
 from jaxml.recsys.causal import _checks
 from jaxml.recsys.metrics import auc as _auc
 
@@ -100,7 +103,7 @@ def _ranked(scores, relevant, exclude, k):
     ex = exclude.astype(bool)
     s = jnp.where(ex, -jnp.inf, s)
     rel = rel & ~ex
-  _, top = _top_k(s, k, auto_block(s.shape[1], k))
+  _, top = _top_k(s, k, default_block(s.shape[1], k))
   hits = jnp.take_along_axis(rel, top, axis=1).astype(jnp.float32)
   return hits, rel.sum(1).astype(jnp.float32)
 
@@ -219,7 +222,7 @@ def _ranked_sets(s_ExI, sets, k):
     rank = jnp.sum(jnp.where(j < sets.items[:, None], row >= mine, row > mine), axis=1, dtype=jnp.int32)
     hits = hits.at[sets.rows, rank].set(1.0, mode="drop")          # rank >= k: not a hit
   if sets.ranked_rows.size:
-    _, top = _top_k(s_ExI[jnp.minimum(sets.ranked_rows, n_e - 1)], k, auto_block(n_i, k))
+    _, top = _top_k(s_ExI[jnp.minimum(sets.ranked_rows, n_e - 1)], k, default_block(n_i, k))
     ranked = jnp.take_along_axis(sets.ranked_relevant, top, axis=1).astype(jnp.float32)
     hits = hits.at[sets.ranked_rows].set(ranked, mode="drop")
   n_u = sets.n_rel.shape[0]
@@ -527,7 +530,16 @@ def auto_block(n_items: int, k: int) -> int | None:
   return None
 
 
+def default_block(n_items: int, k: int) -> int | str | None:
+  """What the ranking functions run by default: "kernel" (`jaxml.cpu_kernels.top_k`, one pass per row)
+  where it is available, else `auto_block`'s block (`top_k_blocked`) or None (plain `top_k`)."""
+  return "kernel" if cpu_kernels.available() else auto_block(n_items, k)
+
+
 def _top_k(s, k, block):
+  """`lax.top_k(canonical_scores(s), k)` by the form `block` names (`default_block`): the same values and ids."""
+  if block == "kernel":
+    return cpu_kernels.top_k(s, k)
   return jax.lax.top_k(canonical_scores(s), k) if block is None else top_k_blocked(s, k, block)
 
 
@@ -584,8 +596,9 @@ def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 128, bloc
     exclude_UxI: [users, items] boolean, items never recommended.
     k: the list length.
     chunk: users per chunk.
-    block: `top_k_blocked`'s block (the same result, faster on CPU for long rows), None for
-      `jax.lax.top_k`, or "auto" (`auto_block`).
+    block: how each chunk's top-k is taken, every form giving the same ids: "auto" (`default_block`:
+      the compiled kernel `jaxml.cpu_kernels.top_k` where it is available, else `auto_block`),
+      "kernel", `top_k_blocked`'s block (an integer), or None for plain `jax.lax.top_k`.
     threads: host threads, each running the program on its own share of the whole chunks (the
       same ids: rows are independent). XLA:CPU runs each `top_k` on one thread, so on a CPU with
       several cores the shards' top-Ks run at once. None: the CPUs this process may use on the CPU
@@ -603,16 +616,17 @@ def mf_top_k(params: dict, exclude_UxI: Array, k: int, *, chunk: int = 128, bloc
   if isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1:
     raise ValueError(f"chunk must be a positive integer, got {chunk}")
   if block == "auto":
-    block = auto_block(n_i, int(k))
-  if block is not None and (isinstance(block, (bool, str)) or int(block) != block or block < 1):
-    raise ValueError(f"block must be a positive integer, None or 'auto', got {block!r}")
+    block = default_block(n_i, int(k))
+  if block is not None and block != "kernel" and (isinstance(block, (bool, str)) or int(block) != block
+                                                  or block < 1):
+    raise ValueError(f"block must be a positive integer, None, 'kernel' or 'auto', got {block!r}")
   if isinstance(threads, bool) or (threads is not None and (int(threads) != threads or threads < 1)):
     raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
   bias = params["item_bias"] + params["bias"]
   args = (params["user"], params["item"], params["user_bias"], bias)
   exclude = jnp.asarray(exclude_UxI, bool)
   chunk = int(min(chunk, n_u))
-  block = None if block is None else int(block)
+  block = block if block in (None, "kernel") else int(block)
   n_chunks, tail = divmod(n_u, chunk)
   shards = _host_shards(n_chunks, tail, chunk, _cpu_threads() if threads is None else int(threads))
 

@@ -1,4 +1,5 @@
-"""`top_k_blocked` and the chunked `mf_top_k` return `jax.lax.top_k`'s ranking exactly, ties included.
+"""`top_k_blocked` and the chunked `mf_top_k` (every `block` form, the compiled kernel's included) return
+`jax.lax.top_k`'s ranking exactly, ties included.
 
 The tie rule (jaxml.recsys.causal.metrics docstring): higher score first, then lower item index;
 written out here as NumPy's stable argsort of the negated scores (-inf, i.e. masked, items last,
@@ -69,8 +70,13 @@ class MfTopKTest(absltest.TestCase):
     got = metrics.mf_top_k(p, ex, 10, chunk=16, block=25)    # 2 chunks of 16, a remainder of 13
     np.testing.assert_array_equal(got, _reference(s, 10))
     np.testing.assert_array_equal(got, metrics.mf_top_k(p, ex, 10, chunk=16, block=None))
+    for block in ("kernel", "auto"):                          # the compiled kernel (jaxml.cpu_kernels)
+      np.testing.assert_array_equal(metrics.mf_top_k(p, ex, 10, chunk=16, block=block), got, err_msg=block)
+    self.assertEqual(metrics.default_block(611, 10), "kernel")
     with self.assertRaisesRegex(ValueError, "chunk must be a positive integer"):
       metrics.mf_top_k(p, ex, 10, chunk=0)
+    with self.assertRaisesRegex(ValueError, "block must be a positive integer, None, 'kernel' or 'auto'"):
+      metrics.mf_top_k(p, ex, 10, block="fast")
 
   def test_host_thread_shards_return_the_same_ids(self):
     p = mf.mf_init(jax.random.PRNGKey(1), 77, 400, 4, scale=1.0)
@@ -82,8 +88,9 @@ class MfTopKTest(absltest.TestCase):
     # 77 users in chunks of 8: 9 whole chunks and a remainder of 5, split 5/4, 3/3/3, one chunk per thread
     # and fewer chunks than threads.
     for threads in (1, 2, 3, 9, 12):
-      np.testing.assert_array_equal(metrics.mf_top_k(p, ex, 7, chunk=8, block=20, threads=threads), want,
-                                    err_msg=f"threads={threads}")
+      for block in (20, "kernel"):
+        np.testing.assert_array_equal(metrics.mf_top_k(p, ex, 7, chunk=8, block=block, threads=threads), want,
+                                      err_msg=f"threads={threads}, block={block}")
     self.assertEqual(metrics._host_shards(9, 5, 8, 2), [(0, 5, 0), (40, 4, 5)])
     self.assertEqual(metrics._host_shards(0, 5, 8, 4), [(0, 0, 5)])
     with self.assertRaisesRegex(ValueError, "threads must be a positive integer"):
