@@ -15,6 +15,8 @@ its trip count (microseconds per iteration):
   * `diffusion_net_us_per_call_b64`: the 2-D score MLP (hidden 128 x 3) at batch 64;
   * `top_k_us_per_row_n<N>_k<K>`: `jax.lax.top_k` on `[128, N]` rows under `lax.map` (160 chunks),
     per row: the cost the full-ranking benchmark's two `top_k`s pay (N = 250 block maxima, 800 candidates);
+    at N = 10,000 also `_blocked` (`recsys.causal.metrics.top_k_blocked`, blocks of 40) and `_kernel`
+    (`jaxml.cpu_kernels.top_k`, the ranking functions' default), which return the same ids;
   * `top_k_ms_whole` / `top_k_ms_two_in_one_program` / `top_k_ms_two_host_threads`: top-20 of 160 x
     [128, 800], as one call, as two halves inside one jitted program, and as the same program called on
     the two halves from two Python threads (does XLA:CPU overlap them? `recsys.causal.mf_top_k`'s shards);
@@ -41,9 +43,10 @@ import jax.numpy as jnp
 
 # The Llama benchmark's module defines the `--threads` and `--repeats` flags used here too.
 from benchmarks.llama_bench import bench_configs
-from jaxml import llama
+from jaxml import cpu_kernels, llama
 import jaxml.diffusion as jd
 from jaxml.recsys import modules
+from jaxml.recsys.causal import metrics
 from jaxml.train import hostmem
 
 flags.DEFINE_list("probes", ["matmul", "decode", "diffusion", "top_k", "attention"], "which probe groups to run")
@@ -104,9 +107,16 @@ def _median_ms(fn, repeats: int = 8) -> float:
   return statistics.median(times) * 1e3
 
 
-def top_k_us_per_row(n: int, k: int, chunks: int = 160) -> float:
+TOP_K_FORMS = {
+    "": lambda s, k: jax.lax.top_k(s, k),
+    "_blocked": lambda s, k: metrics.top_k_blocked(s, k, metrics.auto_block(s.shape[-1], k) or s.shape[-1]),
+    "_kernel": lambda s, k: cpu_kernels.top_k(s, k),
+}
+
+
+def top_k_us_per_row(n: int, k: int, chunks: int = 160, form: str = "") -> float:
   x = jax.random.normal(jax.random.PRNGKey(0), (chunks, 128, n))
-  f = jax.jit(lambda x: jax.lax.map(lambda s: jax.lax.top_k(s, k)[1], x))
+  f = jax.jit(lambda x: jax.lax.map(lambda s: TOP_K_FORMS[form](s, k)[1], x))
   return _median_ms(lambda: f(x)) * 1e3 / (chunks * 128)
 
 
@@ -191,6 +201,10 @@ def main(argv):
   if "top_k" in FLAGS.probes:
     for n in (250, 800, 10000):
       res[f"top_k_us_per_row_n{n}_k20"] = top_k_us_per_row(n, 20, chunks=160 if n < 10000 else 20)
+    if not cpu_kernels.available():
+      raise SystemExit("jaxml.cpu_kernels.top_k is not available here (see the warning above)")
+    for form in ("_blocked", "_kernel"):
+      res[f"top_k_us_per_row_n10000_k20{form}"] = top_k_us_per_row(10000, 20, chunks=20, form=form)
     res.update(top_k_overlap())
   if "attention" in FLAGS.probes:
     for rows in (27, 43):
