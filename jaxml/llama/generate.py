@@ -308,6 +308,13 @@ def _prompt_arrays(cfg: LlamaConfig, prompt_tokens: Any, prompt_lengths: Any, wh
   return tokens, lengths
 
 
+@functools.cache
+def _unused_key() -> jax.Array:
+  """The key greedy calls pass (`check_sampling` requires one when sampling): made once, not per call
+  (building a key eagerly costs about half a millisecond, a few decode steps of a small model)."""
+  return jax.random.PRNGKey(0)
+
+
 def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray, max_new_tokens: int, *,
          temperature, top_k, top_p, eos_id, rng, with_logprobs: bool = True, repetition_penalty=None,
          penalize_prompt: bool = True):
@@ -322,9 +329,9 @@ def _run(params, cfg: LlamaConfig, tokens_BxP: np.ndarray, lengths_B: np.ndarray
   model.check_params(params, cfg)
   buf = np.zeros((tokens_BxP.shape[0], total), np.int32)
   buf[:, :longest] = tokens_BxP[:, :longest]
-  rng = jax.random.PRNGKey(0) if rng is None else rng
+  rng = _unused_key() if rng is None else rng
   new, logp, n, bad = decode_loop(
-      params, jnp.asarray(buf), jnp.asarray(lengths_B), rng, cfg=cfg, min_prompt_len=int(lengths_B.min()),
+      params, buf, lengths_B, rng, cfg=cfg, min_prompt_len=int(lengths_B.min()),
       max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=top_k,
       top_p=None if top_p is None else float(top_p), eos_id=None if eos_id is None else int(eos_id),
       segments=(_SEGMENTS, _SEGMENT_MIN_LEN), with_logprobs=with_logprobs,
