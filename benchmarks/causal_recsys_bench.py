@@ -48,14 +48,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.common import PeerWorker, median, print_results
+from benchmarks.common import PeerWorker, median, pin_threads, print_results
 from jaxml import cpu_kernels
 from jaxml import train as jt
 from jaxml.recsys.causal import metrics, mf, movielens, objectives
 from jaxml.train import hostmem
 
 flags.DEFINE_integer("repeats", 5, "rounds (median)")
-flags.DEFINE_integer("threads", 2, "torch threads")
+flags.DEFINE_integer("threads", None, "CPUs for both sides: this process is pinned to that many before JAX "
+                     "starts, and torch runs as many threads (default: the CPUs this process may use)")
 flags.DEFINE_bool("quick", False, "smaller shapes and fewer rounds (smoke test)")
 flags.DEFINE_integer("metric_cpu_ab", 0, "instead: this many interleaved rounds of the ML-100K metric call's "
                      "one-thread CPU time, each form of `ml100k_eval_forms` (`metric_cpu_ab`)")
@@ -246,6 +247,7 @@ def main(argv):
            "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + ONE_THREAD).strip()}
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  threads = pin_threads(FLAGS.threads) if not FLAGS.metric_cpu_ab else 1
   hostmem.relaunch_with_huge_pages()
   load_start = os.getloadavg()[0]
   if FLAGS.metric_cpu_ab:
@@ -259,8 +261,9 @@ def main(argv):
   res = {}
   n_users, n_items, dim, batch, spc = 943, 1682, 64, 4096, 50
   ranks = (4000, 8000, 64, 20, 256, 0.01) if q else (20000, 10000, 64, 20, 256, 0.01)   # chunk: PyTorch's
-  with PeerWorker(PEER, threads=FLAGS.threads) as peer:
-    res.update({f"peer_{k}": v for k, v in peer.request("hello", threads=FLAGS.threads).items()})
+  res["threads"] = threads
+  with PeerWorker(PEER, threads=threads) as peer:
+    res.update({f"peer_{k}": v for k, v in peer.request("hello", threads=threads).items()})
     many, state_m, b_m = mf_ips_step(n_users, n_items, dim, batch, spc)
     one, state_1, b_1 = mf_ips_step(n_users, n_items, dim, batch, 1)
     nu, ni, d, k, chunk, dens = ranks
