@@ -58,6 +58,28 @@ class TopKTest(parameterized.TestCase):
   def test_equals_lax_top_k(self, case, n, k):
     _check(self, CASES[case](np.random.default_rng(n + k), n).astype(np.float32), k)
 
+  def test_the_portable_build_equals_lax_top_k(self):
+    # The plain loops any CPU without AVX-512 compiles (-DJAXML_TOP_K_PORTABLE), under a target of their own.
+    import ctypes
+    compiler = cpu_kernels._compiler()
+    portable = ctypes.CDLL(str(cpu_kernels._build(compiler, cpu_kernels._FLAGS + ("-DJAXML_TOP_K_PORTABLE",))))
+    default = ctypes.CDLL(str(cpu_kernels._build(compiler)))
+    self.assertEqual(portable.JaxmlTopKVectorised(), 0)
+    if " avx512f " in cpu_kernels._cpu_identity().replace("\n", " ") + " ":    # the default build takes the AVX-512 paths
+      self.assertEqual(default.JaxmlTopKVectorised(), 1)
+    jax.ffi.register_ffi_target("jaxml_top_k_portable", jax.ffi.pycapsule(portable.JaxmlTopK), platform="cpu")
+    rng = np.random.default_rng(7)
+    for case in ("continuous", "ties", "zeros_nan", "few_finite"):
+      for n, k in ((1003, 20), (40, 1), (17, 17)):
+        x = CASES[case](rng, n).astype(np.float32)
+        shape = x.shape[:-1] + (k,)
+        call = jax.ffi.ffi_call("jaxml_top_k_portable", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                                         jax.ShapeDtypeStruct(shape, jnp.int32)))
+        values, ids = call(jnp.asarray(x))
+        want_values, want_ids = jax.lax.top_k(_canon(x), k)
+        np.testing.assert_array_equal(ids, want_ids, err_msg=f"{case} n={n} k={k}")
+        np.testing.assert_array_equal(np.asarray(values).view(np.int32), np.asarray(want_values).view(np.int32))
+
   def test_leading_axes_vmap_and_empty_batches(self):
     x = np.random.default_rng(0).integers(0, 4, (2, 3, 70)).astype(np.float32)
     _check(self, x, 5)

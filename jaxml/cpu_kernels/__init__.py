@@ -67,10 +67,10 @@ def _cache_dir() -> pathlib.Path:
   return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "jaxml" / "kernels"
 
 
-def _build(compiler: str) -> pathlib.Path:
-  """The compiled library for this source, jaxlib, compiler and CPU: from the cache, or built now."""
+def _build(compiler: str, flags: tuple[str, ...] = _FLAGS) -> pathlib.Path:
+  """The compiled library for this source, flags, jaxlib, compiler and CPU: from the cache, or built now."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-  key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), jaxlib.__version__, version,
+  key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), jaxlib.__version__, version,
                                   _cpu_identity(), platform.machine()]).encode()).hexdigest()[:20]
   out = _cache_dir() / f"top_k-{key}.so"
   if out.exists():
@@ -85,7 +85,7 @@ def _build(compiler: str) -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".top_k-", suffix=".so")
   os.close(fd)
   try:
-    cmd = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+    cmd = [compiler, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -31,8 +31,13 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__)
+// The AVX-512 paths (group maxima, the filtering pass); -DJAXML_TOP_K_PORTABLE builds the plain loops
+// instead, as any other CPU gets (tests/test_cpu_kernels.py builds both).
+#if defined(__AVX512F__) && !defined(JAXML_TOP_K_PORTABLE)
+#define JAXML_TOP_K_AVX512 1
 #include <immintrin.h>
+#else
+#define JAXML_TOP_K_AVX512 0
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -111,7 +116,7 @@ struct Scratch {
 };
 
 inline float GroupMax(const float* p, int64_t len) {  // len: a multiple of 16; NaN entries ignored
-#if defined(__AVX512F__)
+#if JAXML_TOP_K_AVX512
   __m512 a = _mm512_set1_ps(-kInf), b = a;
   int64_t i = 0;
   for (; i + 32 <= len; i += 32) {
@@ -140,7 +145,7 @@ bool BoundedRowTopK(const float* row, int64_t n, int64_t k, float* values, int32
   bool strict = false;  // entries >= bound until the buffer first fills, > bound after
   s.count = 0;
   int64_t j = 0;
-#if defined(__AVX512F__)
+#if JAXML_TOP_K_AVX512
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j + 16 <= n; j += 16) {
     __m512 v = _mm512_loadu_ps(row + j);
@@ -214,3 +219,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmlTopK, TopKImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+// 1 where this build runs the AVX-512 paths, 0 where it runs the plain loops (for the tests).
+extern "C" int JaxmlTopKVectorised() { return JAXML_TOP_K_AVX512; }
