@@ -1,17 +1,17 @@
 """CPU kernels XLA:CPU lacks, called through the XLA FFI (`jax.ffi`), each equal to a plain JAX form.
 
 `top_k(x, k)` equals `jax.lax.top_k(canonical(x), k)` (NaN as -inf, -0.0 as +0.0; higher first, ties
-by lower index) on every input. On the CPU backend it runs `top_k.cc`, one pass per row that touches
-its k-list only where an entry beats the list's last one; elsewhere (GPU, TPU, or a machine where the
+by lower index) on every input. On the CPU backend it runs `top_k.cc`: a lower bound on each row's
+k-th score from the maxima of 2k groups, one vectorised pass that keeps the few entries at or above
+it, and a sort of those (the file explains the ties); elsewhere (GPU, TPU, or a machine where the
 kernel cannot be built) it runs the plain form, so the result never depends on which ran. XLA:CPU's
-own `top_k` costs a few microseconds per row however short the list (BUILD_NOTES.md, "top-K").
+own `top_k` costs a few microseconds per row however short the list (BUILD_NOTES.md, "Machine D").
 
 Building. The first call in a process compiles `top_k.cc` with the system C++ compiler (`$CXX`, else
 `c++`, `g++`) against the FFI headers jaxlib ships (`jax.ffi.include_dir()`), `-O3 -march=native`,
 into `$JAXML_KERNEL_CACHE` (default `~/.cache/jaxml/kernels`; the temporary folder where that cannot
-be created), keyed by the source, the jaxlib
-version, the compiler and this CPU's model and flags, so a second process loads it at once (a
-compile takes a few seconds). Each process writes its own temporary file and renames it into
+be created), keyed by the source, the flags, the jaxlib version, the compiler and this CPU's model
+and flags, so a second process loads it at once (a compile takes a few seconds). Each process writes its own temporary file and renames it into
 place, so processes compiling at once do not collide. If no compiler works, `available()` is False,
 a warning says why once, and `top_k` runs the plain form.
 """

@@ -469,9 +469,9 @@ def _concrete_masks(relevant, exclude) -> bool:
 
 
 def canonical_scores(scores: Array) -> Array:
-  """NaN -> -inf (never ranked ahead of a real score), -0.0 -> +0.0 (equal to +0.0, ranked by index)."""
-  s = jnp.asarray(scores, jnp.float32)
-  return jnp.where(jnp.isnan(s), -jnp.inf, jnp.where(s == 0, 0.0, s))
+  """NaN -> -inf (never ranked ahead of a real score), -0.0 -> +0.0 (equal to +0.0, ranked by index);
+  float32 (`jaxml.cpu_kernels.canonical`)."""
+  return cpu_kernels.canonical(scores)
 
 
 def top_k_blocked(scores_UxI: Array, k: int, block: int = 50) -> tuple[Array, Array]:
