@@ -21,7 +21,7 @@ becomes -inf, -0.0 becomes +0.0), then items are ordered by score, higher
 first, and among equal scores by item index, lower first: `jax.lax.top_k` on
 the canonical scores (on its own, XLA:CPU's `top_k` orders bit patterns,
 +0.0 above -0.0 and +NaN above everything). Every ranking function runs
-through `jaxml.cpu_kernels.top_k` (a compiled one-pass kernel, where it is
+through `jaxml.cpu_kernels.top_k` (a compiled bound-and-filter kernel, where it is
 available on the CPU backend: `default_block`), `top_k_blocked` or plain
 `top_k` on canonical scores, which return the same values and ids in the
 same order. `top_k_blocked` splits each row
@@ -531,7 +531,7 @@ def auto_block(n_items: int, k: int) -> int | None:
 
 
 def default_block(n_items: int, k: int) -> int | str | None:
-  """What the ranking functions run by default: "kernel" (`jaxml.cpu_kernels.top_k`, one pass per row)
+  """What the ranking functions run by default: "kernel" (`jaxml.cpu_kernels.top_k`, a compiled kernel)
   where it is available, else `auto_block`'s block (`top_k_blocked`) or None (plain `top_k`)."""
   return "kernel" if cpu_kernels.available() else auto_block(n_items, k)
 
