@@ -16,7 +16,8 @@ its trip count (microseconds per iteration):
   * `top_k_us_per_row_n<N>_k<K>`: `jax.lax.top_k` on `[128, N]` rows under `lax.map` (160 chunks),
     per row: the cost the full-ranking benchmark's two `top_k`s pay (N = 250 block maxima, 800 candidates);
     at N = 10,000 also `_blocked` (`recsys.causal.metrics.top_k_blocked`, blocks of 40) and `_kernel`
-    (`jaxml.cpu_kernels.top_k`, the ranking functions' default), which return the same ids;
+    (`jaxml.cpu_kernels.top_k`, the ranking functions' default), which return the same ids, over 20 chunks
+    read from memory and (`_one_chunk`) over one chunk again and again, held in cache;
   * `top_k_ms_whole` / `top_k_ms_two_in_one_program` / `top_k_ms_two_host_threads`: top-20 of 160 x
     [128, 800], as one call, as two halves inside one jitted program, and as the same program called on
     the two halves from two Python threads (does XLA:CPU overlap them? `recsys.causal.mf_top_k`'s shards);
@@ -117,7 +118,7 @@ TOP_K_FORMS = {
 def top_k_us_per_row(n: int, k: int, chunks: int = 160, form: str = "") -> float:
   x = jax.random.normal(jax.random.PRNGKey(0), (chunks, 128, n))
   f = jax.jit(lambda x: jax.lax.map(lambda s: TOP_K_FORMS[form](s, k)[1], x))
-  return _median_ms(lambda: f(x)) * 1e3 / (chunks * 128)
+  return _median_ms(lambda: f(x), repeats=8 if chunks > 1 else 60) * 1e3 / (chunks * 128)
 
 
 def top_k_overlap(chunks: int = 160) -> dict[str, float]:
@@ -205,6 +206,8 @@ def main(argv):
       raise SystemExit("jaxml.cpu_kernels.top_k is not available here (see the warning above)")
     for form in ("_blocked", "_kernel"):
       res[f"top_k_us_per_row_n10000_k20{form}"] = top_k_us_per_row(10000, 20, chunks=20, form=form)
+    for form in ("", "_blocked", "_kernel"):     # one chunk, held in cache as a freshly scored chunk is
+      res[f"top_k_us_per_row_n10000_k20{form}_one_chunk"] = top_k_us_per_row(10000, 20, chunks=1, form=form)
     res.update(top_k_overlap())
   if "attention" in FLAGS.probes:
     for rows in (27, 43):
