@@ -23,7 +23,7 @@ def _canon(x):
   return np.where(np.isnan(x), -np.inf, np.where(x == 0, 0.0, x)).astype(np.float32)
 
 
-def _check(test, x, k):
+def _assert_equals_lax_top_k(test, x, k):
   values, ids = jax.jit(cpu_kernels.top_k, static_argnums=1)(x, k)
   want_values, want_ids = jax.lax.top_k(_canon(x), k)
   np.testing.assert_array_equal(ids, want_ids)
@@ -60,7 +60,7 @@ class TopKTest(parameterized.TestCase):
                                     for n, k in ((1003, 20), (1003, 1), (5000, 50), (40, 1), (17, 17), (5, 3), (16, 16),
                                                  (33, 2))])
   def test_equals_lax_top_k(self, case, n, k):
-    _check(self, CASES[case](np.random.default_rng(n + k), n).astype(np.float32), k)
+    _assert_equals_lax_top_k(self, CASES[case](np.random.default_rng(n + k), n).astype(np.float32), k)
 
   def test_the_portable_build_equals_lax_top_k(self):
     # The plain loops any CPU without AVX-512 compiles (-DJAXML_TOP_K_PORTABLE), under a target of their own.
@@ -88,7 +88,7 @@ class TopKTest(parameterized.TestCase):
 
   def test_leading_axes_vmap_and_empty_batches(self):
     x = np.random.default_rng(0).integers(0, 4, (2, 3, 70)).astype(np.float32)
-    _check(self, x, 5)
+    _assert_equals_lax_top_k(self, x, 5)
     values, ids = jax.vmap(lambda r: cpu_kernels.top_k(r, 4))(jnp.asarray(x[0]))
     np.testing.assert_array_equal(ids, jax.lax.top_k(x[0], 4)[1])
     np.testing.assert_array_equal(values, jax.lax.top_k(x[0], 4)[0])
