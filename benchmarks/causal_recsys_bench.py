@@ -10,7 +10,7 @@
    over user chunks, run on one share of the chunks per host thread, one thread per usable CPU)
    vs PyTorch (a loop over chunks of 256 users, which ran 1.0-1.4x faster than
    chunks of 2,048 in three runs), on a synthetic 20,000 x 10,000 matrix. jaxml three times: its
-   default (chunks of 128 users, the compiled one-pass kernel `jaxml.cpu_kernels.top_k`), the
+   default (chunks of 128 users, the compiled bound-and-filter kernel `jaxml.cpu_kernels.top_k`), the
    XLA-only blocked form (`top_k_blocked` with `auto_block`'s blocks, 40 items here) and the
    plain form (chunks of 2,048, `lax.top_k`), which return the same ids; and the floor any
    exact top-K pays, the same chunks scored and masked with only each row's maximum taken, on
