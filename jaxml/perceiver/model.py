@@ -535,7 +535,23 @@ def embedding_logits(params: Params, h_BxMxC: Array) -> Array:
 # ----------------------------------------------------------------------------- the models
 
 
-def apply(params: Params, inputs, cfg: PerceiverConfig, *, input_mask=None, query_mask=None,
+def check_positions(positions_BxP, shape_BxM: tuple[int, int], what: str = "positions") -> Array:
+  """Checks output positions `[B, P]`: integer indices into the `M` input positions (in range when known)."""
+  pos = _as_array(positions_BxP, what)
+  B, M = shape_BxM
+  if pos.ndim != 2 or pos.shape[0] != B:
+    raise ValueError(f"{what} must be [B={B}, P] position indices, got shape {tuple(pos.shape)}")
+  if not jnp.issubdtype(pos.dtype, jnp.integer):
+    raise TypeError(f"{what} must hold integer positions, got {pos.dtype}")
+  if _concrete(pos) and pos.size:
+    values = np.asarray(pos)
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= M:
+      raise ValueError(f"{what} holds positions in [{lo}, {hi}], outside the inputs' [0, M={M})")
+  return jnp.asarray(pos, jnp.int32)
+
+
+def apply(params: Params, inputs, cfg: PerceiverConfig, *, input_mask=None, query_mask=None, positions=None,
           rng: Array | None = None):
   """The whole model: inputs -> preprocess -> encode -> the task's decoders.
 
@@ -546,12 +562,18 @@ def apply(params: Params, inputs, cfg: PerceiverConfig, *, input_mask=None, quer
     cfg: the model config.
     input_mask: optional `[B, M]` (pixels: `[B, H, W]` or `[B, H*W]`), True or 1 for real inputs.
     query_mask: multitask only: optional `{name: [B, Q]}`; masked queries output zero.
+    positions: masked_lm only: optional `[B, P]` int indices into the `M`
+      input positions: decode only those queries (Perceiver IO's queries do not
+      attend to each other, so each position's logits are the same as in the
+      full output; the decoder's cost falls from M to P queries per example).
+      Repeats are allowed.
     rng: a dropout key (used when `cfg.dropout > 0`); None: no dropout.
 
   Returns:
     masked_lm: logits `[B, M, vocab_size]` float32 (the first M decoder
     queries, one per input position; positions masked by `input_mask` get the
-    output bias alone). classifier: logits `[B, num_classes]` float32.
+    output bias alone), or `[B, P, vocab_size]` at `positions`.
+    classifier: logits `[B, num_classes]` float32.
     multitask: `{name: [B, Q, output channels]}`.
 
   Raises:
@@ -563,6 +585,10 @@ def apply(params: Params, inputs, cfg: PerceiverConfig, *, input_mask=None, quer
   decs = cfg.decoder_configs
   if cfg.task != "multitask" and query_mask is not None:
     raise ValueError(f"query_mask is for task 'multitask' (the {cfg.task} decoder's queries are fixed)")
+  if positions is not None:
+    if cfg.task != "masked_lm":
+      raise ValueError(f"positions is for task 'masked_lm' (one decoder query per input position), not {cfg.task!r}")
+    positions = check_positions(positions, x.shape[:2])
   qmasks = {}
   if query_mask is not None:
     if not isinstance(query_mask, dict) or set(query_mask) - {d.name for d in decs}:
@@ -576,8 +602,11 @@ def apply(params: Params, inputs, cfg: PerceiverConfig, *, input_mask=None, quer
     p = params["decoders"][d.name]
     queries = decoder_queries(p, d, 1, z.dtype)  # [1, Q, C]: shared by the batch, projected once in `_layer`
     qm = qmasks.get(d.name)
-    if cfg.task == "masked_lm":
+    if cfg.task == "masked_lm" and positions is None:
       queries, qm = queries[:, :x.shape[1]], mask
+    elif cfg.task == "masked_lm":  # each example's own positions: [B, P, C] queries, its input mask there
+      queries = jnp.take(queries[0], positions, axis=0)
+      qm = None if mask is None else jnp.take_along_axis(mask, positions, axis=1)
     outs[d.name] = _decode(p, z, d, cfg, queries, qm, _fold(rng, 1 + j))
   if cfg.task == "masked_lm":
     return embedding_logits(params, outs[decs[0].name]).astype(jnp.float32)
@@ -608,6 +637,11 @@ def loss_fn(params: Params, batch: dict, rng: Array | None, cfg: PerceiverConfig
       bytes), "targets": [B, M] ids, "weights": optional [B, M]}` (the
       positions scored; default every unmasked position). Metrics: loss
       (nats per scored byte), bits_per_byte, accuracy, tokens.
+      Or with `"positions": [B, P]` int (BERT's masked-LM positions; see
+      `gather_scored`): only those queries are decoded, and "targets" and
+      "weights" are `[B, P]` (weights default to the input mask there, else 1);
+      the same loss and gradients as the `[B, M]` form, at a fraction of the
+      decoder's cost.
     classifier: `{"inputs", "labels": [B] int}`. Metrics: loss, accuracy.
     multitask: `{"inputs", "targets": {name: ...}, "weights": optional
       {name: [B, Q]}}`; each decoder's targets are `[B, Q]` ints
@@ -623,12 +657,19 @@ def loss_fn(params: Params, batch: dict, rng: Array | None, cfg: PerceiverConfig
   if cfg.task == "masked_lm":
     targets = check_byte_ids(_batch_get(batch, "targets"), cfg, "batch['targets']")
     ids = check_byte_ids(inputs, cfg, "batch['inputs']")
-    if targets.shape != ids.shape:
-      raise ValueError(f"batch['targets'] {tuple(targets.shape)} must have batch['inputs']'s shape {tuple(ids.shape)}")
-    weights = _check_mask_weights(_batch_get(batch, "weights", required=False), ids.shape, "batch['weights']")
+    positions = _batch_get(batch, "positions", required=False)
+    if positions is not None:
+      positions = check_positions(positions, ids.shape, "batch['positions']")
+    scored = ids.shape if positions is None else tuple(positions.shape)
+    if tuple(targets.shape) != scored:
+      raise ValueError(f"batch['targets'] {tuple(targets.shape)} must have batch['"
+                       f"{'inputs' if positions is None else 'positions'}']'s shape {scored}")
+    weights = _check_mask_weights(_batch_get(batch, "weights", required=False), scored, "batch['weights']")
     if weights is None and input_mask is not None:
       weights = _check_mask(input_mask, ids.shape, "batch['input_mask']").astype(jnp.float32)
-    logits = apply(params, ids, cfg, input_mask=input_mask, rng=rng)
+      if positions is not None:
+        weights = jnp.take_along_axis(weights, positions, axis=1)
+    logits = apply(params, ids, cfg, input_mask=input_mask, positions=positions, rng=rng)
     loss, n = nn.cross_entropy(logits, jnp.asarray(targets), weights)
     acc = _weighted_accuracy(logits, jnp.asarray(targets), weights)
     return loss, {"loss": loss, "bits_per_byte": loss / math.log(2.0), "accuracy": acc, "tokens": n}
@@ -667,6 +708,52 @@ def loss_fn(params: Params, batch: dict, rng: Array | None, cfg: PerceiverConfig
     total = total + d.loss_weight * loss
   metrics["loss"] = total
   return total, metrics
+
+
+def gather_scored(batch: dict, *, num_positions: int | None = None, multiple_of: int = 1) -> dict:
+  """A masked-LM batch with `[B, M]` targets and weights in the `positions` form `loss_fn` decodes fastest.
+
+  Each row's scored positions (weight > 0), in order, padded to `P` slots with
+  position 0, target 0 and weight 0; `"inputs"` (and `"input_mask"`) are kept.
+  `loss_fn` gives the same loss, metrics and gradients on either form. Host
+  side (numpy), before the batch goes to the device.
+
+  Args:
+    batch: `{"inputs": [B, M], "targets": [B, M], "weights": [B, M]}` (+ optional "input_mask").
+    num_positions: P; None: the most scored positions of any row, rounded up to `multiple_of`
+      (a fixed P, or a coarse `multiple_of`, keeps the compiled step's shapes few).
+    multiple_of: round P up to a multiple of this.
+
+  Raises:
+    ValueError: no weights, weights not `[B, M]`, a row with more scored positions than `num_positions`.
+  """
+  if not isinstance(batch, dict) or "weights" not in batch or "targets" not in batch:
+    raise ValueError(f"gather_scored needs a batch dict with 'targets' and 'weights' [B, M], got "
+                     f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
+  targets, weights = np.asarray(batch["targets"]), np.asarray(batch["weights"], np.float32)
+  if targets.ndim != 2 or weights.shape != targets.shape:
+    raise ValueError(f"batch['weights'] {weights.shape} and batch['targets'] {targets.shape} must both be [B, M]")
+  if multiple_of < 1:
+    raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+  scored = weights > 0
+  counts = scored.sum(axis=1)
+  most = int(counts.max()) if counts.size else 0
+  if num_positions is None:
+    num_positions = max(multiple_of, -(-most // multiple_of) * multiple_of)
+  elif most > num_positions:
+    raise ValueError(f"a row scores {most} positions, more than num_positions={num_positions}")
+  B = targets.shape[0]
+  positions = np.zeros((B, num_positions), np.int32)
+  out_t = np.zeros((B, num_positions), targets.dtype)
+  out_w = np.zeros((B, num_positions), np.float32)
+  for b in range(B):
+    idx = np.flatnonzero(scored[b])
+    positions[b, :len(idx)] = idx
+    out_t[b, :len(idx)] = targets[b, idx]
+    out_w[b, :len(idx)] = weights[b, idx]
+  out = {k: v for k, v in batch.items() if k not in ("targets", "weights")}
+  out.update(positions=positions, targets=out_t, weights=out_w)
+  return out
 
 
 def _check_mask_weights(w, shape, what: str):

@@ -310,6 +310,16 @@ class DecoderTest(chex.TestCase, parameterized.TestCase):
     short = apply(P_MLM, ids[:, :9], MLM, input_mask=mask[:, :9])
     np.testing.assert_allclose(long[:, :9], short, atol=1e-5)
 
+  @parameterized.named_parameters(("unmasked", None), ("padded", [[1] * 9, [1] * 5 + [0] * 4]))
+  def test_masked_lm_positions_are_the_full_logits_there(self, mask):
+    """Decoding only some positions (repeats and padded ones included) gives the full output's rows there."""
+    mask = None if mask is None else jnp.array(mask)
+    positions = jnp.array([[8, 0, 3, 3], [2, 7, 4, 6]])
+    full = apply(P_MLM, IDS, MLM, input_mask=mask)
+    part = jax.jit(lambda p, t, m, q: pc.apply(p, t, MLM, input_mask=m, positions=q))(P_MLM, IDS, mask, positions)
+    chex.assert_shape(part, (2, 4, pc.BYTE_VOCAB_SIZE))
+    np.testing.assert_allclose(part, jnp.take_along_axis(full, positions[..., None], axis=1), rtol=1e-5, atol=1e-5)
+
   def test_byte_ids(self):
     np.testing.assert_array_equal(pc.text_to_ids("hello"), [4, 110, 107, 114, 114, 117, 5])
     np.testing.assert_array_equal(pc.text_to_ids("é", add_special_tokens=False), [0xC3 + 6, 0xA9 + 6])
@@ -335,6 +345,54 @@ class LossTest(chex.TestCase, parameterized.TestCase):
     for name in ("latents", "output_bias"):
       self.assertGreater(float(jnp.abs(grads[name]).max()), 0.0, name)
     self.assertGreater(float(jnp.abs(grads["input"]["embeddings"]).max()), 0.0)
+
+  @parameterized.named_parameters(("weights", False), ("input_mask", True))
+  def test_masked_lm_positions_form_is_the_same_loss(self, by_input_mask):
+    """`gather_scored`'s batch decodes fewer queries but gives the same loss, metrics and gradients."""
+    rng = np.random.default_rng(0)
+    targets = np.asarray(IDS)
+    hide = rng.random(targets.shape) < 0.4
+    hide[0, :2] = True  # rows with different counts: the shorter one is padded
+    inputs = np.where(hide, pc.MASK_ID, targets)
+    if by_input_mask:  # no weights: every unmasked position is scored
+      pad = np.ones(targets.shape, np.int32)
+      pad[0, 5:] = pad[1, 6:] = 0
+      full = {"inputs": inputs, "targets": targets, "input_mask": pad}
+      # Two positions forms: the scored ones with their weights, and all M positions with none (the
+      # default then is the input mask at each position, as in the [B, M] form).
+      every = np.broadcast_to(np.arange(targets.shape[1]), targets.shape)
+      forms = [pc.gather_scored(dict(full, weights=pad.astype(np.float32))),
+               {"inputs": inputs, "targets": targets, "input_mask": pad, "positions": every}]
+    else:
+      full = {"inputs": inputs, "targets": targets, "weights": hide.astype(np.float32)}
+      forms = [pc.gather_scored(full, multiple_of=4)]
+      self.assertEqual(forms[0]["positions"].shape[1] % 4, 0)
+    self.assertLess(forms[0]["positions"].shape[1], targets.shape[1])
+    grad = jax.jit(jax.value_and_grad(lambda p, b: pc.loss_fn(p, b, None, MLM), has_aux=True))
+    (l_full, m_full), g_full = grad(P_MLM, full)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_full))
+    for packed in forms:
+      (l_pack, m_pack), g_pack = grad(P_MLM, packed)
+      np.testing.assert_allclose(l_pack, l_full, rtol=1e-5)
+      chex.assert_trees_all_close(m_pack, m_full, rtol=1e-5)
+      chex.assert_trees_all_close(g_pack, g_full, rtol=1e-4, atol=1e-5 * scale)
+
+  def test_gather_scored(self):
+    batch = {"inputs": np.zeros((2, 5), np.int32), "targets": np.arange(10).reshape(2, 5),
+             "weights": np.array([[0, 1, 0, 1, 1], [0.5, 0, 0, 0, 0]], np.float32)}
+    out = pc.gather_scored(batch)
+    np.testing.assert_array_equal(out["positions"], [[1, 3, 4], [0, 0, 0]])
+    np.testing.assert_array_equal(out["targets"], [[1, 3, 4], [5, 0, 0]])
+    np.testing.assert_array_equal(out["weights"], [[1, 1, 1], [0.5, 0, 0]])
+    self.assertIs(out["inputs"], batch["inputs"])
+    self.assertEqual(pc.gather_scored(batch, multiple_of=8)["positions"].shape, (2, 8))
+    self.assertEqual(pc.gather_scored(batch, num_positions=4)["positions"].shape, (2, 4))
+    with self.assertRaisesRegex(ValueError, "a row scores 3 positions, more than num_positions=2"):
+      pc.gather_scored(batch, num_positions=2)
+    with self.assertRaisesRegex(ValueError, "needs a batch dict with 'targets' and 'weights'"):
+      pc.gather_scored({"inputs": batch["inputs"], "targets": batch["targets"]})
+    with self.assertRaisesRegex(ValueError, "must both be"):
+      pc.gather_scored(dict(batch, weights=batch["weights"][:, :4]))
 
   def test_classifier_loss(self):
     labels = jnp.array([1, 3])
@@ -411,6 +469,25 @@ class BadInputTest(parameterized.TestCase):
       pc.apply(P_MLM, jnp.zeros((1, 5)), MLM)
     with self.assertRaisesRegex(ValueError, r"batch\['targets'\] holds ids"):
       pc.loss_fn(P_MLM, {"inputs": IDS, "targets": IDS + 300}, None, MLM)
+
+  def test_positions(self):
+    with self.assertRaisesRegex(ValueError, r"positions holds positions in \[0, 9\], outside the inputs' \[0, M=9\)"):
+      pc.apply(P_MLM, IDS, MLM, positions=jnp.array([[0, 9], [1, 2]]))
+    with self.assertRaisesRegex(ValueError, r"positions holds positions in \[-1"):
+      pc.apply(P_MLM, IDS, MLM, positions=jnp.array([[0, -1], [1, 2]]))
+    with self.assertRaisesRegex(ValueError, r"positions must be \[B=2, P\]"):
+      pc.apply(P_MLM, IDS, MLM, positions=jnp.array([[0, 1]]))
+    with self.assertRaisesRegex(TypeError, "integer positions"):
+      pc.apply(P_MLM, IDS, MLM, positions=jnp.zeros((2, 3)))
+    with self.assertRaisesRegex(ValueError, "positions is for task 'masked_lm'"):
+      pc.apply(P_IMG, PIX, IMG, positions=jnp.zeros((2, 1), jnp.int32))
+    batch = {"inputs": IDS, "positions": jnp.array([[0, 1, 2], [3, 4, 5]]), "targets": IDS}
+    with self.assertRaisesRegex(ValueError, r"batch\['targets'\] \(2, 9\) must have batch\['positions'\]'s shape"):
+      pc.loss_fn(P_MLM, batch, None, MLM)
+    with self.assertRaisesRegex(ValueError, r"batch\['weights'\] must have shape \(2, 3\)"):
+      pc.loss_fn(P_MLM, dict(batch, targets=IDS[:, :3], weights=jnp.ones((2, 9))), None, MLM)
+    with self.assertRaisesRegex(ValueError, r"batch\['positions'\] holds positions"):
+      pc.loss_fn(P_MLM, dict(batch, targets=IDS[:, :3], positions=batch["positions"] + 5), None, MLM)
 
   def test_params_not_matching_config(self):
     with self.assertRaisesRegex(ValueError, r"params\['latents'\] has shape \(4, 16\).*\(5, 16\)"):
