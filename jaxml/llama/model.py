@@ -602,26 +602,6 @@ def split_output_columns(params: Params, width: int) -> Params:
   return dict(params, output=tuple(w[:, i:i + width] for i in range(0, w.shape[1], width)))
 
 
-@jax.custom_vjp
-def _unstack(w_LxN):
-  """The `L` slices `w[0], ..., w[L-1]` of a stacked weight."""
-  return tuple(w_LxN[i] for i in range(w_LxN.shape[0]))
-
-
-def _unstack_fwd(w_LxN):
-  return _unstack(w_LxN), None
-
-
-def _unstack_bwd(_, cts):
-  # One stack of the L slice gradients. Autodiff of `w[i]` pads each slice's gradient to the whole
-  # stacked shape and adds the L padded arrays: L full-size buffers per weight (3% of the 24.6M
-  # benchmark step on XLA:CPU, in pad fusions alone). Same values: each entry is one gradient.
-  return (jnp.stack(cts),)
-
-
-_unstack.defvjp(_unstack_fwd, _unstack_bwd)
-
-
 def unstack_layers(params: Params) -> Params:
   """`params` with `layers` as a tuple of per-layer dicts (unstacked weights).
 
@@ -633,10 +613,7 @@ def unstack_layers(params: Params) -> Params:
   layers = params["layers"]
   if isinstance(layers, (tuple, list)):
     return params
-  n = jax.tree.leaves(layers)[0].shape[0]
-  slices = jax.tree.map(_unstack, layers)  # each weight becomes an L-tuple of slices
-  is_slices = lambda x: isinstance(x, tuple)  # noqa: E731
-  return dict(params, layers=tuple(jax.tree.map(lambda t, i=i: t[i], slices, is_leaf=is_slices) for i in range(n)))
+  return dict(params, layers=nn.unstack(layers))
 
 
 def stack_layers(params: Params) -> Params:

@@ -197,8 +197,8 @@ def transformer_encode(params: Params, x_BxTxW, cfg: TransformerConfig, *, mask_
   if cfg.scan_layers:
     x = jax.lax.scan(lambda x, p: (_layer(p, x, mask, cfg), None), x, layers)[0]
   else:
-    for i in range(cfg.num_layers):
-      x = _layer(jax.tree.map(lambda a, i=i: a[i], layers), x, mask, cfg)
+    for p in nn.unstack(layers):  # its gradient: one stack per weight (see `nn.unstack`)
+      x = _layer(p, x, mask, cfg)
   return nn.layer_norm(x, params["final_norm"]["scale"], params["final_norm"]["bias"], cfg.layer_norm_eps)
 
 

@@ -413,13 +413,8 @@ def _block(params: Params, z: Array, cfg: PerceiverConfig, rng: Array | None) ->
 
   stacked = params["self_attends"]
   if not cfg.scan_layers:
-    L = cfg.num_self_attends_per_block
-    # One split per stacked leaf (its transpose, for the gradient, is one concatenate), not L slices (each
-    # slice's transpose pads its gradient to the whole stack, and the L padded stacks are then summed).
-    leaves, treedef = jax.tree.flatten(stacked)
-    parts = [[a[0] for a in jax.lax.split(leaf, (1,) * L)] for leaf in leaves]
-    for i in range(L):
-      z = body(z, (jax.tree.unflatten(treedef, [p[i] for p in parts]), i))[0]
+    for i, p in enumerate(nn.unstack(stacked)):  # its gradient: one stack per weight (see `nn.unstack`)
+      z = body(z, (p, i))[0]
     return z
   return jax.lax.scan(body, z, (stacked, jnp.arange(cfg.num_self_attends_per_block)))[0]
 

@@ -270,6 +270,34 @@ class SinusoidalEmbeddingTest(chex.TestCase, parameterized.TestCase):
       nn.sinusoidal_embedding(x, 0)
 
 
+class UnstackTest(chex.TestCase):
+
+  def test_slices_and_their_gradient(self):
+    """Each layer's tree is the slices; the gradient equals autodiff of plain slicing, bit for bit."""
+    tree = {"w": jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5)), "b": jnp.arange(6.0).reshape(3, 2)}
+    layers = nn.unstack(tree)
+    self.assertLen(layers, 3)
+    for i, layer in enumerate(layers):
+      chex.assert_trees_all_equal(layer, jax.tree.map(lambda a, i=i: a[i], tree))
+
+    def loss(slicer):
+      def f(t):
+        x = jnp.ones((2, 4))
+        for i, p in enumerate(slicer(t)):
+          x = jnp.tanh(x @ p["w"] @ p["w"].T) * (i + 1) + p["b"].sum()
+        return jnp.sum(x ** 2)
+      return f
+
+    plain = lambda t: [jax.tree.map(lambda a, i=i: a[i], t) for i in range(3)]  # noqa: E731
+    chex.assert_trees_all_equal(jax.jit(jax.grad(loss(nn.unstack)))(tree), jax.jit(jax.grad(loss(plain)))(tree))
+
+  def test_leaves_must_share_the_layer_axis(self):
+    with self.assertRaisesRegex(ValueError, "share one leading"):
+      nn.unstack({"w": jnp.zeros((3, 2)), "b": jnp.zeros((2, 2))})
+    with self.assertRaisesRegex(ValueError, "no leaves"):
+      nn.unstack({})
+
+
 class NormAndMlpTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
