@@ -329,12 +329,13 @@ def attention_core(q_BxNxTxDh: Array, k_BxNxSxDh: Array, v_BxNxDhxS: Array,
   Args:
     q_BxNxTxDh: queries `[B, N, T, Dh]`, already scaled.
     k_BxNxSxDh: keys `[B, N, S, Dh]`.
-    v_BxNxDhxS: values, transposed: `[B, N, Dh, S]`.
+    v_BxNxDhxS: values, transposed: `[B, N, Dv, S]`; the value width `Dv`
+      may differ from the query/key width `Dh` (Perceiver IO's decoders).
     mask_BxNxTxS: optional bool, True where a query may see a key; any shape
       that broadcasts to `[B, N, T, S]` (`[B, 1, T, S]` shares it over heads).
 
   Returns:
-    `[B, N, T, Dh]` in the values' dtype.
+    `[B, N, T, Dv]` in the values' dtype.
   """
   for name, a in (("q_BxNxTxDh", q_BxNxTxDh), ("k_BxNxSxDh", k_BxNxSxDh), ("v_BxNxDhxS", v_BxNxDhxS)):
     if a.ndim != 4:
@@ -343,9 +344,9 @@ def attention_core(q_BxNxTxDh: Array, k_BxNxSxDh: Array, v_BxNxDhxS: Array,
   if k_BxNxSxDh.shape != (B, N, S, Dh):
     raise ValueError(f"attention_core: k_BxNxSxDh must be [{B}, {N}, S, {Dh}] for q {q_BxNxTxDh.shape}, "
                      f"got {k_BxNxSxDh.shape}")
-  if v_BxNxDhxS.shape != (B, N, Dh, S):
-    raise ValueError(f"attention_core: v_BxNxDhxS must be [{B}, {N}, {Dh}, {S}] (values transposed), "
-                     f"got {v_BxNxDhxS.shape}")
+  if v_BxNxDhxS.shape[:2] != (B, N) or v_BxNxDhxS.shape[3] != S:
+    raise ValueError(f"attention_core: v_BxNxDhxS must be [{B}, {N}, Dv, {S}] (values transposed; their width Dv "
+                     f"may differ from the queries' {Dh}), got {v_BxNxDhxS.shape}")
   if mask_BxNxTxS is not None and not _broadcasts_to(mask_BxNxTxS.shape, (B, N, T, S)):
     raise ValueError(f"attention_core: mask_BxNxTxS must broadcast to [{B}, {N}, {T}, {S}], got {mask_BxNxTxS.shape}")
   return _attention_core(q_BxNxTxDh, k_BxNxSxDh, v_BxNxDhxS, mask_BxNxTxS)

@@ -341,18 +341,14 @@ def _attend(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxV: Array, key_mask_BxS: 
   Scores `q k / sqrt(K)` and the softmax are float32; masked keys get the
   float32 minimum (probability exactly 0 when a row has any real key), and an
   example with no real key gets zero output. Runs on `jaxml.nn.attention_core`
-  (hand-written backward); unequal qk and value widths are zero-padded to the
-  larger one first (zero channels add nothing to the scores, and the padded
-  output channels are dropped), the same function as the two einsums.
+  (hand-written backward), which takes values of their own width (the masked
+  LM's decoder: qk heads of 32, value heads of 16).
   """
-  K, V = q_BxTxHxK.shape[-1], v_BxSxHxV.shape[-1]
-  W = max(K, V)
-  pad = lambda a: a if a.shape[-1] == W else jnp.pad(a, [(0, 0)] * 3 + [(0, W - a.shape[-1])])  # noqa: E731
-  q = jnp.swapaxes(pad(q_BxTxHxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxHxK.dtype)), 1, 2)  # [B, H, T, W]
-  k = jnp.swapaxes(pad(k_BxSxHxK), 1, 2)  # [B, H, S, W]
+  K = q_BxTxHxK.shape[-1]
+  q = jnp.swapaxes(q_BxTxHxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxHxK.dtype), 1, 2)  # [B, H, T, K]
+  k = jnp.swapaxes(k_BxSxHxK, 1, 2)  # [B, H, S, K]
   mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]
-  out = nn.attention_core(q, k, jnp.transpose(pad(v_BxSxHxV), (0, 2, 3, 1)), mask)  # values as [B, H, W, S]
-  out = jnp.swapaxes(out[..., :V], 1, 2)  # [B, T, H, V]
+  out = jnp.swapaxes(nn.attention_core(q, k, jnp.transpose(v_BxSxHxV, (0, 2, 3, 1)), mask), 1, 2)  # [B, T, H, V]
   if key_mask_BxS is not None:
     out = jnp.where(jnp.any(key_mask_BxS, axis=-1)[:, None, None, None], out, 0.0).astype(out.dtype)
   return out

@@ -115,15 +115,16 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(("no_mask", False), ("mask", True))
-  def test_attention_core_value_and_gradients_equal_autodiff_of_plain_softmax_attention(self, masked):
-    """`attention_core` (values `[Dh, S]`, hand-written backward) against autodiff of the textbook form."""
+  @parameterized.named_parameters(("no_mask", False, 4), ("mask", True, 4), ("narrower_values", True, 2),
+                                  ("wider_values", False, 6))
+  def test_attention_core_value_and_gradients_equal_autodiff_of_plain_softmax_attention(self, masked, Dv):
+    """`attention_core` (values `[Dv, S]`, hand-written backward) against autodiff of the textbook form."""
     rng = np.random.default_rng(11)
     B, N, T, S, Dh = 2, 3, 5, 7, 4
     q = jnp.asarray(rng.normal(size=(B, N, T, Dh)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(B, N, S, Dh)), jnp.float32)
-    v = jnp.asarray(rng.normal(size=(B, N, S, Dh)), jnp.float32)  # the plain [S, Dh] layout
-    ct = jnp.asarray(rng.normal(size=(B, N, T, Dh)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, N, S, Dv)), jnp.float32)  # the plain [S, Dv] layout
+    ct = jnp.asarray(rng.normal(size=(B, N, T, Dv)), jnp.float32)
     mask = None
     if masked:  # shared over heads; row (0, 0) sees no key at all
       mask = jnp.asarray(rng.random((B, 1, T, S)) < 0.6).at[0, 0, 0].set(False)
@@ -142,12 +143,12 @@ class AttentionTest(chex.TestCase, parameterized.TestCase):
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
     if masked:  # the row without visible keys: uniform weights, finite, no gradient into q
       out = nn.attention_core(q, k, jnp.swapaxes(v, 2, 3), mask)
-      np.testing.assert_allclose(out[0, :, 0], jnp.broadcast_to(v[0].mean(axis=1), (N, Dh)), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(out[0, :, 0], jnp.broadcast_to(v[0].mean(axis=1), (N, Dv)), rtol=1e-5, atol=1e-6)
       np.testing.assert_array_equal(got[1][0][0, :, 0], 0.0)
 
   def test_attention_core_rejects_mismatched_layouts(self):
     q, k = jnp.zeros((2, 3, 5, 4)), jnp.zeros((2, 3, 7, 4))
-    with self.assertRaisesRegex(ValueError, r"v_BxNxDhxS must be \[2, 3, 4, 7\]"):
+    with self.assertRaisesRegex(ValueError, r"v_BxNxDhxS must be \[2, 3, Dv, 7\]"):
       nn.attention_core(q, k, jnp.zeros((2, 3, 7, 4)))  # values not transposed
     with self.assertRaisesRegex(ValueError, "k_BxNxSxDh"):
       nn.attention_core(q, jnp.zeros((2, 3, 7, 8)), jnp.zeros((2, 3, 8, 7)))

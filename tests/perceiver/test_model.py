@@ -203,7 +203,7 @@ class FastFormsTest(chex.TestCase, parameterized.TestCase):
   @parameterized.named_parameters(("v_narrower", 6, 4, True), ("v_wider", 3, 5, True), ("equal", 4, 4, False),
                                   ("v_narrower_no_mask", 6, 2, False))
   def test_attend_matches_einsums(self, K, V, masked):
-    """`_attend` (zero-padded to one width, `attention_core`) against softmax attention as two einsums."""
+    """`_attend` (`attention_core`, value heads of their own width) against softmax attention as two einsums."""
     ks = jax.random.split(jax.random.PRNGKey(10), 4)
     q = jax.random.normal(ks[0], (2, 5, 3, K))
     k = jax.random.normal(ks[1], (2, 7, 3, K))
