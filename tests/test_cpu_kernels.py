@@ -114,3 +114,69 @@ class TopKTest(parameterized.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+def _attention_operands(seed, B, T, S, H, K, V):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  return (jax.random.normal(ks[0], (B, T, H, K)), jax.random.normal(ks[1], (B, S, H, K)),
+          jax.random.normal(ks[2], (B, S, H, V)), jax.random.normal(ks[3], (B, T, H, V)))
+
+
+class AttentionTest(parameterized.TestCase):
+  """`jaxml.cpu_kernels.attention` (fused kernels on CPU) against `attention_reference` (`nn.attention_core`,
+  itself tested against autodiff of textbook attention in tests/nn/test_layers.py): values and the gradients
+  of a random projection of the output, to float32 rounding (the kernels sum in another order and use
+  their own exp, relative error about 1e-7)."""
+
+  def test_the_kernels_are_built_and_used(self):
+    q, k, v, _ = _attention_operands(0, 2, 8, 16, 2, 16, 16)
+    text = jax.jit(jax.grad(lambda *a: jnp.sum(cpu_kernels.attention(*a)), argnums=(0, 1, 2))).lower(q, k, v).as_text()
+    avx512 = " avx512f " in cpu_kernels._cpu_identity().replace("\n", " ") + " "
+    if cpu_kernels._compiler() is None or not avx512:   # no compiler, or one the kernels are not written for
+      self.assertFalse(cpu_kernels.attention_available())
+      self.assertNotIn("jaxml_attention", text)
+      return
+    self.assertTrue(cpu_kernels.attention_available())  # a compiler that fails to build the kernels fails here
+    self.assertIn("jaxml_attention_forward", text)
+    self.assertIn("jaxml_attention_backward", text)
+    inference = jax.jit(cpu_kernels.attention).lower(q, k, v).as_text()  # nothing differentiates: no probabilities
+    self.assertIn("jaxml_attention_inference", inference)
+    self.assertNotIn("jaxml_attention_forward", inference)
+    with cpu_kernels.reference_attention():  # a function traced inside it (a fresh one: jit caches traces)
+      self.assertNotIn("jaxml_attention", jax.jit(lambda *a: cpu_kernels.attention(*a)).lower(q, k, v).as_text())
+    self.assertIn("jaxml_attention_inference", jax.jit(cpu_kernels.attention).lower(q, k, v).as_text())
+
+  # The Perceiver masked LM's three attentions (batch cut to 2): latent self-attention, the encoder's
+  # cross-attention, the decoder (value heads narrower than qk heads); odd query counts (the kernels'
+  # row tiles of 4 and 8 leave remainders), wider values, one head, 48-wide heads (a 32 + 16 column split).
+  @parameterized.named_parameters(("latent", 2, 128, 128, 8, 32, 32), ("cross", 2, 128, 512, 4, 32, 32),
+                                  ("decoder", 2, 512, 128, 8, 32, 16), ("odd_queries", 3, 13, 32, 3, 16, 16),
+                                  ("wide_values", 1, 7, 16, 2, 16, 64), ("one_query", 2, 1, 48, 1, 48, 16))
+  def test_equals_the_reference(self, B, T, S, H, K, V):
+    q, k, v, w = _attention_operands(B * T + S, B, T, S, H, K, V)
+    self.assertTrue(cpu_kernels.attention_kernel_takes(q, k, v) or not cpu_kernels.attention_available())
+    got = jax.jit(cpu_kernels.attention)(q, k, v)
+    want = jax.jit(cpu_kernels.attention_reference)(q, k, v)
+    self.assertEqual(got.shape, (B, T, H, V))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2)))(q, k, v)  # noqa: E731
+    for name, g, r in zip("qkv", grad(cpu_kernels.attention), grad(cpu_kernels.attention_reference)):
+      scale = float(jnp.max(jnp.abs(r)))
+      np.testing.assert_allclose(g, r, rtol=0, atol=5e-6 * scale, err_msg=f"d{name}")
+
+  def test_other_operands_run_the_reference(self):
+    q, k, v, _ = _attention_operands(1, 2, 8, 16, 2, 16, 16)
+    mask = jnp.array([[True] * 16, [True] * 9 + [False] * 7])
+    for args in ((q, k, v, mask), (q[..., :8], k[..., :8], v), (q, k[:, :12], v[:, :12]),
+                 (q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))):
+      self.assertFalse(cpu_kernels.attention_kernel_takes(*args))
+      text = jax.jit(cpu_kernels.attention).lower(*args).as_text()
+      self.assertNotIn("jaxml_attention", text)
+      np.testing.assert_array_equal(cpu_kernels.attention(*args), cpu_kernels.attention_reference(*args))
+    out = cpu_kernels.attention(q, k, v, mask)     # the masked keys get no weight
+    np.testing.assert_allclose(out[1], cpu_kernels.attention(q[1:], k[1:, :9], v[1:, :9])[0], rtol=1e-5, atol=1e-6)
+
+  def test_vmap(self):
+    q, k, v, _ = _attention_operands(2, 2, 8, 16, 2, 16, 16)
+    got = jax.vmap(cpu_kernels.attention)(q[None], k[None], v[None])[0]
+    np.testing.assert_allclose(got, cpu_kernels.attention_reference(q, k, v), rtol=1e-5, atol=2e-6)

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxml import nn
+from jaxml import cpu_kernels, nn
 from jaxml.perceiver.config import BYTE_OFFSET, CLS_ID, SEP_ID, DecoderConfig, PerceiverConfig
 from jaxml.perceiver.positions import fourier_features, linear_positions
 
@@ -338,20 +338,12 @@ def _dropout(x: Array, rate: float, rng: Array | None) -> Array:
 def _attend(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxV: Array, key_mask_BxS: Array | None) -> Array:
   """Multi-head softmax attention, `[B, T, H, V]`; qk and value head widths may differ.
 
-  Scores `q k / sqrt(K)` and the softmax are float32; masked keys get the
-  float32 minimum (probability exactly 0 when a row has any real key), and an
-  example with no real key gets zero output. Runs on `jaxml.nn.attention_core`
-  (hand-written backward), which takes values of their own width (the masked
-  LM's decoder: qk heads of 32, value heads of 16).
+  `jaxml.cpu_kernels.attention`: scores `q k / sqrt(K)` and the softmax in
+  float32; masked keys get probability 0, and an example with no real key gets
+  zero output. On the CPU backend, unmasked float32 heads of multiples of 16
+  run its fused kernels, everything else `jaxml.nn.attention_core`.
   """
-  K = q_BxTxHxK.shape[-1]
-  q = jnp.swapaxes(q_BxTxHxK * jnp.asarray(1.0 / math.sqrt(K), q_BxTxHxK.dtype), 1, 2)  # [B, H, T, K]
-  k = jnp.swapaxes(k_BxSxHxK, 1, 2)  # [B, H, S, K]
-  mask = None if key_mask_BxS is None else key_mask_BxS[:, None, None, :]
-  out = jnp.swapaxes(nn.attention_core(q, k, jnp.transpose(v_BxSxHxV, (0, 2, 3, 1)), mask), 1, 2)  # [B, T, H, V]
-  if key_mask_BxS is not None:
-    out = jnp.where(jnp.any(key_mask_BxS, axis=-1)[:, None, None, None], out, 0.0).astype(out.dtype)
-  return out
+  return cpu_kernels.attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxV, key_mask_BxS)
 
 
 def _layer(p: Params, x_BxTxD: Array, kv_BxSxC: Array | None, cfg: PerceiverConfig, *, heads: int,

@@ -5,6 +5,7 @@ import json
 import math
 import pathlib
 import tempfile
+from unittest import mock
 
 import chex
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
+from jaxml import cpu_kernels
 from jaxml import perceiver as pc
 from jaxml.perceiver import model as pm
 
@@ -233,6 +235,25 @@ class FastFormsTest(chex.TestCase, parameterized.TestCase):
     g_plain = jax.grad(lambda p, x: jnp.sum(jnp.sin(x @ p["w"] + p["b"])), argnums=(0, 1))(p, x)
     chex.assert_trees_all_close(g, g_plain, rtol=1e-5, atol=1e-6)
 
+
+  def test_masked_lm_with_the_cpu_kernels_equals_the_reference(self):
+    """A masked LM whose attentions the fused CPU kernels take (heads of 16 and 32, values of 16 in the
+    decoder): loss and gradients against the same model on `jaxml.nn.attention_core` alone."""
+    cfg = pc.PerceiverConfig(task="masked_lm", inputs="bytes", d_model=128, num_latents=16, d_latents=64,
+                             num_cross_attention_heads=2, num_self_attention_heads=4, num_self_attends_per_block=2,
+                             max_position_embeddings=32)
+    params = pm.init(jax.random.PRNGKey(21), cfg)
+    ids = jax.random.randint(jax.random.PRNGKey(22), (2, 32), 6, 262)
+    batch = {"inputs": ids, "targets": ids, "weights": (jax.random.uniform(jax.random.PRNGKey(23), (2, 32)) < 0.3)}
+    value_and_grad = lambda: jax.jit(jax.value_and_grad(lambda p: pm.loss_fn(p, batch, None, cfg)[0]))  # noqa: E731
+    text = value_and_grad().lower(params).as_text()
+    self.assertEqual("jaxml_attention_forward" in text, cpu_kernels.attention_available())
+    got = value_and_grad()(params)
+    with mock.patch.object(cpu_kernels, "attention_kernel_takes", lambda *a, **k: False):
+      self.assertNotIn("jaxml_attention", value_and_grad().lower(params).as_text())
+      want = value_and_grad()(params)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    chex.assert_trees_all_close(got[1], want[1], rtol=1e-5, atol=1e-7)
 
   def test_shared_queries_match_broadcast_ones(self):
     """A cross-attend fed its (learned, example-independent) queries once, `[1, T, D]`, against the same
