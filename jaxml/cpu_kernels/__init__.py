@@ -107,9 +107,10 @@ def _build(compiler: str, flags: tuple[str, ...] = _FLAGS, source: pathlib.Path 
   return out
 
 
-@functools.cache
-def available() -> bool:
-  """Whether `top_k` runs the compiled kernel on the CPU backend (builds and registers it on first call)."""
+def _register(source: pathlib.Path, targets: dict[str, str], what: str, fallback: str, check=None) -> bool:
+  """Builds `source`, registers its handler symbols `{target name: symbol}` for the CPU backend; False (with
+  one warning saying why) where there is no CPU backend, no compiler, or the build or load fails, and
+  False where `check(lib)` is false (a build without the vectorised paths a kernel needs)."""
   try:
     if not any(d.platform == "cpu" for d in jax.devices("cpu")):
       return False
@@ -117,16 +118,24 @@ def available() -> bool:
     return False
   compiler = _compiler()
   if compiler is None:
-    warnings.warn("jaxml.cpu_kernels: no C++ compiler ($CXX, c++, g++) found; top_k runs jax.lax.top_k")
+    warnings.warn(f"jaxml.cpu_kernels: no C++ compiler ($CXX, c++, g++) found; {what} runs {fallback}")
     return False
   try:
-    lib = ctypes.CDLL(str(_build(compiler)))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.JaxmlTopK), platform="cpu")
+    lib = ctypes.CDLL(str(_build(compiler, source=source)))
+    if check is not None and not check(lib):
+      return False
+    for name, symbol in targets.items():
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   except (OSError, RuntimeError, subprocess.CalledProcessError, AttributeError) as e:
-    warnings.warn(f"jaxml.cpu_kernels: the top_k kernel could not be built or loaded; top_k runs "
-                  f"jax.lax.top_k ({e})")
+    warnings.warn(f"jaxml.cpu_kernels: the {what} kernel could not be built or loaded; {what} runs {fallback} ({e})")
     return False
   return True
+
+
+@functools.cache
+def available() -> bool:
+  """Whether `top_k` runs the compiled kernel on the CPU backend (builds and registers it on first call)."""
+  return _register(_SOURCE, {_TARGET: "JaxmlTopK"}, "top_k", "jax.lax.top_k")
 
 
 def _check_k(n: int, k) -> int:
@@ -166,26 +175,9 @@ def attention_available() -> bool:
 
   False where no compiler works or the compiler does not target AVX-512 (the kernels are written for it).
   """
-  try:
-    if not any(d.platform == "cpu" for d in jax.devices("cpu")):
-      return False
-  except RuntimeError:
-    return False
-  compiler = _compiler()
-  if compiler is None:
-    return False
-  try:
-    lib = ctypes.CDLL(str(_build(compiler, source=_ATTENTION_SOURCE)))
-    if not lib.JaxmlAttentionVectorised():
-      return False
-    symbols = (lib.JaxmlAttentionForward, lib.JaxmlAttentionBackward, lib.JaxmlAttentionInference)
-    for name, symbol in zip(_ATTENTION_TARGETS, symbols):
-      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-  except (OSError, RuntimeError, subprocess.CalledProcessError, AttributeError) as e:
-    warnings.warn(f"jaxml.cpu_kernels: the attention kernels could not be built or loaded; attention runs "
-                  f"jaxml.nn.attention_core ({e})")
-    return False
-  return True
+  symbols = ("JaxmlAttentionForward", "JaxmlAttentionBackward", "JaxmlAttentionInference")
+  return _register(_ATTENTION_SOURCE, dict(zip(_ATTENTION_TARGETS, symbols)), "attention",
+                   "jaxml.nn.attention_core", check=lambda lib: lib.JaxmlAttentionVectorised())
 
 
 def attention_reference(q_BxTxHxK: Array, k_BxSxHxK: Array, v_BxSxHxV: Array,
